@@ -1,0 +1,112 @@
+"""A loaded model, its embedding cache and its memory of previous masks: what a request calls.
+
+One :class:`Segmenter` per (variant, checkpoint, device, runtime) per process, shared by every
+project and request (:func:`get_segmenter`). It is built lazily — never at import — and kept for
+the life of the process.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable, Dict, Hashable, Optional, Tuple
+
+import numpy as np
+
+from .cache import EmbeddingCache
+from .model import Embedding, Prediction, Prompt, SegmentationModel
+
+log = logging.getLogger(__name__)
+
+ImageLoaderFn = Callable[[], np.ndarray]
+
+
+class MaskMemory:
+    """Low-res logits of recent predictions, keyed by (image, prompt sequence).
+
+    Label Studio re-sends all of an object's points on every click, so the N-th request holds
+    N points; the logits of the request made of its first N-1 points are the previous
+    prediction on the same object, which SAM's interactive protocol feeds back as mask input.
+    Bounded by entry count (each entry is 256 KiB).
+    """
+
+    def __init__(self, max_entries: int = 256):
+        self.max_entries = max_entries
+        self._items: "OrderedDict[Hashable, np.ndarray]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> Optional[np.ndarray]:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: Hashable, logits: np.ndarray) -> None:
+        with self._lock:
+            self._items[key] = logits
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
+
+
+def points_key(points: np.ndarray, labels: np.ndarray) -> Tuple:
+    """A hashable identity of a point sequence (rounded to 1/100 px)."""
+    return tuple((round(float(x), 2), round(float(y), 2), int(l))
+                 for (x, y), l in zip(points, labels))
+
+
+class Segmenter:
+    def __init__(self, model: SegmentationModel, cache: EmbeddingCache,
+                 memory: Optional[MaskMemory] = None, model_key: Optional[str] = None):
+        self.model = model
+        self.cache = cache
+        self.memory = memory or MaskMemory()
+        self.model_key = model_key or model.describe()
+
+    def embedding_key(self, image_key: str) -> Tuple[str, str]:
+        return (self.model_key, image_key)
+
+    def embedding(self, image_key: str, load_image: ImageLoaderFn) -> Embedding:
+        """The embedding of the image identified by ``image_key``; ``load_image`` (returning
+        HxWx3 uint8 RGB) and the encoder run only when it is not cached."""
+        return self.cache.get_or_compute(self.embedding_key(image_key),
+                                         lambda: self.model.embed(load_image()))
+
+    def is_embedded(self, image_key: str) -> bool:
+        return self.embedding_key(image_key) in self.cache
+
+    def segment(self, image_key: str, load_image: ImageLoaderFn, prompt: Prompt,
+                memory_scope: Hashable = None) -> Prediction:
+        """Decode ``prompt`` on the image. With ``memory_scope`` (e.g. the label), a point prompt
+        that extends a previous one on the same image and scope gets that prediction's
+        low-res logits as mask input."""
+        embedding = self.embedding(image_key, load_image)
+        if prompt.box is None and len(prompt.points) > 1 and prompt.mask_input is None \
+                and memory_scope is not None:
+            previous = self.memory.get(
+                (self.model_key, image_key, memory_scope,
+                 points_key(prompt.points[:-1], prompt.labels[:-1])))
+            if previous is not None:
+                prompt = Prompt(prompt.points, prompt.labels, None, previous)
+        prediction = self.model.decode(embedding, prompt)
+        if prompt.box is None and memory_scope is not None:
+            self.memory.put((self.model_key, image_key, memory_scope,
+                             points_key(prompt.points, prompt.labels)),
+                            prediction.low_res_logits)
+        return prediction
+
+
+_SEGMENTERS: Dict[Tuple, Segmenter] = {}
+_SEGMENTERS_LOCK = threading.Lock()
+
+
+def get_segmenter(key: Tuple, build: Callable[[], Segmenter]) -> Segmenter:
+    """The process-wide segmenter for ``key``, built once by ``build`` (thread-safe)."""
+    with _SEGMENTERS_LOCK:
+        segmenter = _SEGMENTERS.get(key)
+        if segmenter is None:
+            segmenter = build()
+            _SEGMENTERS[key] = segmenter
+        return segmenter

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv and install the project with the pinned stack (constraints.txt). Idempotent: a stamp
+# records what was installed, so a second run with unchanged pins returns at once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${SAM_BACKEND_VENV:-.venv}
+stamp="$VENV/.sam_backend-installed"
+want=$(cat constraints.txt setup.py | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install --quiet --upgrade pip setuptools wheel
+"$VENV/bin/python" -m pip install --quiet -c constraints.txt -e '.[test]'
+echo "$want" > "$stamp"

@@ -1,0 +1,39 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="sam_backend",
+    version="0.1.0",
+    description="Interactive Segment Anything backend for Label Studio: click or box in, mask out",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["sam_backend", "sam_backend.*"]),
+    # Exact versions that work together live in constraints.txt; every install path uses it
+    # (`pip install -c constraints.txt -e .`).
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "segment-anything==1.0",
+        "segment-anything-hq==0.3",
+        "timm",
+        "numpy",
+        "opencv-python-headless",
+        "pillow",
+        "pycocotools",
+        "onnx",
+        "onnxruntime",
+        "onnxscript",
+        "label-studio-ml==1.0.9",
+        # label-studio-ml imports both without declaring them
+        "redis",
+        "rq",
+        "label-studio-converter==0.0.59",
+        "requests",
+        "tqdm",
+        "gunicorn",
+    ],
+    extras_require={"test": ["pytest", "pytest-timeout"]},
+    entry_points={"console_scripts": ["sam-backend=sam_backend.cli:main"]},
+)
