@@ -79,10 +79,14 @@ class Segmenter:
 
     def segment(self, image_key: str, load_image: ImageLoaderFn, prompt: Prompt,
                 memory_scope: Hashable = None) -> Prediction:
-        """Decode ``prompt`` on the image. With ``memory_scope`` (e.g. the label), a point prompt
-        that extends a previous one on the same image and scope gets that prediction's
-        low-res logits as mask input."""
-        embedding = self.embedding(image_key, load_image)
+        """Embed (or reuse) the image, then :meth:`decode` ``prompt`` on it."""
+        return self.decode(image_key, self.embedding(image_key, load_image), prompt, memory_scope)
+
+    def decode(self, image_key: str, embedding: Embedding, prompt: Prompt,
+               memory_scope: Hashable = None) -> Prediction:
+        """Decode ``prompt`` on the image's embedding. With ``memory_scope`` (e.g. the control
+        and label), a point prompt that extends a previous one on the same image and scope gets
+        that prediction's low-res logits as mask input."""
         if prompt.box is None and len(prompt.points) > 1 and prompt.mask_input is None \
                 and memory_scope is not None:
             previous = self.memory.get(

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # test helpers
 
 from sam_backend.random_weights import make_random_checkpoint
 from sam_backend.registry import get_variant

@@ -1,0 +1,52 @@
+"""Entry point of ``label-studio-ml start sam [--with key=value ...] [-p PORT] [--host HOST]``.
+
+label-studio-ml runs ``python sam/_wsgi.py <its arguments>``; this file takes the same arguments
+as label-studio-ml's own template and serves the sam_backend app on a threaded server. For
+production use ``sam-backend serve`` (gunicorn).
+"""
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sam_backend.errors import SamBackendError  # noqa: E402
+from sam_backend.server import build_app, parse_with  # noqa: E402
+from sam_backend.settings import Settings  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="sam_backend for Label Studio")
+    parser.add_argument("-p", "--port", type=int, default=int(os.environ.get("PORT", 9090)))
+    parser.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
+    parser.add_argument("--kwargs", "--with", dest="kwargs", metavar="KEY=VAL", nargs="+",
+                        help="backend options, e.g. model_name=mobile_sam device=cpu")
+    parser.add_argument("-d", "--debug", action="store_true",
+                        help="debug logging (the Werkzeug debugger is never enabled)")
+    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"),
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--model-dir", default=None, help="accepted for compatibility; unused")
+    parser.add_argument("--check", action="store_true",
+                        help="load the model, then exit without serving")
+    args = parser.parse_args()
+
+    logging.basicConfig(level="DEBUG" if args.debug else args.log_level,
+                        format="[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s")
+    log = logging.getLogger("sam_backend")
+    try:
+        settings = Settings.load(parse_with(args.kwargs))
+        app = build_app(settings)
+    except SamBackendError as exc:
+        log.error("%s", exc)
+        return 2
+    if args.check:
+        log.info("model loaded; --check given, not serving")
+        return 0
+    log.info("serving on http://%s:%d", args.host, args.port)
+    app.run(host=args.host, port=args.port, debug=False, use_reloader=False, threaded=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

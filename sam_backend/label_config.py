@@ -1,0 +1,104 @@
+"""The parts of a Label Studio labeling config this backend needs: its controls, by type.
+
+Controls are always found by their tag type (``KeyPointLabels``, ``RectangleLabels``,
+``BrushLabels``, ``PolygonLabels``), never by their ``name``: every project names them freely.
+Parsed configs are memoised by their text, so a config arriving with every click costs nothing
+after the first.
+"""
+from __future__ import annotations
+
+import functools
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from typing import Dict, FrozenSet, List, Optional, Tuple
+
+from .errors import RequestError
+
+PROMPT_TYPES = ("keypointlabels", "rectanglelabels")
+OUTPUT_TYPES = ("brushlabels", "polygonlabels", "rectanglelabels")
+CONTROL_TYPES = frozenset(PROMPT_TYPES + OUTPUT_TYPES)
+
+
+@dataclass(frozen=True)
+class Control:
+    """A labels control: ``type`` is the lower-case tag (e.g. ``brushlabels``), ``name`` its
+    ``name``, ``to_name`` the object (image) it labels, ``labels`` its label values."""
+
+    type: str
+    name: str
+    to_name: str
+    labels: Tuple[str, ...]
+    smart: bool
+
+    def has_label(self, label: str) -> bool:
+        return label in self.labels
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    controls: Tuple[Control, ...]
+    images: Dict[str, str]  # Image tag name -> task data key ($image -> "image")
+
+    def control(self, name: str) -> Optional[Control]:
+        for control in self.controls:
+            if control.name == name:
+                return control
+        return None
+
+    def outputs_for(self, kind: str, to_name: str) -> List[Control]:
+        """Controls of type ``kind`` that label the object ``to_name``."""
+        return [c for c in self.controls if c.type == kind and c.to_name == to_name]
+
+    def output_for(self, kind: str, to_name: str, label: str) -> Optional[Control]:
+        """The control of type ``kind`` on ``to_name`` that has ``label`` (the first, if
+        several). Prefers a non-smart control (a smart one is a prompt tool)."""
+        candidates = [c for c in self.outputs_for(kind, to_name) if c.has_label(label)]
+        candidates.sort(key=lambda c: c.smart)
+        return candidates[0] if candidates else None
+
+    def data_key(self, to_name: str) -> str:
+        try:
+            return self.images[to_name]
+        except KeyError:
+            raise RequestError(
+                f"the labeling config has no <Image name=\"{to_name}\" value=\"$...\"> for the "
+                f"prompt's to_name {to_name!r}") from None
+
+
+def _truthy(value: Optional[str]) -> bool:
+    return str(value).lower() in ("true", "1", "yes")
+
+
+@functools.lru_cache(maxsize=64)
+def parse_label_config(text: str) -> LabelConfig:
+    """Parse the labeling-config XML. Raises RequestError on XML that does not parse."""
+    if not text or not text.strip():
+        raise RequestError("the request has no label_config: Label Studio sends the project's "
+                           "labeling config with every /predict; is the backend attached to a "
+                           "project?")
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError as exc:
+        raise RequestError(f"the label_config is not valid XML: {exc}") from None
+    controls: List[Control] = []
+    images: Dict[str, str] = {}
+    for element in root.iter():
+        tag = element.tag.lower() if isinstance(element.tag, str) else ""
+        if tag == "image":
+            value = element.get("value") or element.get("valueList") or ""
+            if element.get("name"):
+                images[element.get("name")] = value.lstrip("$")
+        elif tag in CONTROL_TYPES:
+            labels = tuple(
+                child.get("value") for child in element
+                if isinstance(child.tag, str) and child.tag.lower() == "label"
+                and child.get("value") is not None
+            )
+            controls.append(Control(tag, element.get("name", ""), element.get("toName", ""),
+                                    labels, _truthy(element.get("smart"))
+                                    or _truthy(element.get("smartOnly"))))
+    return LabelConfig(tuple(controls), images)
+
+
+def all_labels(config: LabelConfig) -> FrozenSet[str]:
+    return frozenset(label for c in config.controls for label in c.labels)

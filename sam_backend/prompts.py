@@ -1,0 +1,174 @@
+"""Label Studio's interactive context -> one prompt (points and/or a box) on one image.
+
+The frontend sends the regions of one smart control, one label and one image together. Every
+click on an object re-sends all of its points, positive and negative (``is_positive``); a smart
+rectangle event carries every rectangle of the control, the new one last.
+Coordinates arrive in percent (0-100) of the image's natural size (EXIF orientation applied);
+``image_rotation`` is only the viewer's rotation and does not change them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+import numpy as np
+
+from .errors import RequestError
+from .label_config import PROMPT_TYPES, LabelConfig
+from .model import Prompt
+
+# Label Studio rounds percent values; a hair outside 0..100 is an edge click, not an error.
+_EDGE_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class PromptRequest:
+    """A prompt as Label Studio sent it. ``points``: Nx2 float (x, y) in percent;
+    ``point_labels``: N int (1 positive, 0 negative); ``box``: (x0, y0, x1, y1) percent or None."""
+
+    kind: str
+    from_name: str
+    to_name: str
+    label: str
+    points: np.ndarray
+    point_labels: np.ndarray
+    box: Optional[np.ndarray]
+    original_width: Optional[int]
+    original_height: Optional[int]
+    image_rotation: float
+    item_index: Optional[int]
+
+    def to_prompt(self, width: int, height: int) -> Prompt:
+        """The prompt in pixels of an image ``width`` x ``height``."""
+        scale = np.array([width / 100.0, height / 100.0])
+        points = self.points * scale if len(self.points) else np.zeros((0, 2))
+        box = None
+        if self.box is not None:
+            box = self.box * np.tile(scale, 2)
+        return Prompt(points.astype(np.float32), self.point_labels.astype(np.int64), box)
+
+
+def _number(value: Any, what: str, index: int) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise RequestError(f"context.result[{index}]: {what} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise RequestError(f"context.result[{index}]: {what} must be a number, got {value!r}") \
+            from None
+    if not math.isfinite(number):
+        raise RequestError(f"context.result[{index}]: {what} is {value!r}, not a finite number")
+    return number
+
+
+def _percent(value: Any, what: str, index: int) -> float:
+    number = _number(value, what, index)
+    if not -_EDGE_TOLERANCE <= number <= 100 + _EDGE_TOLERANCE:
+        raise RequestError(f"context.result[{index}]: {what}={number} is outside the image "
+                           f"(Label Studio coordinates are percent, 0 to 100)")
+    return min(max(number, 0.0), 100.0)
+
+
+def _is_positive(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() not in ("false", "0", "no")
+    return True if value is None else bool(value)
+
+
+def _label(item: dict, kind: str, index: int) -> str:
+    value = item.get("value") or {}
+    labels = value.get(kind) or value.get("labels")
+    if isinstance(labels, str):
+        labels = [labels]
+    if not labels or not isinstance(labels, list) or not isinstance(labels[0], str):
+        raise RequestError(f"context.result[{index}] has no label: pick a label before "
+                           f"clicking (value.{kind} is empty)")
+    return labels[0]
+
+
+def _optional_int(value: Any) -> Optional[int]:
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def parse_context(context: Any, config: LabelConfig) -> Optional[PromptRequest]:
+    """The prompt in ``context`` (``params.context`` of /predict), or None when there is none
+    (a task was opened, not clicked). Raises RequestError on anything malformed."""
+    if context is None:
+        return None
+    if not isinstance(context, dict):
+        raise RequestError("context must be an object with a 'result' list")
+    items = context.get("result")
+    if items is None or items == []:
+        return None
+    if not isinstance(items, list):
+        raise RequestError("context.result must be a list of regions")
+    for index, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("value"), dict):
+            raise RequestError(f"context.result[{index}] is not a region object with a 'value'")
+        if item.get("type") not in PROMPT_TYPES:
+            raise RequestError(
+                f"context.result[{index}] has type {item.get('type')!r}: this backend takes "
+                f"smart KeyPointLabels or RectangleLabels prompts ({', '.join(PROMPT_TYPES)})")
+
+    # The last region is the one just drawn: it decides the kind, control, label and image.
+    last_index = len(items) - 1
+    last = items[-1]
+    kind = last["type"]
+    label = _label(last, kind, last_index)
+    from_name = last.get("from_name")
+    control = config.control(from_name) if isinstance(from_name, str) else None
+    if control is None or control.type != kind:
+        raise RequestError(f"the prompt's from_name {from_name!r} is not a {kind} control of "
+                           f"the labeling config")
+    if not control.has_label(label):
+        raise RequestError(f"label {label!r} is not in the labeling config's {from_name} "
+                           f"control (labels: {', '.join(control.labels) or 'none'})")
+    to_name = last.get("to_name") or control.to_name
+    item_index = _optional_int(last.get("item_index"))
+
+    group = [
+        (i, item) for i, item in enumerate(items)
+        if item["type"] == kind and item.get("from_name") == from_name
+        and (item.get("to_name") or to_name) == to_name
+        and _optional_int(item.get("item_index")) == item_index
+    ]
+    points: List[List[float]] = []
+    point_labels: List[int] = []
+    box = None
+    if kind == "keypointlabels":
+        for i, item in group:
+            if _label(item, kind, i) != label:
+                continue  # a point of another object with another label
+            value = item["value"]
+            points.append([_percent(value.get("x"), "value.x", i),
+                           _percent(value.get("y"), "value.y", i)])
+            point_labels.append(1 if _is_positive(item.get("is_positive")) else 0)
+    else:
+        value = last["value"]
+        x = _percent(value.get("x"), "value.x", last_index)
+        y = _percent(value.get("y"), "value.y", last_index)
+        w = _number(value.get("width"), "value.width", last_index)
+        h = _number(value.get("height"), "value.height", last_index)
+        if w <= 0 or h <= 0:
+            raise RequestError(f"context.result[{last_index}]: the rectangle has no area "
+                               f"(width={w}, height={h})")
+        x1 = _percent(x + w, "value.x + value.width", last_index)
+        y1 = _percent(y + h, "value.y + value.height", last_index)
+        box = np.array([x, y, x1, y1], dtype=np.float64)
+
+    width = _optional_int(last.get("original_width"))
+    height = _optional_int(last.get("original_height"))
+    rotation = last.get("image_rotation") or 0
+    return PromptRequest(
+        kind=kind, from_name=from_name, to_name=to_name, label=label,
+        points=np.array(points, dtype=np.float64).reshape(-1, 2),
+        point_labels=np.array(point_labels, dtype=np.int64), box=box,
+        original_width=width if width and width > 0 else None,
+        original_height=height if height and height > 0 else None,
+        image_rotation=_number(rotation, "image_rotation", last_index),
+        item_index=item_index,
+    )

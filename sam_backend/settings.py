@@ -1,0 +1,128 @@
+"""Start-up options: ``--with key=value`` (label-studio-ml style), environment variables, defaults.
+
+Precedence: an explicit option (``--with`` / ``sam-backend serve --option``) beats the environment
+variable of the same name in upper case (``MODEL_NAME=sam``), which beats the default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Mapping, Optional
+
+from .errors import ConfigError
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def parse_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError(f"{name}={value!r} is not a boolean: use true or false")
+
+
+@dataclass
+class Settings:
+    """Every option, its default, and what it does (the README's option table mirrors this)."""
+
+    model_name: Optional[str] = field(default=None, metadata={
+        "help": "sam, sam_hq or mobile_sam (default: inferred from sam_checkpoint_file, else "
+                "mobile_sam)"})
+    sam_config: Optional[str] = field(default=None, metadata={
+        "help": "vit_b/vit_l/vit_h (sam), + vit_tiny (sam_hq), vit_t (mobile_sam); default per "
+                "model: vit_b, vit_b, vit_t"})
+    sam_checkpoint_file: Optional[str] = field(default=None, metadata={
+        "help": "checkpoint path (default: weights/<official file name>, downloaded at start "
+                "when missing)"})
+    device: str = field(default="auto", metadata={
+        "help": "auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps"})
+    runtime: str = field(default="auto", metadata={
+        "help": "torch, onnx, or auto (the fastest runtime that is faithful for the variant)"})
+    out_mask: bool = field(default=True, metadata={
+        "help": "return a BrushLabels mask (Label Studio RLE)"})
+    out_bbox: bool = field(default=True, metadata={
+        "help": "return the mask's tight RectangleLabels box"})
+    out_poly: bool = field(default=False, metadata={
+        "help": "return PolygonLabels, one per connected component"})
+    poly_tolerance: float = field(default=1.5, metadata={
+        "help": "polygon simplification tolerance in pixels (Douglas-Peucker epsilon)"})
+    poly_min_area: float = field(default=64.0, metadata={
+        "help": "connected components smaller than this many pixels get no polygon"})
+    embedding_cache_mb: int = field(default=1024, metadata={
+        "help": "bound of the in-memory embedding cache, MiB (MobileSAM/SAM: 4 MiB per image in "
+                "float32; HQ-SAM vit_b: ~52 MiB)"})
+    offline: bool = field(default=False, metadata={
+        "help": "never download checkpoints (also SAM_BACKEND_OFFLINE=1)"})
+    precompute: bool = field(default=True, metadata={
+        "help": "start encoding a task's image when Label Studio asks for predictions without a "
+                "prompt (task opened)"})
+
+    @classmethod
+    def option_names(cls):
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def load(cls, options: Optional[Mapping[str, Any]] = None,
+             environ: Optional[Mapping[str, str]] = None) -> "Settings":
+        """Settings from explicit ``options`` over environment variables over defaults.
+
+        Unknown option names are an error (a typo must not be silently ignored).
+        """
+        options = dict(options or {})
+        environ = os.environ if environ is None else environ
+        names = cls.option_names()
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(unknown)}: known options are "
+                              f"{', '.join(names)}")
+        values: Dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name in options and options[f.name] is not None:
+                raw = options[f.name]
+            elif f.name.upper() in environ:
+                raw = environ[f.name.upper()]
+            else:
+                continue
+            values[f.name] = _coerce(f, raw)
+        if "offline" not in values and "SAM_BACKEND_OFFLINE" in environ:
+            values["offline"] = parse_bool("SAM_BACKEND_OFFLINE", environ["SAM_BACKEND_OFFLINE"])
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.runtime not in ("auto", "torch", "onnx"):
+            raise ConfigError(f"runtime={self.runtime!r}: use auto, torch or onnx")
+        if self.embedding_cache_mb <= 0:
+            raise ConfigError("embedding_cache_mb must be positive")
+        if self.poly_tolerance < 0 or self.poly_min_area < 0:
+            raise ConfigError("poly_tolerance and poly_min_area must not be negative")
+
+    def replace(self, **changes) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(f: dataclasses.Field, raw: Any) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if isinstance(raw, str):
+        raw = raw.strip()
+    try:
+        if "bool" in kind:
+            return parse_bool(f.name, raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{f.name}={raw!r} is not a valid {kind}") from None
+    if raw in ("", None):
+        return None if "Optional" in kind else f.default
+    return str(raw)
