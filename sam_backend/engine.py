@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
-from pathlib import Path
-from typing import Callable, Dict, Hashable, Optional, Tuple
+from collections import OrderedDict, deque
+from contextlib import contextmanager
+from typing import Callable, Deque, Dict, Hashable, Iterator, Optional, Tuple
 
 import numpy as np
 
@@ -57,22 +57,121 @@ def points_key(points: np.ndarray, labels: np.ndarray) -> Tuple:
                  for (x, y), l in zip(points, labels))
 
 
+class EncoderGate:
+    """At most ``slots`` image encoders run at once; interactive encodes go before background ones.
+
+    An encoder already uses every core (intra-op threads), so running two at once only makes
+    both slower. A waiting interactive encode (an annotator clicked on a new image) is let in
+    before any waiting background encode (precompute of an opened task); a running encode is
+    never interrupted.
+    """
+
+    def __init__(self, slots: int = 1):
+        self.slots = slots
+        self._running = 0
+        self._interactive_waiting = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def slot(self, interactive: bool) -> Iterator[None]:
+        with self._cond:
+            if interactive:
+                self._interactive_waiting += 1
+                try:
+                    self._cond.wait_for(lambda: self._running < self.slots)
+                finally:
+                    self._interactive_waiting -= 1
+            else:
+                self._cond.wait_for(lambda: self._running < self.slots
+                                    and self._interactive_waiting == 0)
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
+
+
+class BackgroundEncoder:
+    """A worker thread that encodes opened tasks' images, newest first.
+
+    At most ``max_pending`` images wait; when more are queued, the oldest requests are dropped
+    (an annotator who opened ten tasks in a row is looking at the last one).
+    """
+
+    def __init__(self, max_pending: int = 8):
+        self.max_pending = max_pending
+        self._pending: Deque[Tuple[Hashable, Callable[[], None]]] = deque()
+        self._keys: set = set()
+        self._cond = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+
+    def submit(self, key: Hashable, job: Callable[[], None]) -> bool:
+        """Queue ``job`` under ``key`` unless that key is already queued."""
+        with self._cond:
+            if key in self._keys:
+                return False
+            self._pending.append((key, job))
+            self._keys.add(key)
+            while len(self._pending) > self.max_pending:
+                old_key, _ = self._pending.popleft()
+                self._keys.discard(old_key)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="precompute", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+            return True
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._pending))
+                key, job = self._pending.pop()  # newest first
+            try:
+                job()
+            except Exception:  # a background job must never kill the worker
+                log.exception("background encode of %r failed", key)
+            finally:
+                with self._cond:
+                    self._keys.discard(key)
+
+
 class Segmenter:
     def __init__(self, model: SegmentationModel, cache: EmbeddingCache,
-                 memory: Optional[MaskMemory] = None, model_key: Optional[str] = None):
+                 memory: Optional[MaskMemory] = None, model_key: Optional[str] = None,
+                 store_float16: bool = False, encoder_slots: int = 1):
         self.model = model
         self.cache = cache
         self.memory = memory or MaskMemory()
         self.model_key = model_key or model.describe()
+        self.store_float16 = store_float16
+        self.gate = EncoderGate(encoder_slots)
+        self.background = BackgroundEncoder()
 
     def embedding_key(self, image_key: str) -> Tuple[str, str]:
         return (self.model_key, image_key)
 
-    def embedding(self, image_key: str, load_image: ImageLoaderFn) -> Embedding:
+    def embedding(self, image_key: str, load_image: ImageLoaderFn,
+                  interactive: bool = True) -> Embedding:
         """The embedding of the image identified by ``image_key``; ``load_image`` (returning
         HxWx3 uint8 RGB) and the encoder run only when it is not cached."""
-        return self.cache.get_or_compute(self.embedding_key(image_key),
-                                         lambda: self.model.embed(load_image()))
+
+        def compute() -> Embedding:
+            image = load_image()  # I/O and decoding stay outside the encoder gate
+            with self.gate.slot(interactive):
+                embedding = self.model.embed(image)
+            return embedding.to_float16() if self.store_float16 else embedding
+
+        return self.cache.get_or_compute(self.embedding_key(image_key), compute)
+
+    def precompute(self, image_key: str, load_image: ImageLoaderFn) -> bool:
+        """Encode the image in the background unless it is cached or queued already."""
+        if self.is_embedded(image_key) or self.cache.pending(self.embedding_key(image_key)):
+            return False
+        return self.background.submit(
+            self.embedding_key(image_key),
+            lambda: self.embedding(image_key, load_image, interactive=False))
 
     def is_embedded(self, image_key: str) -> bool:
         return self.embedding_key(image_key) in self.cache
@@ -94,7 +193,7 @@ class Segmenter:
                  points_key(prompt.points[:-1], prompt.labels[:-1])))
             if previous is not None:
                 prompt = Prompt(prompt.points, prompt.labels, None, previous)
-        prediction = self.model.decode(embedding, prompt)
+        prediction = self.model.decode(embedding.to_float32(), prompt)
         if prompt.box is None and memory_scope is not None:
             self.memory.put((self.model_key, image_key, memory_scope,
                              points_key(prompt.points, prompt.labels)),

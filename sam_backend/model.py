@@ -70,6 +70,25 @@ class Embedding:
         arrays = [self.features] + list(self.extra or [])
         return int(sum(_nbytes(a) for a in arrays))
 
+    def _cast(self, dtype_name: str) -> "Embedding":
+        def cast(a):
+            if isinstance(a, np.ndarray):
+                return a.astype(dtype_name, copy=False)
+            import torch
+
+            return a.to(getattr(torch, dtype_name))
+
+        return Embedding(cast(self.features), [cast(a) for a in self.extra] if self.extra else
+                         self.extra, self.original_size, self.input_size)
+
+    def to_float16(self) -> "Embedding":
+        """Half the bytes, for storage in the cache (see the measured tolerance in the README)."""
+        return self._cast("float16")
+
+    def to_float32(self) -> "Embedding":
+        """What decoders take; a no-op (no copy) when already float32."""
+        return self._cast("float32")
+
 
 def _nbytes(array: Any) -> int:
     if isinstance(array, np.ndarray):

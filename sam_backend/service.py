@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -43,13 +42,14 @@ def build_model(settings: Settings):
 def segmenter_for(settings: Settings) -> Segmenter:
     """The process-wide segmenter for these settings (loaded on first use)."""
     key = (settings.model_name, settings.sam_config, settings.sam_checkpoint_file,
-           settings.device, settings.runtime)
+           settings.device, settings.runtime, settings.embedding_dtype, settings.embedding_cache_mb)
 
     def build() -> Segmenter:
         started = time.perf_counter()
         model = build_model(settings)
         log.info("model %s ready in %.1f s", model.describe(), time.perf_counter() - started)
-        return Segmenter(model, EmbeddingCache(settings.embedding_cache_mb * 1024 * 1024))
+        return Segmenter(model, EmbeddingCache(settings.embedding_cache_mb * 1024 * 1024),
+                         store_float16=settings.embedding_dtype == "float16")
 
     return get_segmenter(key, build)
 
@@ -64,10 +64,6 @@ class SegmentationService:
         self.model_version = f"sam_backend-{__version__}:{segmenter.model.variant.key}"
         self._projects: Dict[str, str] = {}  # project -> label config sent in /setup
         self._projects_lock = threading.Lock()
-        # Background encodes of opened tasks (precompute). One worker: interactive encodes run on
-        # the request threads and must not queue behind more than one background encode.
-        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="precompute")
-        self._queued: set = set()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "SegmentationService":
@@ -177,7 +173,8 @@ class SegmentationService:
 
     # -- precompute ----------------------------------------------------------------------------
     def precompute(self, task: Dict[str, Any], config: LabelConfig) -> None:
-        """Start encoding the task's image(s) in the background, if not cached or queued."""
+        """Start encoding the task's image(s) in the background (newest first, behind any
+        interactive encode), unless cached or queued."""
         for to_name in config.images:
             if not any(c.to_name == to_name for c in config.controls):
                 continue
@@ -187,15 +184,5 @@ class SegmentationService:
             except Exception as exc:  # an opened task must never fail because of this
                 log.info("task %s: no precompute (%s)", task.get("id"), exc)
                 continue
-            if self.segmenter.is_embedded(image_key) or image_key in self._queued:
-                continue
-            self._queued.add(image_key)
-            self._background.submit(self._precompute_one, image_key, url, task_id)
-
-    def _precompute_one(self, image_key: str, url: str, task_id: Optional[int]) -> None:
-        try:
-            self.segmenter.embedding(image_key, lambda: self.images.load(url, task_id))
-        except Exception as exc:
-            log.warning("task %s: precompute failed: %s", task_id, exc)
-        finally:
-            self._queued.discard(image_key)
+            self.segmenter.precompute(image_key,
+                                      lambda url=url, task_id=task_id: self.images.load(url, task_id))

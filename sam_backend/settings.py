@@ -59,6 +59,9 @@ class Settings:
     embedding_cache_mb: int = field(default=1024, metadata={
         "help": "bound of the in-memory embedding cache, MiB (MobileSAM/SAM: 4 MiB per image in "
                 "float32; HQ-SAM vit_b: ~52 MiB)"})
+    embedding_dtype: str = field(default="float16", metadata={
+        "help": "how cached embeddings are stored: float16 (half the memory; masks within the "
+                "tolerance the README gives) or float32 (bit-exact)"})
     offline: bool = field(default=False, metadata={
         "help": "never download checkpoints (also SAM_BACKEND_OFFLINE=1)"})
     precompute: bool = field(default=True, metadata={
@@ -101,6 +104,8 @@ class Settings:
     def validate(self) -> None:
         if self.runtime not in ("auto", "torch", "onnx"):
             raise ConfigError(f"runtime={self.runtime!r}: use auto, torch or onnx")
+        if self.embedding_dtype not in ("float16", "float32"):
+            raise ConfigError(f"embedding_dtype={self.embedding_dtype!r}: use float16 or float32")
         if self.embedding_cache_mb <= 0:
             raise ConfigError("embedding_cache_mb must be positive")
         if self.poly_tolerance < 0 or self.poly_min_area < 0:

@@ -65,7 +65,8 @@ def backend(checkpoint_factory, image_file, tmp_path_factory):
            "SAM_BACKEND_IMAGE_CACHE_DIR": str(tmp_path_factory.mktemp("imgcache"))}
     process = BackendProcess(
         ["label-studio-ml", "start", "sam", "--with", "model_name=mobile_sam",
-         f"sam_checkpoint_file={checkpoint}", "device=cpu", "-p", str(port), "--host",
+         f"sam_checkpoint_file={checkpoint}", "device=cpu", "embedding_dtype=float32",
+         "-p", str(port), "--host",
          "127.0.0.1"], port, env, tmp_path_factory.mktemp("logs") / "backend.log")
     process.start()
     yield process
