@@ -281,3 +281,27 @@ def test_bad_input_gets_a_clear_json_error_and_the_server_keeps_serving(name, ba
     ok = requests.post(backend.url + "/predict", json=payload([keypoint(40.0, 50.0)]), timeout=60)
     assert ok.status_code == 200
     assert backend.alive()
+
+
+def test_exif_rotated_photo_gets_a_mask_in_the_rotated_frame(backend, image_file, reference):
+    """A phone photo stored landscape with EXIF orientation 6 is shown portrait by the browser;
+    Label Studio's coordinates and the returned mask must be in that portrait frame."""
+    from PIL import Image
+
+    root, _, upright = image_file  # H x W, what the browser must show
+    stored = np.ascontiguousarray(np.rot90(upright, k=1))  # orientation 6 = rotate 90° CW to view
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(root / "pics" / "phone.jpg", quality=100, exif=exif)
+    viewed = np.asarray(Image.open(root / "pics" / "phone.jpg").transpose(Image.Transpose.ROTATE_270))
+    assert viewed.shape == upright.shape
+
+    click = keypoint(40.0, 50.0)
+    response = requests.post(backend.url + "/predict", timeout=60, json=payload(
+        [click], data={"image": "/data/local-files/?d=pics/phone.jpg"}))
+    assert response.status_code == 200, response.text
+    brush = [r for r in response.json()["results"][0]["result"] if r["type"] == "brushlabels"][0]
+    assert (brush["original_width"], brush["original_height"]) == (W, H)
+    model, _ = reference
+    want = model.decode(model.embed(viewed), Prompt(np.array([[0.4 * W, 0.5 * H]]), np.array([1])))
+    assert np.array_equal(decode_brush(brush), want.mask)

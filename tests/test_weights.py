@@ -6,6 +6,8 @@ mid-body, ignore Range, and publish (or not) ``<file>.sha256``. Everything goes 
 from __future__ import annotations
 
 import hashlib
+import os
+import sys
 import re
 import socket
 import threading
@@ -400,3 +402,57 @@ def test_cli_random(tmp_path, capsys, monkeypatch):
     # Never replaces an existing file silently.
     assert main(["weights", "random", "mobile_sam", "--dir", str(out_dir)]) == 2
     assert not (tmp_path / "unused").exists()
+
+
+def test_backend_start_downloads_the_missing_default_checkpoint(mirror, mobile_file, tmp_path,
+                                                                image_factory):
+    """The production entry (`sam-backend serve`, gunicorn) with no checkpoint on disk: it
+    downloads weights/mobile_sam.pt from the mirror, loads it, and serves clicks."""
+    import cv2
+    import requests
+    from server_utils import BackendProcess, free_port
+
+    mirror.files["mobile_sam.pt"] = mobile_file
+    image_path = tmp_path / "cat.png"
+    cv2.imwrite(str(image_path), image_factory(120, 160))
+    port = free_port()
+    backend = BackendProcess(
+        ["sam-backend", "serve", "--port", str(port), "--host", "127.0.0.1", "--threads", "4",
+         "--with", "model_name=mobile_sam", "device=cpu"], port, log_path=tmp_path / "serve.log")
+    backend.start()
+    try:
+        assert (tmp_path / "weights" / "mobile_sam.pt").read_bytes() == mobile_file.read_bytes()
+        assert [r["path"] for r in mirror.requests].count("mobile_sam.pt") == 1
+        log = backend.log_path.read_text()
+        assert "100%" in log  # download progress reached the log
+        health = requests.get(backend.url + "/health", timeout=5).json()
+        assert health["model"] == "mobile_sam/vit_t"
+        config = ('<View><Image name="image" value="$image"/><KeyPointLabels name="kp" '
+                  'toName="image" smart="true"><Label value="a"/></KeyPointLabels>'
+                  '<BrushLabels name="brush" toName="image"><Label value="a"/></BrushLabels></View>')
+        click = {"type": "keypointlabels", "from_name": "kp", "to_name": "image",
+                 "original_width": 160, "original_height": 120, "is_positive": True,
+                 "value": {"x": 50, "y": 50, "keypointlabels": ["a"]}}
+        response = requests.post(backend.url + "/predict", timeout=60, json={
+            "tasks": [{"id": 1, "data": {"image": str(image_path)}}], "label_config": config,
+            "params": {"context": {"result": [click]}}})
+        assert response.status_code == 200, response.text
+        assert response.json()["results"][0]["result"][0]["from_name"] == "brush"
+    finally:
+        backend.stop()
+
+
+def test_backend_start_offline_without_checkpoint_says_what_to_do(tmp_path, monkeypatch):
+    import subprocess
+
+    env = dict(os.environ, SAM_BACKEND_WEIGHTS_DIR=str(tmp_path / "weights"),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    env.pop("SAM_BACKEND_WEIGHTS_URL", None)
+    result = subprocess.run(
+        ["label-studio-ml", "start", "sam", "--with", "model_name=sam_hq", "sam_config=vit_tiny",
+         "offline=true", "-p", "1"], cwd=Path(__file__).resolve().parent.parent, env=env,
+        capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert "sam_hq_vit_tiny.pth" in output
+    assert "sam-backend weights download sam_hq/vit_tiny" in output
+    assert "Running on" not in output  # it did not start serving
