@@ -10,7 +10,7 @@ Coordinate frames:
 * Label Studio wants percent of the natural size: ``x% = x / W * 100``, ``y% = y / H * 100``.
   ``image_rotation`` is only echoed: region coordinates stay in the unrotated frame.
 
-The region dicts follow /work/shared/PROTOCOL.md ("/predict response"): every region has a unique
+The region dicts follow Label Studio's /predict response format: every region has a unique
 string ``id``, ``from_name``, ``to_name``, ``type``, ``original_width``, ``original_height``,
 ``image_rotation``, ``value``, and ``score`` when given. All numbers are plain Python ints/floats.
 """

@@ -1,7 +1,7 @@
 """Label Studio brush RLE: HxW mask <-> the bit-packed ``@thi.ng/rle-pack`` byte list.
 
 Label Studio decodes ``value.rle`` of a ``brushlabels`` region into a row-major RGBA image of the
-image's natural size; a pixel is on where alpha != 0. The stream (see /work/shared/PROTOCOL.md):
+image's natural size; a pixel is on where alpha != 0. The stream (the format of @thi.ng/rle-pack):
 
 * header: 32-bit value count (H*W*4), 5-bit word size - 1 (7, i.e. 8-bit words), four 4-bit
   run-size classes - 1 (classes 3, 4, 8, 16 bits);
