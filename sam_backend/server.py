@@ -34,9 +34,22 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 
+def _reason_phrase(message: str) -> str:
+    """``message`` fit for an HTTP status line: Latin-1, one line, bounded."""
+    text = " ".join(message.split())
+    text = text.encode("latin-1", "replace").decode("latin-1")
+    return text[:400]
+
+
 def _error(message: str, status: int):
+    """A JSON error whose message is also the HTTP reason phrase.
+
+    Label Studio's ML connector reports a failed /predict as ``str(HTTPError)``, i.e.
+    ``"400 Client Error: <reason phrase> for url: ..."``, and drops the body: putting the message
+    in the reason phrase is how it reaches the annotator's screen.
+    """
     response = jsonify({"status": "error", "errors": [message]})
-    response.status_code = status
+    response.status = f"{status} {_reason_phrase(message)}"
     return response
 
 

@@ -276,6 +276,11 @@ def test_bad_input_gets_a_clear_json_error_and_the_server_keeps_serving(name, ba
     answer = response.json()
     assert answer["status"] == "error"
     assert expected in answer["errors"][0]
+    # Label Studio shows str(HTTPError), built from the reason phrase: the message must be there
+    with pytest.raises(requests.HTTPError) as shown:
+        response.raise_for_status()
+    assert expected in " ".join(answer["errors"][0].split())
+    assert " ".join(expected.split())[:60] in str(shown.value)
     assert "Traceback" not in response.text
     assert requests.get(backend.url + "/health", timeout=5).status_code == 200
     ok = requests.post(backend.url + "/predict", json=payload([keypoint(40.0, 50.0)]), timeout=60)
