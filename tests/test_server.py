@@ -285,7 +285,7 @@ def test_bad_input_gets_a_clear_json_error_and_the_server_keeps_serving(name, ba
     assert requests.get(backend.url + "/health", timeout=5).status_code == 200
     ok = requests.post(backend.url + "/predict", json=payload([keypoint(40.0, 50.0)]), timeout=60)
     assert ok.status_code == 200
-    assert backend.alive()
+    assert backend.running
 
 
 def test_exif_rotated_photo_gets_a_mask_in_the_rotated_frame(backend, image_file, reference):
