@@ -12,6 +12,7 @@ sys.path.insert(0, os.path.dirname(__file__))  # test helpers
 
 from sam_backend.random_weights import make_random_checkpoint
 from sam_backend.registry import get_variant
+from imaging import synthetic_image
 
 # Checkpoints are deterministic (seeded), so they are kept between runs; bump the tag when the
 # way they are made changes.
@@ -31,22 +32,6 @@ def random_checkpoint(model_name: str, sam_config: str | None = None) -> Path:
 @pytest.fixture(scope="session")
 def checkpoint_factory():
     return random_checkpoint
-
-
-def synthetic_image(height: int, width: int, seed: int = 0) -> np.ndarray:
-    """HxWx3 uint8 RGB: a smooth background with a few coloured shapes."""
-    import cv2
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    image = np.stack([(xx * 255 // max(width - 1, 1)), (yy * 255 // max(height - 1, 1)),
-                      np.full_like(xx, 96)], axis=-1).astype(np.uint8)
-    for _ in range(4):
-        centre = (int(rng.integers(0, width)), int(rng.integers(0, height)))
-        radius = int(rng.integers(max(2, min(height, width) // 12), max(3, min(height, width) // 4)))
-        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-        cv2.circle(image, centre, radius, colour, -1)
-    return image
 
 
 @pytest.fixture

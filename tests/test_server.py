@@ -51,7 +51,7 @@ def image_file(tmp_path_factory, image_factory_module):
 
 @pytest.fixture(scope="module")
 def image_factory_module():
-    from conftest import synthetic_image
+    from imaging import synthetic_image
 
     return synthetic_image
 
@@ -66,6 +66,7 @@ def backend(checkpoint_factory, image_file, tmp_path_factory):
     process = BackendProcess(
         ["label-studio-ml", "start", "sam", "--with", "model_name=mobile_sam",
          f"sam_checkpoint_file={checkpoint}", "device=cpu", "embedding_dtype=float32",
+         "runtime=torch",  # compared mask for mask with the torch model layer below
          "-p", str(port), "--host",
          "127.0.0.1"], port, env, tmp_path_factory.mktemp("logs") / "backend.log")
     process.start()
