@@ -34,6 +34,6 @@ setup(
         "tqdm",
         "gunicorn",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout"]},
+    extras_require={"test": ["pytest", "pytest-timeout", "playwright"]},
     entry_points={"console_scripts": ["sam-backend=sam_backend.cli:main"]},
 )
