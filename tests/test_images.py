@@ -111,7 +111,22 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-class FakeLabelStudio:
+class _LoopbackHost:
+    """A server of ours on 127.0.0.1 (its own port: its own host), run in a thread."""
+
+    def _start(self):
+        self.server = _Server(("127.0.0.1", 0), self._handler())
+        self.server.state = self
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class FakeLabelStudio(_LoopbackHost):
     """Uploads, local files, presign, token refresh; legacy tokens on/off; JWT expiry."""
 
     def __init__(self, clock: Clock):
@@ -132,15 +147,7 @@ class FakeLabelStudio:
         self.refreshes = 0
         self.rejected = []  # (path, scheme) of refused credentials
         self.lock = threading.Lock()
-        self.server = _Server(("127.0.0.1", 0), self._handler())
-        self.server.state = self
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True).start()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self._start()
 
     def count(self, prefix: str) -> int:
         return sum(1 for _m, path, _a in self.requests if path.startswith(prefix))
@@ -229,21 +236,14 @@ class FakeLabelStudio:
         return Handler
 
 
-class FakeStorage:
+class FakeStorage(_LoopbackHost):
     """Another host (a different port): serves presigned objects and public files, records the
     headers of every request it receives."""
 
     def __init__(self):
         self.files = {}
         self.headers = []  # one dict per request
-        self.server = _Server(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True).start()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self._start()
 
     def presigned(self, path: str) -> str:
         return (f"{self.url}{path}?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAEXAMPLE"
