@@ -31,6 +31,7 @@ setup(
         "rq",
         "label-studio-converter==0.0.59",
         "requests",
+        "ujson",
         "tqdm",
         "gunicorn",
     ],
