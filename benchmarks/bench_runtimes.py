@@ -32,38 +32,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sam_backend.model import Prompt  # noqa: E402
-from sam_backend.random_weights import make_random_checkpoint  # noqa: E402
+from sam_backend.random_weights import cached_random_checkpoint, synthetic_image  # noqa: E402
 from sam_backend.registry import get_variant  # noqa: E402
-
-SEED = 1234
-WEIGHTS = Path(os.environ.get("SAM_BACKEND_TEST_WEIGHTS",
-                              Path.home() / ".cache" / "sam_backend" / "test-weights-v1"))
-
-
-def checkpoint(variant) -> Path:
-    path = WEIGHTS / f"seed{SEED}" / variant.checkpoint_name
-    if not path.is_file():
-        make_random_checkpoint(variant, path, seed=SEED)
-    return path
-
-
-def synthetic_image(height: int, width: int, seed: int = 0) -> np.ndarray:
-    import cv2
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    image = np.stack([(xx * 255 // max(width - 1, 1)), (yy * 255 // max(height - 1, 1)),
-                      np.full_like(xx, 96)], axis=-1).astype(np.uint8)
-    for _ in range(4):
-        centre = (int(rng.integers(0, width)), int(rng.integers(0, height)))
-        short = min(height, width)
-        radius = int(rng.integers(max(2, short // 12), max(3, short // 4)))
-        cv2.circle(image, centre, radius, tuple(int(c) for c in rng.integers(0, 256, 3)), -1)
-    return image
 
 
 def load(variant, runtime: str, int8: bool):
-    path = checkpoint(variant)
+    path = cached_random_checkpoint(variant.model_name, variant.sam_config)
     started = time.perf_counter()
     if runtime == "torch":
         from sam_backend.torch_runtime import TorchSamModel

@@ -1,4 +1,5 @@
-"""Seeded random-weight checkpoints of the real architectures, for tests, benchmarks and demos.
+"""Seeded random-weight checkpoints of the real architectures (and synthetic images), for tests,
+benchmarks and demos.
 
 No pretrained weights can be fetched on every machine (CI, air-gapped sites). A random-weight
 checkpoint has the exact layout and compute cost of the official file, so the whole pipeline can
@@ -13,9 +14,10 @@ import os
 from pathlib import Path
 from typing import Union
 
+import numpy as np
 import torch
 
-from .registry import Variant
+from .registry import Variant, get_variant
 
 log = logging.getLogger(__name__)
 
@@ -38,3 +40,35 @@ def make_random_checkpoint(variant: Variant, path: Union[str, Path], seed: int =
     os.replace(tmp, path)
     log.info("wrote random-weight %s checkpoint (seed %d) to %s", variant.key, seed, path)
     return path
+
+
+# Test and benchmark checkpoints are deterministic (seeded), so they are kept between runs; the
+# tag changes when the way they are made changes.
+CACHE_DIR = Path(os.environ.get("SAM_BACKEND_TEST_WEIGHTS",
+                                Path.home() / ".cache" / "sam_backend" / "test-weights-v1"))
+CACHE_SEED = 1234
+
+
+def cached_random_checkpoint(model_name: str, sam_config: Union[str, None] = None) -> Path:
+    """The seeded random-weight checkpoint of a variant, made once into ``CACHE_DIR``."""
+    variant = get_variant(model_name, sam_config)
+    path = CACHE_DIR / f"seed{CACHE_SEED}" / variant.checkpoint_name
+    if not path.is_file():
+        make_random_checkpoint(variant, path, seed=CACHE_SEED)
+    return path
+
+
+def synthetic_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """HxWx3 uint8 RGB: a smooth gradient with a few coloured discs."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    image = np.stack([(xx * 255 // max(width - 1, 1)), (yy * 255 // max(height - 1, 1)),
+                      np.full_like(xx, 96)], axis=-1).astype(np.uint8)
+    for _ in range(4):
+        centre = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+        radius = int(rng.integers(max(2, min(height, width) // 12), max(3, min(height, width) // 4)))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        cv2.circle(image, centre, radius, colour, -1)
+    return image

@@ -51,7 +51,7 @@ def image_file(tmp_path_factory, image_factory_module):
 
 @pytest.fixture(scope="module")
 def image_factory_module():
-    from imaging import synthetic_image
+    from sam_backend.random_weights import synthetic_image
 
     return synthetic_image
 
