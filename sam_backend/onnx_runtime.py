@@ -503,6 +503,11 @@ class OnnxSamModel(SegmentationModel):
             if int8 is not None:
                 self._use(int8, self.decoder)
                 self.encoder_part = "encoder-int8"
+        log.info("onnx runtime for %s: %s + %s (%s, %d threads%s)", variant.key,
+                 self.paths[self.encoder_part].name, self.paths["decoder"].name,
+                 self.providers[0] if isinstance(self.providers[0], str) else
+                 self.providers[0][0], self.threads,
+                 f", exported now: {', '.join(self.exported)}" if self.exported else "")
 
     def _use(self, encoder, decoder) -> None:
         """Run with these sessions; the preprocessing constants come from the encoder's
