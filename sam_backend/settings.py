@@ -57,8 +57,8 @@ class Settings:
     poly_min_area: float = field(default=64.0, metadata={
         "help": "connected components smaller than this many pixels get no polygon"})
     embedding_cache_mb: int = field(default=1024, metadata={
-        "help": "bound of the in-memory embedding cache, MiB (MobileSAM/SAM: 4 MiB per image in "
-                "float32; HQ-SAM vit_b: ~52 MiB)"})
+        "help": "bound of the in-memory embedding cache, MiB (per image in float16: SAM and "
+                "MobileSAM 2 MiB; HQ-SAM 6 MiB with onnx, 26 MiB for vit_b with torch)"})
     embedding_dtype: str = field(default="float16", metadata={
         "help": "how cached embeddings are stored: float16 (half the memory; masks within the "
                 "tolerance the README gives) or float32 (bit-exact)"})
