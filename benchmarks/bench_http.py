@@ -360,7 +360,7 @@ class Images:
         path = self.root / rel
         if not path.is_file():
             seed = zlib.crc32(f"{name}-{width}x{height}".encode())
-            tmp = path.with_name(path.name + ".tmp.jpg")
+            tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.jpg")  # concurrent runs
             cv2.imwrite(str(tmp), draw_image(width, height, seed), [cv2.IMWRITE_JPEG_QUALITY, 90])
             os.replace(tmp, path)
         return Image(f"/data/local-files/?d={rel}", width, height, path.stat().st_size)
@@ -957,7 +957,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
     cache_dir = Path(args.cache_dir).expanduser()
-    log_dir = Path(args.log_dir).expanduser() if args.log_dir else cache_dir / "logs"
+    if args.log_dir:
+        log_dir = Path(args.log_dir).expanduser()
+    else:  # one directory per run: two runs at once must not share (and delete) server logs
+        log_dir = cache_dir / "logs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        old_runs = sorted(d for d in (cache_dir / "logs").glob("*-*") if d.is_dir())
+        for old in old_runs[:-9]:
+            shutil.rmtree(old, ignore_errors=True)
     log_dir.mkdir(parents=True, exist_ok=True)
 
     report: Dict[str, Any] = {
@@ -985,6 +991,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         checkpoints = ensure_checkpoints(variants, cache_dir / "weights")
     report["plan"]["weights"] = ("checkpoints from " + args.weights_dir if args.weights_dir else
                                  f"random-weight checkpoints (seed {CHECKPOINT_SEED})")
+    report["plan"]["log_dir"] = str(log_dir)
     images = Images(cache_dir / "images")
     for name in variants:
         key, checkpoint = checkpoints[name]
