@@ -14,6 +14,8 @@ from sam_backend.model import Prompt
 from sam_backend.registry import get_variant
 from sam_backend.torch_runtime import TorchSamModel
 
+pytestmark = pytest.mark.usefixtures("release_memory")
+
 IMAGE_SIZES = [(480, 640), (300, 720)]  # (H, W): landscape 4:3, and a wide 12:5
 
 

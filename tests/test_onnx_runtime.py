@@ -23,6 +23,8 @@ from sam_backend.registry import get_variant
 from sam_backend.runtimes import create_model, default_runtime
 from sam_backend.torch_runtime import TorchSamModel
 
+pytestmark = pytest.mark.usefixtures("release_memory")
+
 # (H, W): 4:3 landscape, wide 12:5, tall 5:12, and an odd size
 IMAGE_SIZES = [(480, 640), (300, 720), (720, 300), (333, 517)]
 
@@ -95,12 +97,6 @@ def check_fidelity(model_name, sam_config, checkpoint_factory, image_factory):
 @pytest.mark.parametrize("model_name,sam_config", [("mobile_sam", "vit_t"),
                                                    ("sam_hq", "vit_tiny")])
 def test_onnx_matches_torch(model_name, sam_config, checkpoint_factory, image_factory):
-    check_fidelity(model_name, sam_config, checkpoint_factory, image_factory)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("model_name,sam_config", [("sam", "vit_b"), ("sam_hq", "vit_b")])
-def test_onnx_matches_torch_vit_b(model_name, sam_config, checkpoint_factory, image_factory):
     check_fidelity(model_name, sam_config, checkpoint_factory, image_factory)
 
 
@@ -416,3 +412,10 @@ def test_graphs_are_written_atomically_with_their_weights(tmp_path, layout):
     np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ weight + bias, rtol=1e-5)
     meta = session.get_modelmeta().custom_metadata_map
     assert meta["sam_backend.format"] == "x" and meta["sam_backend.by"] == "test"
+
+
+# Last in the file: the vit_b models and sessions use up to ~17 GB while they run.
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name,sam_config", [("sam", "vit_b"), ("sam_hq", "vit_b")])
+def test_onnx_matches_torch_vit_b(model_name, sam_config, checkpoint_factory, image_factory):
+    check_fidelity(model_name, sam_config, checkpoint_factory, image_factory)
