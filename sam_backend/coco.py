@@ -83,6 +83,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import numpy as np
 
 from .errors import ImageError, SamBackendError
+from .export_objects import Shape, group_objects, one_object_per_shape, summarize
 from .rle import rle_to_mask
 
 logger = logging.getLogger("sam_backend.coco")
@@ -156,8 +157,15 @@ class ExportReport:
     skipped_labels: Dict[str, List[Any]] = field(default_factory=dict)  # label -> task ids
     ignored_results: Counter = field(default_factory=Counter)  # result type -> count
     categories: List[dict] = field(default_factory=list)
+    regions: int = 0  # regions (one per label) that went into objects
+    objects: int = 0  # objects exported (= annotations)
+    merged_regions: int = 0  # regions merged into objects made of several regions
+    merged_objects: int = 0  # objects made of several regions
+    keep_all_regions: bool = False
     ann_file: Optional[str] = None
     images_dir: Optional[str] = None
+    split: Dict[str, int] = field(default_factory=dict)  # "train"/"val" -> images
+    config_file: Optional[str] = None  # the MMDetection config written, if any
 
     @property
     def problem_task_ids(self) -> List[Any]:
@@ -177,6 +185,17 @@ class ExportReport:
             f"{_n(self.total_annotations, 'annotation')} exported ({kinds or 'none'}), "
             f"{len(self.categories)} {'category' if len(self.categories) == 1 else 'categories'}"
         ]
+        if self.keep_all_regions:
+            lines.append(f"--keep-all-regions: every region exported as its own object "
+                         f"({_n(self.regions, 'region')})")
+        elif self.regions:
+            lines.append(f"one object, one annotation: {_n(self.regions, 'region')} -> "
+                         f"{_n(self.objects, 'object')} ({self.merged_regions} regions merged "
+                         f"into {_n(self.merged_objects, 'object')}, "
+                         f"{self.objects - self.merged_objects} single-region)")
+        if self.split:
+            lines.append("split by image: " + ", ".join(
+                f"{name} {_n(n, 'image')}" for name, n in self.split.items()))
         if self.unlabelled_tasks:
             lines.append(f"{_n(len(self.unlabelled_tasks), 'task')} without a submitted "
                          f"annotation left out: {_id_list(self.unlabelled_tasks)}")
@@ -461,7 +480,8 @@ def _used_annotations(task: dict) -> List[dict]:
 def convert(tasks: Sequence[dict], classes: Optional[Sequence[str]] = None,
             image_fetcher: Optional[ImageFetcher] = None, *,
             on_image: Optional[ImageSink] = None,
-            progress: bool = False) -> Tuple[dict, ExportReport]:
+            progress: bool = False,
+            keep_all_regions: bool = False) -> Tuple[dict, ExportReport]:
     """Convert Label Studio export tasks into a COCO dict (see the module docstring).
 
     ``tasks``: the parsed JSON export (a list of task dicts). ``classes``: fixes the categories and
@@ -469,7 +489,9 @@ def convert(tasks: Sequence[dict], classes: Optional[Sequence[str]] = None,
     bytes``: fetches each task's image (an ``ImageError`` skips the task, reported); None: images
     are not fetched, sizes come from the regions only, and tasks whose regions give none are
     reported and skipped. ``on_image(file_name, data)``: called with each exported image (its
-    ``file_name`` relative to ``images/``). Returns ``(coco, report)``.
+    ``file_name`` relative to ``images/``). The regions of each annotation are grouped into
+    objects (:mod:`sam_backend.export_objects`), one COCO annotation per object;
+    ``keep_all_regions``: one per region instead. Returns ``(coco, report)``.
     """
     if not isinstance(tasks, list):
         raise ExportError("the export must be a list of tasks (Label Studio 'JSON' export format)")
@@ -481,7 +503,7 @@ def convert(tasks: Sequence[dict], classes: Optional[Sequence[str]] = None,
     class_list = _check_classes(classes) if classes is not None else None
     class_set = set(class_list) if class_list is not None else None
 
-    report = ExportReport(tasks=len(tasks))
+    report = ExportReport(tasks=len(tasks), keep_all_regions=keep_all_regions)
     images: List[dict] = []
     pending: List[Tuple[int, _PendingAnnotation]] = []  # (image id, annotation)
     seen_labels: Dict[str, None] = {}
@@ -498,7 +520,7 @@ def convert(tasks: Sequence[dict], classes: Optional[Sequence[str]] = None,
                 tqdm(iterator, total=len(tasks), desc="export-coco", unit="task"))
         for position, task in iterator:
             _convert_task(task, position, class_set, image_fetcher, on_image, report, images,
-                          pending, seen_labels, used_names)
+                          pending, seen_labels, used_names, keep_all_regions)
 
     names = class_list if class_list is not None else sorted(seen_labels)
     categories = [{"id": i, "name": name} for i, name in enumerate(names, start=1)]
@@ -531,7 +553,7 @@ def _convert_task(task: Any, position: int, class_set: Optional[set],
                   image_fetcher: Optional[ImageFetcher], on_image: Optional[ImageSink],
                   report: ExportReport, images: List[dict],
                   pending: List[Tuple[int, _PendingAnnotation]], seen_labels: Dict[str, None],
-                  used_names: set) -> None:
+                  used_names: set, keep_all_regions: bool = False) -> None:
     task_id = task.get("id") if isinstance(task, dict) else None
 
     def problem(message: str, annotation_id: Any = None, region_id: Any = None) -> None:
@@ -553,17 +575,17 @@ def _convert_task(task: Any, position: int, class_set: Optional[set],
         return
     if len(used) > 1:
         report.multi_annotation_tasks.append(task_id)
-    results = [(a.get("id"), r) for a in used for r in (a.get("result") or [])
-               if isinstance(r, dict)]
+    results = [(index, a.get("id"), r) for index, a in enumerate(used)
+               for r in (a.get("result") or []) if isinstance(r, dict)]
     try:
-        url = _task_image_url(task, (r for _, r in results))
+        url = _task_image_url(task, (r for _, _, r in results))
     except _RegionError as exc:
         skip_task(str(exc))
         return
 
     size: Optional[Tuple[int, int]] = None  # (width, height) from the first sized region
-    objects: List[_PendingAnnotation] = []
-    for ann_id, region in results:
+    shapes: Dict[int, List[Shape]] = {}  # annotation index -> its shapes, in order
+    for ann_index, ann_id, region in results:
         rtype = region.get("type")
         region_id = region.get("id")
         if rtype in IGNORED_TYPES:
@@ -591,7 +613,17 @@ def _convert_task(task: Any, position: int, class_set: Optional[set],
             if class_set is not None and label not in class_set:
                 report.skipped_labels.setdefault(label, []).append(task_id)
                 continue
-            objects.append(_PendingAnnotation(label, kind, fields))
+            shapes.setdefault(ann_index, []).append(Shape(kind, label, fields, region_id))
+
+    # one object, one annotation: the regions of each annotation grouped by object
+    objects: List[_PendingAnnotation] = []
+    counts = [0, 0, 0, 0]  # regions, objects, merged regions, merged objects
+    for group in shapes.values():
+        found = one_object_per_shape(group) if keep_all_regions else group_objects(group, *size)
+        regions, n_objects, merged = summarize(found)
+        counts = [counts[0] + regions, counts[1] + n_objects, counts[2] + merged,
+                  counts[3] + sum(1 for o in found if len(o.shapes) > 1)]
+        objects.extend(_PendingAnnotation(o.label, o.kind, o.fields) for o in found)
 
     data: Optional[bytes] = None
     n_lost = f" ({_n(len(objects), 'annotation')} not exported)" if objects else ""
@@ -632,6 +664,10 @@ def _convert_task(task: Any, position: int, class_set: Optional[set],
         entry["ls_task_id"] = task_id
     images.append(entry)
     pending.extend((image_id, obj) for obj in objects)
+    report.regions += counts[0]
+    report.objects += counts[1]
+    report.merged_regions += counts[2]
+    report.merged_objects += counts[3]
 
 
 def _short(url: str) -> str:
