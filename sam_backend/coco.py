@@ -165,6 +165,7 @@ class ExportReport:
     ann_file: Optional[str] = None
     images_dir: Optional[str] = None
     split: Dict[str, int] = field(default_factory=dict)  # "train"/"val" -> images
+    annotation_kinds: Dict[int, str] = field(default_factory=dict)  # annotation id -> its kind
     config_file: Optional[str] = None  # the MMDetection config written, if any
 
     @property
@@ -218,7 +219,9 @@ class ExportReport:
 
 
 def _n(count: int, word: str) -> str:
-    return f"{count} {word}{'' if count == 1 else 's'}"
+    if count == 1:
+        return f"{count} {word}"
+    return f"{count} {word}{'es' if word.endswith(('x', 's')) else 's'}"
 
 
 def _id_list(ids: Sequence[Any], limit: int = 20) -> str:
@@ -530,6 +533,7 @@ def convert(tasks: Sequence[dict], classes: Optional[Sequence[str]] = None,
         annotations.append({"id": len(annotations) + 1, "image_id": image_id,
                             "category_id": cat_id[ann.label], "iscrowd": 0, **ann.fields})
         report.annotations[ann.kind] += 1
+        report.annotation_kinds[annotations[-1]["id"]] = ann.kind
     report.images = len(images)
     report.categories = categories
     for label, ids in report.skipped_labels.items():
@@ -820,13 +824,62 @@ def load_export(json_file_path: str) -> list:
     return tasks
 
 
-def export_coco(json_file_path: str, out_dir: str, classes: Optional[Sequence[str]] = None,
-                image_loader=None, upload_dir: Optional[str] = None, copy_images: bool = True,
-                progress: bool = True) -> ExportReport:
-    """Convert the export ``json_file_path`` into ``out_dir/annotations/ann.json`` and, with
-    ``copy_images``, ``out_dir/images/<file_name>``. ``image_loader``: an
-    :class:`~sam_backend.images.ImageLoader` (default: one configured from the environment).
-    ``classes``: a list of names or ``"a,b,c"``. Returns the report (also logged)."""
+def check_val_fraction(val_fraction: float) -> float:
+    value = float(val_fraction)
+    if not 0.0 <= value < 1.0:
+        raise ExportError(f"--val-fraction {val_fraction} must be at least 0 and below 1 "
+                          "(e.g. 0.2: a fifth of the images for validation)")
+    return value
+
+
+def split_images(image_ids: Sequence[int], val_fraction: float, seed: int = 0
+                 ) -> Tuple[List[int], List[int]]:
+    """(train ids, val ids): ``round(n * val_fraction)`` images for validation (at least 1 when
+    the fraction is > 0 and there are 2 images or more; never all), chosen by a seeded random
+    permutation (``numpy.random.default_rng(seed)``), so the same export and seed give the same
+    split. Both lists keep the input order."""
+    ids = list(image_ids)
+    n_val = int(round(len(ids) * check_val_fraction(val_fraction)))
+    if val_fraction > 0 and len(ids) >= 2:
+        n_val = min(max(n_val, 1), len(ids) - 1)
+    else:
+        n_val = 0
+    chosen = set(np.random.default_rng(seed).permutation(len(ids))[:n_val].tolist())
+    train = [i for k, i in enumerate(ids) if k not in chosen]
+    val = [i for k, i in enumerate(ids) if k in chosen]
+    return train, val
+
+
+def subset(coco: dict, image_ids: Iterable[int]) -> dict:
+    """The COCO dict restricted to ``image_ids`` (annotation and image ids kept)."""
+    keep = set(image_ids)
+    return dict(coco, images=[i for i in coco["images"] if i["id"] in keep],
+                annotations=[a for a in coco["annotations"] if a["image_id"] in keep])
+
+
+def _write_json(path: Path, data: dict) -> None:
+    try:
+        _write_atomic(path, json.dumps(data, ensure_ascii=False).encode("utf-8"))
+    except OSError as exc:
+        raise ExportError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def prepare_output(out_dir: str, subdirs: Sequence[str]) -> Path:
+    out = Path(os.path.expanduser(out_dir))
+    try:
+        for sub in subdirs:
+            (out / sub).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"cannot create {out}: {exc.strerror or exc}") from None
+    return out
+
+
+def convert_export(json_file_path: str, images_dir: Optional[Path],
+                   classes: Optional[Sequence[str]] = None, image_loader=None,
+                   upload_dir: Optional[str] = None, progress: bool = True,
+                   keep_all_regions: bool = False) -> Tuple[dict, ExportReport]:
+    """Read the export file and :func:`convert` it, storing the images in ``images_dir``
+    (None: images are not fetched). Shared by export-coco and export-yolo."""
     tasks = load_export(json_file_path)
     class_list = None
     if classes is not None:
@@ -834,19 +887,9 @@ def export_coco(json_file_path: str, out_dir: str, classes: Optional[Sequence[st
     if upload_dir and not os.path.isdir(os.path.expanduser(upload_dir)):
         raise ExportError(f"--upload_dir {upload_dir} is not a directory (Label Studio's media "
                           "upload directory, e.g. ~/.local/share/label-studio/media/upload)")
-    out = Path(os.path.expanduser(out_dir))
-    images_dir = out / IMAGES_SUBDIR
-    ann_file = out / ANN_SUBPATH
-    try:
-        ann_file.parent.mkdir(parents=True, exist_ok=True)
-        if copy_images:
-            images_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ExportError(f"cannot create {out}: {exc.strerror or exc}") from None
-
     own_loader = False
     fetcher = None
-    if copy_images:
+    if images_dir is not None:
         if image_loader is None:
             from .images import ImageAccessSettings, ImageLoader
 
@@ -861,18 +904,57 @@ def export_coco(json_file_path: str, out_dir: str, classes: Optional[Sequence[st
             raise ExportError(
                 f"cannot write {images_dir / file_name}: {exc.strerror or exc}") from None
 
-    logger.info("exporting %d tasks of %s to %s", len(tasks), json_file_path, out)
+    logger.info("exporting %d tasks of %s", len(tasks), json_file_path)
     try:
-        coco, report = convert(tasks, class_list, fetcher, on_image=store if copy_images else None,
-                               progress=progress)
+        return convert(tasks, class_list, fetcher,
+                       on_image=store if images_dir is not None else None,
+                       progress=progress, keep_all_regions=keep_all_regions)
     finally:
         if own_loader:
             image_loader.close()
-    try:
-        _write_atomic(ann_file, json.dumps(coco, ensure_ascii=False).encode("utf-8"))
-    except OSError as exc:
-        raise ExportError(f"cannot write {ann_file}: {exc.strerror or exc}") from None
+
+
+def export_coco(json_file_path: str, out_dir: str, classes: Optional[Sequence[str]] = None,
+                image_loader=None, upload_dir: Optional[str] = None, copy_images: bool = True,
+                progress: bool = True, keep_all_regions: bool = False,
+                val_fraction: float = 0.0, seed: int = 0,
+                mmdet_config: Optional[str] = None) -> ExportReport:
+    """Convert the export ``json_file_path`` into ``out_dir/annotations/ann.json`` and, with
+    ``copy_images``, ``out_dir/images/<file_name>``. ``image_loader``: an
+    :class:`~sam_backend.images.ImageLoader` (default: one configured from the environment).
+    ``classes``: a list of names or ``"a,b,c"``. ``keep_all_regions``: one annotation per region
+    instead of one per object. ``val_fraction`` > 0: also ``annotations/train.json`` and
+    ``annotations/val.json``, split by image (:func:`split_images`, ``seed``).
+    ``mmdet_config``: a name of :data:`sam_backend.mmdet_config.TEMPLATES`; writes
+    ``out_dir/<name>.py``. Returns the report (also logged)."""
+    val_fraction = check_val_fraction(val_fraction)
+    if mmdet_config is not None:
+        from .mmdet_config import TEMPLATES
+
+        if mmdet_config not in TEMPLATES:
+            raise ExportError(f"--mmdet-config {mmdet_config!r} is not known; choose one of "
+                              f"{', '.join(TEMPLATES)}")
+    out = prepare_output(out_dir, ["annotations"] + ([IMAGES_SUBDIR] if copy_images else []))
+    images_dir = out / IMAGES_SUBDIR
+    ann_file = out / ANN_SUBPATH
+    coco, report = convert_export(json_file_path, images_dir if copy_images else None, classes,
+                                  image_loader, upload_dir, progress, keep_all_regions)
+    _write_json(ann_file, coco)
     report.ann_file = str(ann_file)
+    train_ann = val_ann = ANN_SUBPATH.replace(os.sep, "/")
+    if val_fraction > 0:
+        train_ids, val_ids = split_images([i["id"] for i in coco["images"]], val_fraction, seed)
+        train_ann, val_ann = "annotations/train.json", "annotations/val.json"
+        _write_json(out / train_ann, subset(coco, train_ids))
+        _write_json(out / val_ann, subset(coco, val_ids))
+        report.split = {"train": len(train_ids), "val": len(val_ids)}
+    if mmdet_config is not None:
+        from .mmdet_config import write_config
+
+        if not coco["categories"]:
+            raise ExportError("no category was exported: no MMDetection config written")
+        report.config_file = str(write_config(
+            str(out), mmdet_config, [c["name"] for c in coco["categories"]], train_ann, val_ann))
     report.images_dir = str(images_dir) if copy_images else None
     (logger.warning if report.problems else logger.info)("%s", report.summary())
     logger.info("wrote %s%s", ann_file, f" and {report.images} images to {images_dir}"
@@ -907,15 +989,47 @@ def register_cli(subparsers) -> None:
                              "is read from DIR/<project>/<file> when present, before downloading")
     parser.add_argument("--no_images", "--no-images", dest="copy_images", action="store_false",
                         help="write only annotations/ann.json, do not fetch or copy the images")
+    add_object_options(parser)
+    add_split_options(parser)
+    from .mmdet_config import TEMPLATES
+
+    parser.add_argument("--mmdet-config", "--mmdet_config", "--out_config", dest="mmdet_config",
+                        choices=list(TEMPLATES), default=None,
+                        help="also write OUT_DIR/<NAME>.py, an MMDetection 3.x training config "
+                             "for this dataset (data_root, ann_file, classes, num_classes, "
+                             "LoadAnnotations for RLE masks)")
     parser.set_defaults(func=_cmd_export_coco)
+
+
+def add_object_options(parser) -> None:
+    """``--keep-all-regions`` (shared by the export commands)."""
+    parser.add_argument("--keep-all-regions", "--keep_all_regions", dest="keep_all_regions",
+                        action="store_true",
+                        help="one annotation per region (brush, polygon, rectangle) instead of "
+                             "one per object: the regions of one object are not merged")
+
+
+def add_split_options(parser) -> None:
+    """``--val-fraction`` and ``--seed`` (shared by the export commands)."""
+    parser.add_argument("--val-fraction", "--val_fraction", dest="val_fraction", type=float,
+                        default=0.0, metavar="F",
+                        help="put this fraction of the images (0 <= F < 1) in a validation split, "
+                             "chosen at random by image (default 0: no split)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed of the train/val split (default 0)")
 
 
 def _cmd_export_coco(args: argparse.Namespace) -> int:
     report = export_coco(args.json_file_path, args.out_dir, classes=args.classes,
-                         upload_dir=args.upload_dir, copy_images=args.copy_images)
+                         upload_dir=args.upload_dir, copy_images=args.copy_images,
+                         keep_all_regions=args.keep_all_regions,
+                         val_fraction=args.val_fraction, seed=args.seed,
+                         mmdet_config=args.mmdet_config)
     # the command's output: what to paste into a training config
     print(format_categories(report.categories))
-    if report.annotations.get("mask"):
+    if report.config_file:
+        print(f"# MMDetection config: {report.config_file}")
+    elif report.annotations.get("mask"):
         print(MMDET_RLE_HINT)
     if report.tasks and report.images == 0:
         logger.error("no image was exported (see the problems above)")
