@@ -520,7 +520,7 @@ def convert(tasks: Sequence[dict], classes: Optional[Sequence[str]] = None,
 
             stack.enter_context(logging_redirect_tqdm())  # warnings do not break the bar
             iterator = stack.enter_context(
-                tqdm(iterator, total=len(tasks), desc="export-coco", unit="task"))
+                tqdm(iterator, total=len(tasks), desc="export", unit="task"))
         for position, task in iterator:
             _convert_task(task, position, class_set, image_fetcher, on_image, report, images,
                           pending, seen_labels, used_names, keep_all_regions)
