@@ -140,3 +140,15 @@ def test_grouping_does_not_depend_on_region_order():
 def test_group_objects_rejects_unknown_kinds():
     with pytest.raises(ValueError, match="unknown shape kind"):
         group_objects([Shape("ellipse", "cat", {})], W, H)
+
+
+def test_the_server_does_not_import_the_exporters():
+    import subprocess
+    import sys
+
+    code = ("import sys, sam_backend.server, sam_backend.backend; "
+            "print(sorted(m for m in sys.modules if m.split('.')[-1] in "
+            "('coco', 'yolo', 'export_objects', 'mmdet_config', 'mmengine')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, check=True)
+    assert done.stdout.strip() == "[]"
