@@ -5,6 +5,17 @@ as fetched, never re-encoded), ready for MMDetection (Mask R-CNN, RTMDet-Ins) an
 
     sam-backend export-coco --json_file_path project.json --out_dir dataset [--classes cat,dog]
                             [--upload_dir ~/.local/share/label-studio/media/upload] [--no_images]
+                            [--keep-all-regions] [--val-fraction 0.2 --seed 0]
+                            [--mmdet-config mask-rcnn_r50_fpn|rtmdet-ins_s]
+
+One object, one annotation: the regions of each annotation that describe the same object (a
+brush mask, the polygons traced from it, its tight box, the smart rectangle that prompted it) are
+grouped by :func:`sam_backend.export_objects.group_objects` (the matching rule is documented
+there) and become one COCO annotation: the mask when there is one, else the polygons (one COCO
+polygon per part), else the box. ``--keep-all-regions`` exports every region on its own.
+``--val-fraction`` also writes ``annotations/train.json`` and ``annotations/val.json`` (split by
+image, seeded); ``--mmdet-config`` writes a ready MMDetection config
+(:mod:`sam_backend.mmdet_config`) next to the dataset.
 
 What is read. The export must be Label Studio's "JSON" format: a list of tasks with
 ``data`` (the image URL, under ``data["image"]``, else the key named by the regions' ``to_name``,
@@ -14,8 +25,8 @@ regions (the report counts such tasks). Predictions and drafts are ignored. A ta
 submitted annotation is not labelled and is left out; a task whose annotations have no region is
 exported as an image without objects (a negative example).
 
-How regions become COCO annotations (pixel coordinates, ``iscrowd`` 0, one annotation per label
-of a region):
+How regions become COCO geometry (pixel coordinates, ``iscrowd`` 0; a region with several labels
+counts once per label):
 
 * ``brushlabels`` (``value.format == "rle"``): decoded with :func:`sam_backend.rle.rle_to_mask` at
   the region's ``original_height x original_width``, written as compressed COCO RLE
@@ -624,9 +635,7 @@ def _convert_task(task: Any, position: int, class_set: Optional[set],
     counts = [0, 0, 0, 0]  # regions, objects, merged regions, merged objects
     for group in shapes.values():
         found = one_object_per_shape(group) if keep_all_regions else group_objects(group, *size)
-        regions, n_objects, merged = summarize(found)
-        counts = [counts[0] + regions, counts[1] + n_objects, counts[2] + merged,
-                  counts[3] + sum(1 for o in found if len(o.shapes) > 1)]
+        counts = [a + b for a, b in zip(counts, summarize(found))]
         objects.extend(_PendingAnnotation(o.label, o.kind, o.fields) for o in found)
 
     data: Optional[bytes] = None
@@ -975,18 +984,8 @@ def register_cli(subparsers) -> None:
                     "Brushes become compressed RLE masks, polygons COCO polygons, rectangles "
                     "boxes. Problems are reported by task id and the export goes on.",
     )
-    parser.add_argument("--json_file_path", "--json-file-path", dest="json_file_path",
-                        required=True, metavar="EXPORT.json",
-                        help="the project exported from Label Studio in the 'JSON' format")
-    parser.add_argument("--out_dir", "--out-dir", dest="out_dir", required=True, metavar="DIR",
-                        help="output directory (annotations/ann.json, images/)")
-    parser.add_argument("--classes", default=None, metavar="a,b,c",
-                        help="the categories in order (ids 1..N); labels not listed are skipped. "
-                             "Default: every label in the export, sorted by name")
-    parser.add_argument("--upload_dir", "--upload-dir", dest="upload_dir", default=None,
-                        metavar="DIR",
-                        help="Label Studio's media upload directory: /data/upload/<project>/<file> "
-                             "is read from DIR/<project>/<file> when present, before downloading")
+    add_input_options(parser, "annotations/ann.json, images/", "the categories in order "
+                      "(ids 1..N)")
     parser.add_argument("--no_images", "--no-images", dest="copy_images", action="store_false",
                         help="write only annotations/ann.json, do not fetch or copy the images")
     add_object_options(parser)
@@ -999,6 +998,23 @@ def register_cli(subparsers) -> None:
                              "for this dataset (data_root, ann_file, classes, num_classes, "
                              "LoadAnnotations for RLE masks)")
     parser.set_defaults(func=_cmd_export_coco)
+
+
+def add_input_options(parser, outputs: str, classes_help: str) -> None:
+    """The options every export command takes: the export file, the output directory, the
+    classes and Label Studio's upload directory."""
+    parser.add_argument("--json_file_path", "--json-file-path", dest="json_file_path",
+                        required=True, metavar="EXPORT.json",
+                        help="the project exported from Label Studio in the 'JSON' format")
+    parser.add_argument("--out_dir", "--out-dir", dest="out_dir", required=True, metavar="DIR",
+                        help=f"output directory ({outputs})")
+    parser.add_argument("--classes", default=None, metavar="a,b,c",
+                        help=f"{classes_help}; labels not listed are skipped. "
+                             "Default: every label in the export, sorted by name")
+    parser.add_argument("--upload_dir", "--upload-dir", dest="upload_dir", default=None,
+                        metavar="DIR",
+                        help="Label Studio's media upload directory: /data/upload/<project>/<file> "
+                             "is read from DIR/<project>/<file> when present, before downloading")
 
 
 def add_object_options(parser) -> None:

@@ -307,9 +307,9 @@ def _union(rasters: Sequence[_Raster]) -> _Raster:
     return _Raster(x0, y0, crop)
 
 
-def summarize(objects: Sequence[ExportObject]) -> Tuple[int, int, int]:
-    """(regions, objects, regions merged into objects of several regions)."""
+def summarize(objects: Sequence[ExportObject]) -> Tuple[int, int, int, int]:
+    """(regions, objects, regions merged into objects of several regions, such objects)."""
     regions = sum(len(o.shapes) for o in objects)
-    merged = sum(len(o.shapes) for o in objects if len(o.shapes) > 1)
-    return regions, len(objects), merged
+    several = [o for o in objects if len(o.shapes) > 1]
+    return regions, len(objects), sum(len(o.shapes) for o in several), len(several)
 

@@ -36,8 +36,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .coco import (IMAGES_SUBDIR, ExportReport, add_object_options, add_split_options,
-                   check_val_fraction, convert_export, prepare_output, split_images)
+from .coco import (IMAGES_SUBDIR, ExportReport, add_input_options, add_object_options,
+                   add_split_options, check_val_fraction, convert_export, prepare_output,
+                   split_images)
 from .regions import mask_polygons
 
 logger = logging.getLogger("sam_backend.yolo")
@@ -210,18 +211,8 @@ def register_cli(subparsers) -> None:
                     "dataset: OUT_DIR/data.yaml, OUT_DIR/images, OUT_DIR/labels (one normalised "
                     "polygon per object). Same one-object rule as export-coco.",
     )
-    parser.add_argument("--json_file_path", "--json-file-path", dest="json_file_path",
-                        required=True, metavar="EXPORT.json",
-                        help="the project exported from Label Studio in the 'JSON' format")
-    parser.add_argument("--out_dir", "--out-dir", dest="out_dir", required=True, metavar="DIR",
-                        help="output directory (data.yaml, images/, labels/)")
-    parser.add_argument("--classes", default=None, metavar="a,b,c",
-                        help="the classes in order (indices 0..N-1); labels not listed are "
-                             "skipped. Default: every label in the export, sorted by name")
-    parser.add_argument("--upload_dir", "--upload-dir", dest="upload_dir", default=None,
-                        metavar="DIR",
-                        help="Label Studio's media upload directory: /data/upload/<project>/<file> "
-                             "is read from DIR/<project>/<file> when present, before downloading")
+    add_input_options(parser, "data.yaml, images/, labels/",
+                      "the classes in order (indices 0..N-1)")
     parser.add_argument("--boxes-as-polygons", "--boxes_as_polygons", dest="boxes_as_polygons",
                         action="store_true",
                         help="write box-only objects (a rectangle without mask or polygon) as "
