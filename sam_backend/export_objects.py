@@ -14,17 +14,19 @@ from one click).
    two objects that touch or overlap stay two objects.
 2. **Polygons**: a polygon joins the mask that holds the largest share of its pixels, when that
    share is at least ``POLYGON_IN_MASK`` (0.5); the polygons traced from a mask lie inside it.
-3. **Polygons without a mask** (``out_mask=false``): a polygon joins the *smallest* rectangle that
-   holds at least ``POLYGON_IN_BOX`` (0.9) of its pixels; that rectangle and all the polygons it
-   took become one object (the parts of a multi-part object share their tight box; the smallest
-   rectangle keeps a small object inside a large one apart). A polygon no rectangle holds is an
-   object of its own.
-4. **Rectangles**: a rectangle joins the object whose bounds it matches best by IoU, when that IoU
-   is at least ``BOX_IOU`` (0.5) and the rectangle holds at least ``BOX_HOLDS`` (0.8) of the
-   object's pixels. This takes the mask's tight box (IoU ~1) and a smart rectangle prompt (SAM's
-   mask of a box prompt fills the box), but not a rectangle that only touches the object. A
-   rectangle that joins nothing is a **box-only object**; two rectangles are never merged.
-5. **Ties** go to the region that comes first in the annotation; objects are listed in the order
+   The mask's holes count as inside (a polygon is an outer contour: a ring's polygon is a disc).
+3. **Rectangles and masks**: a rectangle joins the mask whose bounds it matches best by IoU, when
+   that IoU is at least ``BOX_IOU`` (0.5) and the rectangle holds at least ``BOX_HOLDS`` (0.8) of
+   the mask's pixels. This takes the mask's tight box (IoU ~1) and a smart rectangle prompt (SAM's
+   mask of a box prompt fills the box), but not a rectangle that only touches the object.
+4. **Polygons without a mask** (``out_mask=false``): a polygon joins the *smallest* rectangle left
+   that holds at least ``POLYGON_IN_BOX`` (0.9) of its pixels; that rectangle and all the polygons
+   it took become one object (the parts of a multi-part object share their tight box; the
+   smallest rectangle keeps a small object inside a large one apart). A polygon no rectangle
+   holds is an object of its own.
+5. **Rectangles left** join the polygon object they match by the rule of 3; a rectangle that
+   joins nothing is a **box-only object**. Two rectangles are never merged.
+6. **Ties** go to the region that comes first in the annotation; objects are listed in the order
    of their first region. Keypoint prompts are not shapes and never reach this module.
 
 What an object exports: its mask when it has one (area = the mask's pixels, bbox = the mask's
@@ -166,14 +168,15 @@ def _group_label(label: str, members: List[Tuple[int, Shape]], width: int,
 
     # 1. every mask is an object
     groups = [_Group(i, s, rasters[i]) for i, s in masks]
+    outlines = [_fill_holes(g.raster) for g in groups]  # a polygon has no holes
 
     # 2. polygons join the mask holding most of them
     loose: List[Tuple[int, Shape]] = []
     for i, s in polygons:
         own = rasters[i].count
         best, best_share = None, 0.0
-        for g in groups:
-            share = _overlap(rasters[i], g.raster) / own if own else 0.0
+        for g, outline in zip(groups, outlines):
+            share = _overlap(rasters[i], outline) / own if own else 0.0
             if share > best_share:
                 best, best_share = g, share
         if best is not None and best_share >= POLYGON_IN_MASK:
@@ -181,12 +184,15 @@ def _group_label(label: str, members: List[Tuple[int, Shape]], width: int,
         else:
             loose.append((i, s))
 
-    # 3. polygons without a mask: grouped by the smallest rectangle that holds them
+    # 3. rectangles join the mask they match
+    free_boxes = [(j, b) for j, b in boxes if not _join_box(j, b, groups, rasters)]
+
+    # 4. polygons without a mask: grouped by the smallest free rectangle that holds them
     taken: Dict[int, List[Tuple[int, Shape]]] = {}
     for i, s in loose:
         own = rasters[i].count
         best_box, best_area = None, None
-        for j, b in boxes:
+        for j, _ in free_boxes:
             if own and _overlap(rasters[i], rasters[j]) / own >= POLYGON_IN_BOX:
                 area = rasters[j].count
                 if best_area is None or area < best_area:
@@ -195,34 +201,19 @@ def _group_label(label: str, members: List[Tuple[int, Shape]], width: int,
             groups.append(_Group(i, s, rasters[i]))
         else:
             taken.setdefault(best_box, []).append((i, s))
-    box_shape = dict(boxes)
+    box_shape = dict(free_boxes)
     for j, polys in taken.items():
         parts = sorted(polys + [(j, box_shape[j])], key=lambda m: m[0])
-        first_i, first_s = parts[0]
-        poly_rasters = [rasters[i] for i, _ in polys]
-        g = _Group(first_i, first_s, _union(poly_rasters))
+        g = _Group(parts[0][0], parts[0][1], _union([rasters[i] for i, _ in polys]))
         g.bbox = _bounds([_xyxy(s.fields["bbox"]) for _, s in polys])
         for i, s in parts[1:]:
             g.add(i, s)
         groups.append(g)
 
-    # 4. the remaining rectangles join the object they match, else stand alone
-    joinable = list(groups)
-    for j, b in boxes:
-        if j in taken:
-            continue
-        rect = _xyxy(b.fields["bbox"])
-        best, best_iou = None, 0.0
-        for g in sorted(joinable, key=lambda g: g.first):
-            iou = _iou(rect, g.bbox)
-            if iou < BOX_IOU or iou <= best_iou:
-                continue
-            pixels = g.raster.count
-            if pixels and _overlap(rasters[j], g.raster) / pixels >= BOX_HOLDS:
-                best, best_iou = g, iou
-        if best is not None:
-            best.add(j, b)
-        else:
+    # 5. the other rectangles join the polygon object they match, else stand alone
+    polygon_groups = groups[len(masks):]
+    for j, b in free_boxes:
+        if j not in taken and not _join_box(j, b, polygon_groups, rasters):
             groups.append(_Group(j, b, rasters[j]))
 
     out = []
@@ -230,6 +221,34 @@ def _group_label(label: str, members: List[Tuple[int, Shape]], width: int,
         ordered = [s for _, s in sorted(g.members, key=lambda m: m[0])]
         out.append((min(i for i, _ in g.members), ExportObject(label, ordered)))
     return out
+
+
+def _join_box(j: int, box: Shape, groups: Sequence[_Group], rasters: Dict[int, _Raster]) -> bool:
+    """Add the rectangle to the group whose bounds it matches best (IoU >= BOX_IOU, holding
+    >= BOX_HOLDS of its pixels; ties: the earlier group). False when none matches."""
+    rect = _xyxy(box.fields["bbox"])
+    best, best_iou = None, 0.0
+    for g in sorted(groups, key=lambda g: g.first):
+        iou = _iou(rect, g.bbox)
+        if iou < BOX_IOU or iou <= best_iou:
+            continue
+        pixels = g.raster.count
+        if pixels and _overlap(rasters[j], g.raster) / pixels >= BOX_HOLDS:
+            best, best_iou = g, iou
+    if best is None:
+        return False
+    best.add(j, box)
+    return True
+
+
+def _fill_holes(r: "_Raster") -> "_Raster":
+    """The raster with its holes filled (what its outer contours enclose): background pixels not
+    4-connected to the crop's border become on."""
+    h, w = r.crop.shape
+    pad = np.zeros((h + 2, w + 2), dtype=np.uint8)
+    pad[1:-1, 1:-1] = r.crop
+    cv2.floodFill(pad, None, (0, 0), 2)
+    return _Raster(r.x0, r.y0, pad[1:-1, 1:-1] != 2)
 
 
 def _xyxy(bbox: Sequence[float]) -> Tuple[float, float, float, float]:

@@ -152,3 +152,14 @@ def test_the_server_does_not_import_the_exporters():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_a_ring_and_its_hole_less_polygon_are_one_object():
+    # a thin ring: its traced polygon (a disc) is mostly the ring's hole
+    ring = disc(H, W, 50, 50, 30) & ~disc(H, W, 50, 50, 24)
+    regions = answer(ring, "cat")
+    assert [r["type"] for r in regions] == ["brushlabels", "polygonlabels", "rectanglelabels"]
+    api, report = coco_of(regions)
+    (ann,) = api.loadAnns(api.getAnnIds())
+    assert np.array_equal(api.annToMask(ann).astype(bool), ring)
+    assert report.merged_regions == 3
