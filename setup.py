@@ -34,7 +34,10 @@ setup(
         "ujson",
         "tqdm",
         "gunicorn",
+        "PyYAML",  # export-yolo's data.yaml
     ],
-    extras_require={"test": ["pytest", "pytest-timeout", "playwright"]},
+    # mmengine-lite: mmengine's Config without opencv-python (which would clash with the pinned
+    # opencv-python-headless); the tests load the MMDetection configs export-coco writes with it
+    extras_require={"test": ["pytest", "pytest-timeout", "playwright", "mmengine-lite"]},
     entry_points={"console_scripts": ["sam-backend=sam_backend.cli:main"]},
 )

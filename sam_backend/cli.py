@@ -1,4 +1,4 @@
-"""``sam-backend``: serve the backend, manage checkpoints, export COCO.
+"""``sam-backend``: serve the backend, manage checkpoints, export COCO and YOLO datasets.
 
 Each command lives in the module that owns the feature and registers itself here through a
 ``register_cli(subparsers)`` function.
@@ -14,7 +14,8 @@ from typing import List, Optional
 from .errors import SamBackendError
 
 # module -> the feature it adds to the command line
-COMMAND_MODULES = ["sam_backend.server", "sam_backend.weights", "sam_backend.coco"]
+COMMAND_MODULES = ["sam_backend.server", "sam_backend.weights", "sam_backend.coco",
+                   "sam_backend.yolo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

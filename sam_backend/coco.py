@@ -5,6 +5,17 @@ as fetched, never re-encoded), ready for MMDetection (Mask R-CNN, RTMDet-Ins) an
 
     sam-backend export-coco --json_file_path project.json --out_dir dataset [--classes cat,dog]
                             [--upload_dir ~/.local/share/label-studio/media/upload] [--no_images]
+                            [--keep-all-regions] [--val-fraction 0.2 --seed 0]
+                            [--mmdet-config mask-rcnn_r50_fpn|rtmdet-ins_s]
+
+One object, one annotation: the regions of each annotation that describe the same object (a
+brush mask, the polygons traced from it, its tight box, the smart rectangle that prompted it) are
+grouped by :func:`sam_backend.export_objects.group_objects` (the matching rule is documented
+there) and become one COCO annotation: the mask when there is one, else the polygons (one COCO
+polygon per part), else the box. ``--keep-all-regions`` exports every region on its own.
+``--val-fraction`` also writes ``annotations/train.json`` and ``annotations/val.json`` (split by
+image, seeded); ``--mmdet-config`` writes a ready MMDetection config
+(:mod:`sam_backend.mmdet_config`) next to the dataset.
 
 What is read. The export must be Label Studio's "JSON" format: a list of tasks with
 ``data`` (the image URL, under ``data["image"]``, else the key named by the regions' ``to_name``,
@@ -14,8 +25,8 @@ regions (the report counts such tasks). Predictions and drafts are ignored. A ta
 submitted annotation is not labelled and is left out; a task whose annotations have no region is
 exported as an image without objects (a negative example).
 
-How regions become COCO annotations (pixel coordinates, ``iscrowd`` 0, one annotation per label
-of a region):
+How regions become COCO geometry (pixel coordinates, ``iscrowd`` 0; a region with several labels
+counts once per label):
 
 * ``brushlabels`` (``value.format == "rle"``): decoded with :func:`sam_backend.rle.rle_to_mask` at
   the region's ``original_height x original_width``, written as compressed COCO RLE
@@ -83,6 +94,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import numpy as np
 
 from .errors import ImageError, SamBackendError
+from .export_objects import Shape, group_objects, one_object_per_shape, summarize
 from .rle import rle_to_mask
 
 logger = logging.getLogger("sam_backend.coco")
@@ -156,8 +168,16 @@ class ExportReport:
     skipped_labels: Dict[str, List[Any]] = field(default_factory=dict)  # label -> task ids
     ignored_results: Counter = field(default_factory=Counter)  # result type -> count
     categories: List[dict] = field(default_factory=list)
+    regions: int = 0  # regions (one per label) that went into objects
+    objects: int = 0  # objects exported (= annotations)
+    merged_regions: int = 0  # regions merged into objects made of several regions
+    merged_objects: int = 0  # objects made of several regions
+    keep_all_regions: bool = False
     ann_file: Optional[str] = None
     images_dir: Optional[str] = None
+    split: Dict[str, int] = field(default_factory=dict)  # "train"/"val" -> images
+    annotation_kinds: Dict[int, str] = field(default_factory=dict)  # annotation id -> its kind
+    config_file: Optional[str] = None  # the MMDetection config written, if any
 
     @property
     def problem_task_ids(self) -> List[Any]:
@@ -177,6 +197,17 @@ class ExportReport:
             f"{_n(self.total_annotations, 'annotation')} exported ({kinds or 'none'}), "
             f"{len(self.categories)} {'category' if len(self.categories) == 1 else 'categories'}"
         ]
+        if self.keep_all_regions:
+            lines.append(f"--keep-all-regions: every region exported as its own object "
+                         f"({_n(self.regions, 'region')})")
+        elif self.regions:
+            lines.append(f"one object, one annotation: {_n(self.regions, 'region')} -> "
+                         f"{_n(self.objects, 'object')} ({self.merged_regions} regions merged "
+                         f"into {_n(self.merged_objects, 'object')}, "
+                         f"{self.objects - self.merged_objects} single-region)")
+        if self.split:
+            lines.append("split by image: " + ", ".join(
+                f"{name} {_n(n, 'image')}" for name, n in self.split.items()))
         if self.unlabelled_tasks:
             lines.append(f"{_n(len(self.unlabelled_tasks), 'task')} without a submitted "
                          f"annotation left out: {_id_list(self.unlabelled_tasks)}")
@@ -199,7 +230,9 @@ class ExportReport:
 
 
 def _n(count: int, word: str) -> str:
-    return f"{count} {word}{'' if count == 1 else 's'}"
+    if count == 1:
+        return f"{count} {word}"
+    return f"{count} {word}{'es' if word.endswith(('x', 's')) else 's'}"
 
 
 def _id_list(ids: Sequence[Any], limit: int = 20) -> str:
@@ -461,7 +494,8 @@ def _used_annotations(task: dict) -> List[dict]:
 def convert(tasks: Sequence[dict], classes: Optional[Sequence[str]] = None,
             image_fetcher: Optional[ImageFetcher] = None, *,
             on_image: Optional[ImageSink] = None,
-            progress: bool = False) -> Tuple[dict, ExportReport]:
+            progress: bool = False,
+            keep_all_regions: bool = False) -> Tuple[dict, ExportReport]:
     """Convert Label Studio export tasks into a COCO dict (see the module docstring).
 
     ``tasks``: the parsed JSON export (a list of task dicts). ``classes``: fixes the categories and
@@ -469,7 +503,9 @@ def convert(tasks: Sequence[dict], classes: Optional[Sequence[str]] = None,
     bytes``: fetches each task's image (an ``ImageError`` skips the task, reported); None: images
     are not fetched, sizes come from the regions only, and tasks whose regions give none are
     reported and skipped. ``on_image(file_name, data)``: called with each exported image (its
-    ``file_name`` relative to ``images/``). Returns ``(coco, report)``.
+    ``file_name`` relative to ``images/``). The regions of each annotation are grouped into
+    objects (:mod:`sam_backend.export_objects`), one COCO annotation per object;
+    ``keep_all_regions``: one per region instead. Returns ``(coco, report)``.
     """
     if not isinstance(tasks, list):
         raise ExportError("the export must be a list of tasks (Label Studio 'JSON' export format)")
@@ -481,7 +517,7 @@ def convert(tasks: Sequence[dict], classes: Optional[Sequence[str]] = None,
     class_list = _check_classes(classes) if classes is not None else None
     class_set = set(class_list) if class_list is not None else None
 
-    report = ExportReport(tasks=len(tasks))
+    report = ExportReport(tasks=len(tasks), keep_all_regions=keep_all_regions)
     images: List[dict] = []
     pending: List[Tuple[int, _PendingAnnotation]] = []  # (image id, annotation)
     seen_labels: Dict[str, None] = {}
@@ -495,10 +531,10 @@ def convert(tasks: Sequence[dict], classes: Optional[Sequence[str]] = None,
 
             stack.enter_context(logging_redirect_tqdm())  # warnings do not break the bar
             iterator = stack.enter_context(
-                tqdm(iterator, total=len(tasks), desc="export-coco", unit="task"))
+                tqdm(iterator, total=len(tasks), desc="export", unit="task"))
         for position, task in iterator:
             _convert_task(task, position, class_set, image_fetcher, on_image, report, images,
-                          pending, seen_labels, used_names)
+                          pending, seen_labels, used_names, keep_all_regions)
 
     names = class_list if class_list is not None else sorted(seen_labels)
     categories = [{"id": i, "name": name} for i, name in enumerate(names, start=1)]
@@ -508,6 +544,7 @@ def convert(tasks: Sequence[dict], classes: Optional[Sequence[str]] = None,
         annotations.append({"id": len(annotations) + 1, "image_id": image_id,
                             "category_id": cat_id[ann.label], "iscrowd": 0, **ann.fields})
         report.annotations[ann.kind] += 1
+        report.annotation_kinds[annotations[-1]["id"]] = ann.kind
     report.images = len(images)
     report.categories = categories
     for label, ids in report.skipped_labels.items():
@@ -531,7 +568,7 @@ def _convert_task(task: Any, position: int, class_set: Optional[set],
                   image_fetcher: Optional[ImageFetcher], on_image: Optional[ImageSink],
                   report: ExportReport, images: List[dict],
                   pending: List[Tuple[int, _PendingAnnotation]], seen_labels: Dict[str, None],
-                  used_names: set) -> None:
+                  used_names: set, keep_all_regions: bool = False) -> None:
     task_id = task.get("id") if isinstance(task, dict) else None
 
     def problem(message: str, annotation_id: Any = None, region_id: Any = None) -> None:
@@ -553,17 +590,17 @@ def _convert_task(task: Any, position: int, class_set: Optional[set],
         return
     if len(used) > 1:
         report.multi_annotation_tasks.append(task_id)
-    results = [(a.get("id"), r) for a in used for r in (a.get("result") or [])
-               if isinstance(r, dict)]
+    results = [(index, a.get("id"), r) for index, a in enumerate(used)
+               for r in (a.get("result") or []) if isinstance(r, dict)]
     try:
-        url = _task_image_url(task, (r for _, r in results))
+        url = _task_image_url(task, (r for _, _, r in results))
     except _RegionError as exc:
         skip_task(str(exc))
         return
 
     size: Optional[Tuple[int, int]] = None  # (width, height) from the first sized region
-    objects: List[_PendingAnnotation] = []
-    for ann_id, region in results:
+    shapes: Dict[int, List[Shape]] = {}  # annotation index -> its shapes, in order
+    for ann_index, ann_id, region in results:
         rtype = region.get("type")
         region_id = region.get("id")
         if rtype in IGNORED_TYPES:
@@ -591,7 +628,15 @@ def _convert_task(task: Any, position: int, class_set: Optional[set],
             if class_set is not None and label not in class_set:
                 report.skipped_labels.setdefault(label, []).append(task_id)
                 continue
-            objects.append(_PendingAnnotation(label, kind, fields))
+            shapes.setdefault(ann_index, []).append(Shape(kind, label, fields, region_id))
+
+    # one object, one annotation: the regions of each annotation grouped by object
+    objects: List[_PendingAnnotation] = []
+    counts = [0, 0, 0, 0]  # regions, objects, merged regions, merged objects
+    for group in shapes.values():
+        found = one_object_per_shape(group) if keep_all_regions else group_objects(group, *size)
+        counts = [a + b for a, b in zip(counts, summarize(found))]
+        objects.extend(_PendingAnnotation(o.label, o.kind, o.fields) for o in found)
 
     data: Optional[bytes] = None
     n_lost = f" ({_n(len(objects), 'annotation')} not exported)" if objects else ""
@@ -632,6 +677,10 @@ def _convert_task(task: Any, position: int, class_set: Optional[set],
         entry["ls_task_id"] = task_id
     images.append(entry)
     pending.extend((image_id, obj) for obj in objects)
+    report.regions += counts[0]
+    report.objects += counts[1]
+    report.merged_regions += counts[2]
+    report.merged_objects += counts[3]
 
 
 def _short(url: str) -> str:
@@ -784,13 +833,62 @@ def load_export(json_file_path: str) -> list:
     return tasks
 
 
-def export_coco(json_file_path: str, out_dir: str, classes: Optional[Sequence[str]] = None,
-                image_loader=None, upload_dir: Optional[str] = None, copy_images: bool = True,
-                progress: bool = True) -> ExportReport:
-    """Convert the export ``json_file_path`` into ``out_dir/annotations/ann.json`` and, with
-    ``copy_images``, ``out_dir/images/<file_name>``. ``image_loader``: an
-    :class:`~sam_backend.images.ImageLoader` (default: one configured from the environment).
-    ``classes``: a list of names or ``"a,b,c"``. Returns the report (also logged)."""
+def check_val_fraction(val_fraction: float) -> float:
+    value = float(val_fraction)
+    if not 0.0 <= value < 1.0:
+        raise ExportError(f"--val-fraction {val_fraction} must be at least 0 and below 1 "
+                          "(e.g. 0.2: a fifth of the images for validation)")
+    return value
+
+
+def split_images(image_ids: Sequence[int], val_fraction: float, seed: int = 0
+                 ) -> Tuple[List[int], List[int]]:
+    """(train ids, val ids): ``round(n * val_fraction)`` images for validation (at least 1 when
+    the fraction is > 0 and there are 2 images or more; never all), chosen by a seeded random
+    permutation (``numpy.random.default_rng(seed)``), so the same export and seed give the same
+    split. Both lists keep the input order."""
+    ids = list(image_ids)
+    n_val = int(round(len(ids) * check_val_fraction(val_fraction)))
+    if val_fraction > 0 and len(ids) >= 2:
+        n_val = min(max(n_val, 1), len(ids) - 1)
+    else:
+        n_val = 0
+    chosen = set(np.random.default_rng(seed).permutation(len(ids))[:n_val].tolist())
+    train = [i for k, i in enumerate(ids) if k not in chosen]
+    val = [i for k, i in enumerate(ids) if k in chosen]
+    return train, val
+
+
+def subset(coco: dict, image_ids: Iterable[int]) -> dict:
+    """The COCO dict restricted to ``image_ids`` (annotation and image ids kept)."""
+    keep = set(image_ids)
+    return dict(coco, images=[i for i in coco["images"] if i["id"] in keep],
+                annotations=[a for a in coco["annotations"] if a["image_id"] in keep])
+
+
+def _write_json(path: Path, data: dict) -> None:
+    try:
+        _write_atomic(path, json.dumps(data, ensure_ascii=False).encode("utf-8"))
+    except OSError as exc:
+        raise ExportError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def prepare_output(out_dir: str, subdirs: Sequence[str]) -> Path:
+    out = Path(os.path.expanduser(out_dir))
+    try:
+        for sub in subdirs:
+            (out / sub).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"cannot create {out}: {exc.strerror or exc}") from None
+    return out
+
+
+def convert_export(json_file_path: str, images_dir: Optional[Path],
+                   classes: Optional[Sequence[str]] = None, image_loader=None,
+                   upload_dir: Optional[str] = None, progress: bool = True,
+                   keep_all_regions: bool = False) -> Tuple[dict, ExportReport]:
+    """Read the export file and :func:`convert` it, storing the images in ``images_dir``
+    (None: images are not fetched). Shared by export-coco and export-yolo."""
     tasks = load_export(json_file_path)
     class_list = None
     if classes is not None:
@@ -798,19 +896,9 @@ def export_coco(json_file_path: str, out_dir: str, classes: Optional[Sequence[st
     if upload_dir and not os.path.isdir(os.path.expanduser(upload_dir)):
         raise ExportError(f"--upload_dir {upload_dir} is not a directory (Label Studio's media "
                           "upload directory, e.g. ~/.local/share/label-studio/media/upload)")
-    out = Path(os.path.expanduser(out_dir))
-    images_dir = out / IMAGES_SUBDIR
-    ann_file = out / ANN_SUBPATH
-    try:
-        ann_file.parent.mkdir(parents=True, exist_ok=True)
-        if copy_images:
-            images_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ExportError(f"cannot create {out}: {exc.strerror or exc}") from None
-
     own_loader = False
     fetcher = None
-    if copy_images:
+    if images_dir is not None:
         if image_loader is None:
             from .images import ImageAccessSettings, ImageLoader
 
@@ -825,18 +913,57 @@ def export_coco(json_file_path: str, out_dir: str, classes: Optional[Sequence[st
             raise ExportError(
                 f"cannot write {images_dir / file_name}: {exc.strerror or exc}") from None
 
-    logger.info("exporting %d tasks of %s to %s", len(tasks), json_file_path, out)
+    logger.info("exporting %d tasks of %s", len(tasks), json_file_path)
     try:
-        coco, report = convert(tasks, class_list, fetcher, on_image=store if copy_images else None,
-                               progress=progress)
+        return convert(tasks, class_list, fetcher,
+                       on_image=store if images_dir is not None else None,
+                       progress=progress, keep_all_regions=keep_all_regions)
     finally:
         if own_loader:
             image_loader.close()
-    try:
-        _write_atomic(ann_file, json.dumps(coco, ensure_ascii=False).encode("utf-8"))
-    except OSError as exc:
-        raise ExportError(f"cannot write {ann_file}: {exc.strerror or exc}") from None
+
+
+def export_coco(json_file_path: str, out_dir: str, classes: Optional[Sequence[str]] = None,
+                image_loader=None, upload_dir: Optional[str] = None, copy_images: bool = True,
+                progress: bool = True, keep_all_regions: bool = False,
+                val_fraction: float = 0.0, seed: int = 0,
+                mmdet_config: Optional[str] = None) -> ExportReport:
+    """Convert the export ``json_file_path`` into ``out_dir/annotations/ann.json`` and, with
+    ``copy_images``, ``out_dir/images/<file_name>``. ``image_loader``: an
+    :class:`~sam_backend.images.ImageLoader` (default: one configured from the environment).
+    ``classes``: a list of names or ``"a,b,c"``. ``keep_all_regions``: one annotation per region
+    instead of one per object. ``val_fraction`` > 0: also ``annotations/train.json`` and
+    ``annotations/val.json``, split by image (:func:`split_images`, ``seed``).
+    ``mmdet_config``: a name of :data:`sam_backend.mmdet_config.TEMPLATES`; writes
+    ``out_dir/<name>.py``. Returns the report (also logged)."""
+    val_fraction = check_val_fraction(val_fraction)
+    if mmdet_config is not None:
+        from .mmdet_config import TEMPLATES
+
+        if mmdet_config not in TEMPLATES:
+            raise ExportError(f"--mmdet-config {mmdet_config!r} is not known; choose one of "
+                              f"{', '.join(TEMPLATES)}")
+    out = prepare_output(out_dir, ["annotations"] + ([IMAGES_SUBDIR] if copy_images else []))
+    images_dir = out / IMAGES_SUBDIR
+    ann_file = out / ANN_SUBPATH
+    coco, report = convert_export(json_file_path, images_dir if copy_images else None, classes,
+                                  image_loader, upload_dir, progress, keep_all_regions)
+    _write_json(ann_file, coco)
     report.ann_file = str(ann_file)
+    train_ann = val_ann = ANN_SUBPATH.replace(os.sep, "/")
+    if val_fraction > 0:
+        train_ids, val_ids = split_images([i["id"] for i in coco["images"]], val_fraction, seed)
+        train_ann, val_ann = "annotations/train.json", "annotations/val.json"
+        _write_json(out / train_ann, subset(coco, train_ids))
+        _write_json(out / val_ann, subset(coco, val_ids))
+        report.split = {"train": len(train_ids), "val": len(val_ids)}
+    if mmdet_config is not None:
+        from .mmdet_config import write_config
+
+        if not coco["categories"]:
+            raise ExportError("no category was exported: no MMDetection config written")
+        report.config_file = str(write_config(
+            str(out), mmdet_config, [c["name"] for c in coco["categories"]], train_ann, val_ann))
     report.images_dir = str(images_dir) if copy_images else None
     (logger.warning if report.problems else logger.info)("%s", report.summary())
     logger.info("wrote %s%s", ann_file, f" and {report.images} images to {images_dir}"
@@ -857,29 +984,68 @@ def register_cli(subparsers) -> None:
                     "Brushes become compressed RLE masks, polygons COCO polygons, rectangles "
                     "boxes. Problems are reported by task id and the export goes on.",
     )
+    add_input_options(parser, "annotations/ann.json, images/", "the categories in order "
+                      "(ids 1..N)")
+    parser.add_argument("--no_images", "--no-images", dest="copy_images", action="store_false",
+                        help="write only annotations/ann.json, do not fetch or copy the images")
+    add_object_options(parser)
+    add_split_options(parser)
+    from .mmdet_config import TEMPLATES
+
+    parser.add_argument("--mmdet-config", "--mmdet_config", "--out_config", dest="mmdet_config",
+                        choices=list(TEMPLATES), default=None,
+                        help="also write OUT_DIR/<NAME>.py, an MMDetection 3.x training config "
+                             "for this dataset (data_root, ann_file, classes, num_classes, "
+                             "LoadAnnotations for RLE masks)")
+    parser.set_defaults(func=_cmd_export_coco)
+
+
+def add_input_options(parser, outputs: str, classes_help: str) -> None:
+    """The options every export command takes: the export file, the output directory, the
+    classes and Label Studio's upload directory."""
     parser.add_argument("--json_file_path", "--json-file-path", dest="json_file_path",
                         required=True, metavar="EXPORT.json",
                         help="the project exported from Label Studio in the 'JSON' format")
     parser.add_argument("--out_dir", "--out-dir", dest="out_dir", required=True, metavar="DIR",
-                        help="output directory (annotations/ann.json, images/)")
+                        help=f"output directory ({outputs})")
     parser.add_argument("--classes", default=None, metavar="a,b,c",
-                        help="the categories in order (ids 1..N); labels not listed are skipped. "
+                        help=f"{classes_help}; labels not listed are skipped. "
                              "Default: every label in the export, sorted by name")
     parser.add_argument("--upload_dir", "--upload-dir", dest="upload_dir", default=None,
                         metavar="DIR",
                         help="Label Studio's media upload directory: /data/upload/<project>/<file> "
                              "is read from DIR/<project>/<file> when present, before downloading")
-    parser.add_argument("--no_images", "--no-images", dest="copy_images", action="store_false",
-                        help="write only annotations/ann.json, do not fetch or copy the images")
-    parser.set_defaults(func=_cmd_export_coco)
+
+
+def add_object_options(parser) -> None:
+    """``--keep-all-regions`` (shared by the export commands)."""
+    parser.add_argument("--keep-all-regions", "--keep_all_regions", dest="keep_all_regions",
+                        action="store_true",
+                        help="one annotation per region (brush, polygon, rectangle) instead of "
+                             "one per object: the regions of one object are not merged")
+
+
+def add_split_options(parser) -> None:
+    """``--val-fraction`` and ``--seed`` (shared by the export commands)."""
+    parser.add_argument("--val-fraction", "--val_fraction", dest="val_fraction", type=float,
+                        default=0.0, metavar="F",
+                        help="put this fraction of the images (0 <= F < 1) in a validation split, "
+                             "chosen at random by image (default 0: no split)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed of the train/val split (default 0)")
 
 
 def _cmd_export_coco(args: argparse.Namespace) -> int:
     report = export_coco(args.json_file_path, args.out_dir, classes=args.classes,
-                         upload_dir=args.upload_dir, copy_images=args.copy_images)
+                         upload_dir=args.upload_dir, copy_images=args.copy_images,
+                         keep_all_regions=args.keep_all_regions,
+                         val_fraction=args.val_fraction, seed=args.seed,
+                         mmdet_config=args.mmdet_config)
     # the command's output: what to paste into a training config
     print(format_categories(report.categories))
-    if report.annotations.get("mask"):
+    if report.config_file:
+        print(f"# MMDetection config: {report.config_file}")
+    elif report.annotations.get("mask"):
         print(MMDET_RLE_HINT)
     if report.tasks and report.images == 0:
         logger.error("no image was exported (see the problems above)")

@@ -3,6 +3,8 @@
 The frontend sends the regions of one smart control, one label and one image together. Every
 click on an object re-sends all of its points, positive and negative (``is_positive``); a smart
 rectangle event carries every rectangle of the control, the new one last.
+A region without ``from_name``/``to_name`` (as HumanSignal's SAM example tests send them) is
+answered when the config has exactly one candidate control (see :func:`_only_candidate`).
 Coordinates arrive in percent (0-100) of the image's natural size (EXIF orientation applied);
 ``image_rotation`` is only the viewer's rotation and does not change them.
 """
@@ -15,7 +17,7 @@ from typing import Any, List, Optional
 import numpy as np
 
 from .errors import RequestError
-from .label_config import PROMPT_TYPES, LabelConfig
+from .label_config import PROMPT_TYPES, Control, LabelConfig
 from .model import Prompt
 
 # Label Studio rounds percent values; a hair outside 0..100 is an edge click, not an error.
@@ -94,6 +96,32 @@ def _optional_int(value: Any) -> Optional[int]:
         return None
 
 
+def _only_candidate(config: LabelConfig, kind: str, label: str, to_name: Any) -> Control:
+    """The control a prompt without ``from_name`` belongs to (as HumanSignal's own SAM example
+    tests send rectangles): the ``kind`` control that has ``label`` (on ``to_name``, when given),
+    preferring a smart one, when exactly one such control exists and its image is in the
+    config. Raises RequestError naming the candidates otherwise."""
+    candidates = [c for c in config.controls if c.type == kind and c.has_label(label)
+                  and (not to_name or c.to_name == to_name)]
+    if len(candidates) > 1 and sum(c.smart for c in candidates) == 1:
+        candidates = [c for c in candidates if c.smart]
+    where = f" on {to_name!r}" if to_name else ""
+    if not candidates:
+        raise RequestError(f"the prompt has no from_name and the labeling config has no {kind} "
+                           f"control{where} with the label {label!r}")
+    if len(candidates) > 1:
+        raise RequestError(
+            f"the prompt has no from_name and the labeling config has "
+            f"{len(candidates)} {kind} controls{where} with the label {label!r} "
+            f"({', '.join(c.name for c in candidates)}): send from_name (and to_name) to say "
+            f"which one")
+    control = candidates[0]
+    if control.to_name not in config.images:
+        raise RequestError(f"the prompt has no from_name and its control {control.name!r} "
+                           f"labels {control.to_name!r}, which is not an <Image> of the config")
+    return control
+
+
 def parse_context(context: Any, config: LabelConfig) -> Optional[PromptRequest]:
     """The prompt in ``context`` (``params.context`` of /predict), or None when there is none
     (a task was opened, not clicked). Raises RequestError on anything malformed."""
@@ -120,7 +148,11 @@ def parse_context(context: Any, config: LabelConfig) -> Optional[PromptRequest]:
     kind = last["type"]
     label = _label(last, kind, last_index)
     from_name = last.get("from_name")
-    control = config.control(from_name) if isinstance(from_name, str) else None
+    if from_name is None or from_name == "":
+        control = _only_candidate(config, kind, label, last.get("to_name"))
+        from_name = control.name
+    else:
+        control = config.control(from_name) if isinstance(from_name, str) else None
     if control is None or control.type != kind:
         raise RequestError(f"the prompt's from_name {from_name!r} is not a {kind} control of "
                            f"the labeling config")
@@ -132,7 +164,7 @@ def parse_context(context: Any, config: LabelConfig) -> Optional[PromptRequest]:
 
     group = [
         (i, item) for i, item in enumerate(items)
-        if item["type"] == kind and item.get("from_name") == from_name
+        if item["type"] == kind and (item.get("from_name") or from_name) == from_name
         and (item.get("to_name") or to_name) == to_name
         and _optional_int(item.get("item_index")) == item_index
     ]

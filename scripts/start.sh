@@ -3,10 +3,18 @@
 #   label-studio-ml start sam --with model_name=mobile_sam device=cpu
 # Extra arguments are passed on, e.g.  bash scripts/start.sh -p 9091 --with out_poly=true
 # The default checkpoint (weights/mobile_sam.pt) is downloaded at start when missing.
+#
+# `label-studio-ml start sam ARGS` only runs `python sam/_wsgi.py ARGS` (os.system, from the
+# repository root) and, in label-studio-ml 1.0.9, throws away its exit status: a backend that
+# cannot start (no checkpoint, bad option) would look like a clean exit. This script runs that
+# same command itself, with exec, so that the exit status (non-zero on failure) and signals go
+# between the server and whoever started it (systemd, Docker restart policies, a shell).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export PATH="$PWD/${SAM_BACKEND_VENV:-.venv}/bin:$PATH"  # label-studio-ml runs `python sam/_wsgi.py`
+venv=${SAM_BACKEND_VENV:-.venv}
+case "$venv" in /*) ;; *) venv="$PWD/$venv" ;; esac
+export PATH="$venv/bin:$PATH"
 with=(model_name=mobile_sam device=cpu)
 extra=()
 while [ $# -gt 0 ]; do
@@ -15,4 +23,4 @@ while [ $# -gt 0 ]; do
     *) extra+=("$1"); shift ;;
   esac
 done
-exec label-studio-ml start sam --with "${with[@]}" "${extra[@]}"
+exec python sam/_wsgi.py --with "${with[@]}" "${extra[@]}"

@@ -215,6 +215,47 @@ def test_two_projects_with_different_control_names(backend, reference):
                           decode_brush([r for r in b["result"] if r["type"] == "brushlabels"][0]))
 
 
+def peer_style(region):
+    """A region as HumanSignal's SAM example tests send it: no from_name, no to_name."""
+    return {k: v for k, v in region.items() if k not in ("from_name", "to_name")}
+
+
+def test_prompts_without_from_name_are_answered_when_the_config_says_which(backend, reference):
+    box = requests.post(backend.url + "/predict",
+                        json=payload([peer_style(rectangle(10.0, 20.0, 50.0, 60.0))]), timeout=60)
+    assert box.status_code == 200, box.text
+    (brush,) = [r for r in box.json()["results"][0]["result"] if r["type"] == "brushlabels"]
+    assert (brush["from_name"], brush["to_name"]) == ("BrushLabels", "image")
+    want = expected_mask(reference, [], [], box=[0.1 * W, 0.2 * H, 0.6 * W, 0.8 * H])
+    assert np.array_equal(decode_brush(brush), want.mask)
+
+    click = requests.post(backend.url + "/predict",
+                          json=payload([peer_style(keypoint(40.0, 50.0))]), timeout=60)
+    assert click.status_code == 200, click.text
+    (brush,) = [r for r in click.json()["results"][0]["result"] if r["type"] == "brushlabels"]
+    want = expected_mask(reference, [[0.4 * W, 0.5 * H]], [1])
+    assert np.array_equal(decode_brush(brush), want.mask)
+
+
+AMBIGUOUS_CONFIG = """<View>
+  <Image name="left" value="$image"/><Image name="right" value="$image"/>
+  <RectangleLabels name="boxL" toName="left" smart="true"><Label value="cat"/></RectangleLabels>
+  <RectangleLabels name="boxR" toName="right" smart="true"><Label value="cat"/></RectangleLabels>
+  <BrushLabels name="masks" toName="left"><Label value="cat"/></BrushLabels>
+</View>"""
+
+
+def test_prompt_without_from_name_in_an_ambiguous_config_is_a_clear_400(backend):
+    body = payload([peer_style(rectangle(10.0, 20.0, 50.0, 60.0))], config=AMBIGUOUS_CONFIG)
+    response = requests.post(backend.url + "/predict", json=body, timeout=60)
+    assert response.status_code == 400
+    message = response.json()["errors"][0]
+    assert "no from_name" in message and "boxL, boxR" in message
+    # naming the image is enough to tell
+    body["params"]["context"]["result"][0]["to_name"] = "right"
+    assert requests.post(backend.url + "/predict", json=body, timeout=60).status_code == 200
+
+
 def test_setup_is_fast_and_versions_answer_get_and_post(backend):
     body = {"project": "1.1700000000", "schema": FULL_CONFIG, "hostname": "http://localhost:8080",
             "access_token": "0123456789abcdef0123456789abcdef01234567", "extra_params": None}

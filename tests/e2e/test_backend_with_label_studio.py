@@ -209,9 +209,11 @@ def test_annotation_from_the_regions_is_accepted_and_exported(label_studio, proj
     from pycocotools.coco import COCO
 
     ours = COCO(str(tmp_path / "coco" / "annotations" / "ann.json"))
-    masks = [ours.annToMask(a) for a in ours.loadAnns(ours.getAnnIds())
-             if isinstance(a["segmentation"], dict)]
-    assert any(np.array_equal(m.astype(bool), mask) for m in masks)
+    # one object: its brush, polygons and box are one annotation, the mask
+    (ann,) = ours.loadAnns(ours.getAnnIds())
+    assert isinstance(ann["segmentation"], dict)
+    assert np.array_equal(ours.annToMask(ann).astype(bool), mask)
+    assert len([r for r in regions if r["type"] == "polygonlabels"]) >= 1
     assert len(list((tmp_path / "coco" / "images").iterdir())) == 1
 
 
