@@ -7,8 +7,11 @@ to the backend. label-studio-ml's own server expects the pair in ``BASIC_AUTH_US
 ``basic_auth_pass`` options).
 
 With both set, every route answers 401 with ``WWW-Authenticate: Basic`` unless the request carries
-them, except the bare liveness answer of ``GET /health`` (``{"status": "UP"}`` only; the details
-need credentials). Both parts are compared in constant time. The password is never logged.
+them, except ``GET /health`` asked without any credentials: it answers the bare liveness
+``{"status": "UP"}`` (for load balancers and container health checks; the details need
+credentials). ``GET /health`` with wrong credentials is a 401 like everything else, which is what
+makes Label Studio's Connect Model dialog say that the credentials are wrong. Both parts are
+compared in constant time. The password is never logged.
 """
 from __future__ import annotations
 
@@ -106,14 +109,17 @@ def install(app, auth: BasicAuth, error) -> None:
 
     @app.before_request
     def require_basic_auth():
-        g.authenticated = auth.check(request.headers.get("Authorization"))
-        if g.authenticated or (request.endpoint == "health" and request.method in ("GET", "HEAD")):
+        header = request.headers.get("Authorization")
+        g.authenticated = auth.check(header)
+        if g.authenticated or (not header and request.endpoint == "health"
+                               and request.method in ("GET", "HEAD")):
             return None
-        given = "wrong credentials" if request.headers.get("Authorization") else "no credentials"
+        given = "wrong credentials" if header else "no credentials"
         log.warning("%s %s refused: %s (from %s)", request.method, request.path, given,
                     request.remote_addr)
         response = error(
-            "authentication required: this backend needs HTTP basic auth. In Label Studio open "
+            ("the basic auth user or password is wrong" if header else "authentication required")
+            + ": this backend needs HTTP basic auth. In Label Studio open "
             "the project's Settings -> Model, edit the model, switch on 'Use basic auth' and enter "
             "the user and password the backend was started with (BASIC_AUTH_USER / "
             "BASIC_AUTH_PASS)", 401)

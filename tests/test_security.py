@@ -133,6 +133,10 @@ class TestWithBasicAuth:
         full = requests.get(backend.url + "/health", auth=(USER, PASSWORD), timeout=5).json()
         assert full["status"] == "UP" and full["model"] == "mobile_sam/vit_t"
         assert requests.post(backend.url + "/health", timeout=5).status_code == 401
+        # wrong credentials are refused here too: Label Studio's Connect Model dialog then says so
+        wrong = requests.get(backend.url + "/health", auth=(USER, "wrong"), timeout=5)
+        assert wrong.status_code == 401 and "model" not in wrong.json()
+        assert "user or password is wrong" in wrong.json()["errors"][0]
 
     def test_key_goes_to_the_hostname_of_an_authenticated_setup(self, backend, fake_ls, stranger):
         auth = (USER, PASSWORD)
