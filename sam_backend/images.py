@@ -22,6 +22,16 @@ Where an image URL can point (``ImageLoader.fetch_bytes`` / ``ImageLoader.load``
   host. Cookies are never stored.
 * plain paths and ``file://`` URLs (development), and ``data:`` URLs.
 
+Where the key may go. ``LABEL_STUDIO_API_KEY`` is sent only to ``LABEL_STUDIO_URL`` or, when that
+is not set, to the hostname of a ``/setup`` that came with valid basic auth
+(``update_from_setup(..., authenticated=True)``); a hostname from an unauthenticated ``/setup``
+could come from anyone, so fetches that would carry the key there fail with a message naming
+``LABEL_STUDIO_URL``. The token sent in ``/setup`` itself is used for its own hostname, as before.
+
+Where downloads may go: every request and redirect hop passes the
+:class:`~sam_backend.netpolicy.NetworkPolicy` (no link-local / metadata addresses, optional
+``image_hosts`` allowlist), checked in the connection layer on the addresses actually connected to.
+
 Credentials. A legacy token is sent as ``Authorization: Token <t>``. A personal access token (PAT)
 is a JWT refresh token: it is exchanged at ``/api/token/refresh/`` for a short-lived access token,
 sent as ``Authorization: Bearer <access>``, refreshed shortly before the access token's ``exp`` and,

@@ -83,7 +83,7 @@ def _json_body() -> Dict[str, Any]:
 def create_app(service: SegmentationService) -> Flask:
     """The Flask app around a ready service (its model is already loaded)."""
     app = Flask("sam_backend")
-    app.config["JSON_SORT_KEYS"] = False
+    app.json.sort_keys = False  # keep the order the routes build
     model = service.segmenter.model
     auth = basic_auth.BasicAuth(service.settings.basic_auth_user, service.settings.basic_auth_pass)
     basic_auth.install(app, auth, _error)

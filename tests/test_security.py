@@ -13,7 +13,7 @@ from PIL import Image
 from sam_backend.errors import ConfigError
 from sam_backend.random_weights import synthetic_image
 from sam_backend.settings import Settings
-from server_utils import BackendProcess, free_port
+from server_utils import REPO, BackendProcess, free_port
 from test_images import LEGACY_TOKEN, Clock, FakeLabelStudio
 from test_netpolicy import Redirector
 from test_server import FULL_CONFIG, H, W, keypoint, payload
@@ -58,6 +58,13 @@ def start_backend(checkpoint, tmp_path_factory, env):
          "-p", str(port), "--host", "127.0.0.1"],
         port, {**base, **env}, tmp_path_factory.mktemp("logs") / "backend.log")
     return process.start()
+
+
+def pinned(name: str) -> str:
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.lower().startswith(name.lower() + "=="):
+            return line.split("==", 1)[1].strip()
+    raise AssertionError(f"{name} is not pinned in constraints.txt")
 
 
 def basic(user: str, password: str) -> str:
@@ -216,6 +223,16 @@ class TestWithoutBasicAuth:
         assert "169.254.169.254" in response.json()["errors"][0]
         assert hop.paths == ["/cat.png"]
         assert backend.running
+
+    def test_label_studio_ml_start_serves_the_maintained_web_stack(self, backend):
+        """`label-studio-ml start sam` (the fixture starts it so) runs on the pinned Flask and
+        Werkzeug, not on the releases label-studio-ml 1.0.9 pins (Flask 1.1.2, Werkzeug 2.0.2)."""
+        from importlib.metadata import version
+
+        server = requests.get(backend.url + "/health", timeout=5).headers["Server"]
+        assert server.startswith(f"Werkzeug/{pinned('Werkzeug')} "), server
+        assert version("werkzeug") == pinned("Werkzeug") and int(pinned("Werkzeug")[0]) >= 3
+        assert version("flask") == pinned("Flask") and int(pinned("Flask")[0]) >= 3
 
 
 def test_options_and_their_checks(monkeypatch):
