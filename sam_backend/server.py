@@ -83,7 +83,12 @@ def _json_body() -> Dict[str, Any]:
 def create_app(service: SegmentationService) -> Flask:
     """The Flask app around a ready service (its model is already loaded)."""
     app = Flask("sam_backend")
-    app.json.sort_keys = False  # keep the order the routes build
+    # Keep the order the routes build. Flask >= 2.2 reads app.json (constraints.txt pins 3.x);
+    # the config key is what a venv still on label-studio-ml's Flask 1.1.2 reads.
+    if hasattr(app, "json"):
+        app.json.sort_keys = False
+    else:
+        app.config["JSON_SORT_KEYS"] = False
     model = service.segmenter.model
     auth = basic_auth.BasicAuth(service.settings.basic_auth_user, service.settings.basic_auth_pass)
     basic_auth.install(app, auth, _error)
