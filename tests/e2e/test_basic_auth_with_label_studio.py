@@ -61,7 +61,9 @@ def test_backend_registered_with_basic_auth_answers_clicks(label_studio, auth_ba
     log = auth_backend.log_path.read_text()
     # the image came from the address Label Studio sent in its (authenticated) /setup
     assert f"Label Studio URL from /setup: {label_studio.url}" in log
-    assert "refused" not in log.split("Label Studio URL from /setup")[1].split("\n")[0]
+    image = task["data"]["image"]
+    assert f"GET {label_studio.url}{image} (Label Studio credentials: legacy token)" in log
+    assert "is not sent to" not in log  # the key was not withheld from the authenticated /setup
     assert PASSWORD not in log and label_studio.token not in log
 
 
