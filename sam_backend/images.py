@@ -97,6 +97,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ConfigError, ImageError
 from .netpolicy import DestinationRefused, NetworkPolicy, mount, proxied
+from .settings import parse_bool
 
 logger = logging.getLogger("sam_backend.images")
 
@@ -169,8 +170,8 @@ class ImageAccessSettings:
             timeout=_env_float("SAM_BACKEND_IMAGE_TIMEOUT", DEFAULT_TIMEOUT),
             max_download_bytes=_env_int("SAM_BACKEND_MAX_IMAGE_BYTES", DEFAULT_MAX_DOWNLOAD_BYTES),
             image_hosts=_env_str("IMAGE_HOSTS"),
-            allow_link_local=(_env_str("ALLOW_LINK_LOCAL_IMAGES") or "").lower() in
-            ("1", "true", "yes", "on"),
+            allow_link_local=parse_bool("ALLOW_LINK_LOCAL_IMAGES",
+                                        _env_str("ALLOW_LINK_LOCAL_IMAGES") or "false"),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

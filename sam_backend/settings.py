@@ -10,7 +10,9 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Mapping, Optional
 
+from .auth import BasicAuth
 from .errors import ConfigError
+from .netpolicy import parse_image_hosts
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -122,9 +124,6 @@ class Settings:
             raise ConfigError("embedding_cache_mb must be positive")
         if self.poly_tolerance < 0 or self.poly_min_area < 0:
             raise ConfigError("poly_tolerance and poly_min_area must not be negative")
-        from .auth import BasicAuth
-        from .netpolicy import parse_image_hosts
-
         BasicAuth(self.basic_auth_user, self.basic_auth_pass)  # both or neither
         parse_image_hosts(self.image_hosts)
 
