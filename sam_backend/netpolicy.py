@@ -131,6 +131,7 @@ def parse_image_hosts(value: Union[None, str, Iterable[str]]) -> Tuple[_HostPatt
             host, port = parts.hostname, parts.port
         except ValueError:
             raise ConfigError(f"image_hosts entry {raw!r} is not a host[:port]") from None
+        host = (host or "").rstrip(".")
         if not host:
             raise ConfigError(f"image_hosts entry {raw!r} has no host")
         if host.startswith("*") and not host.startswith("*.") or "*" in host[1:]:
@@ -144,7 +145,7 @@ def _origin(url: str) -> Tuple[str, int]:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     port = parts.port or (443 if scheme == "https" else 80)
-    return (parts.hostname or "").lower(), port
+    return (parts.hostname or "").lower().rstrip("."), port
 
 
 class NetworkPolicy:

@@ -223,6 +223,10 @@ def test_image_hosts_allowlist(ls, storage, make_loader, connects):
 def test_image_hosts_patterns():
     (a, b, c, d) = parse_image_hosts("Images.Example.com, *.cdn.example, 10.0.0.5:8080, [::1]:9000")
     assert a.matches("images.example.com", 443) and not a.matches("x.images.example.com", 80)
+    policy = NetworkPolicy(image_hosts="images.example.com.")
+    policy.check_url("https://IMAGES.example.com./a.png")  # case and a trailing dot do not matter
+    with pytest.raises(DestinationRefused):
+        policy.check_url("https://images.example.com.evil.example/a.png")
     assert b.matches("eu.cdn.example", 80) and not b.matches("cdn.example", 80)
     assert not b.matches("evilcdn.example", 80)
     assert c.matches("10.0.0.5", 8080) and not c.matches("10.0.0.5", 80)
