@@ -25,8 +25,18 @@ setup(
         "onnx",
         "onnxruntime",
         "onnxscript",
-        "label-studio-ml==1.0.9",
-        # label-studio-ml imports both without declaring them
+        # The web stack, maintained releases (constraints.txt pins them). label-studio-ml 1.0.9
+        # (its `start` command and LabelStudioMLBase) pins Flask 1.1.2 / Werkzeug 2.0.2, which
+        # have published vulnerabilities, so it is not a requirement here: scripts/setup.sh
+        # installs it with --no-deps, and these are what it really imports.
+        "flask",
+        "werkzeug",
+        "label-studio-tools",
+        "colorama",
+        "appdirs",
+        "attr",
+        "attrs",
+        "lxml",
         "redis",
         "rq",
         "label-studio-converter==0.0.59",

@@ -22,6 +22,16 @@ Where an image URL can point (``ImageLoader.fetch_bytes`` / ``ImageLoader.load``
   host. Cookies are never stored.
 * plain paths and ``file://`` URLs (development), and ``data:`` URLs.
 
+Where the key may go. ``LABEL_STUDIO_API_KEY`` is sent only to ``LABEL_STUDIO_URL`` or, when that
+is not set, to the hostname of a ``/setup`` that came with valid basic auth
+(``update_from_setup(..., authenticated=True)``); a hostname from an unauthenticated ``/setup``
+could come from anyone, so fetches that would carry the key there fail with a message naming
+``LABEL_STUDIO_URL``. The token sent in ``/setup`` itself is used for its own hostname, as before.
+
+Where downloads may go: every request and redirect hop passes the
+:class:`~sam_backend.netpolicy.NetworkPolicy` (no link-local / metadata addresses, optional
+``image_hosts`` allowlist), checked in the connection layer on the addresses actually connected to.
+
 Credentials. A legacy token is sent as ``Authorization: Token <t>``. A personal access token (PAT)
 is a JWT refresh token: it is exchanged at ``/api/token/refresh/`` for a short-lived access token,
 sent as ``Authorization: Bearer <access>``, refreshed shortly before the access token's ``exp`` and,
@@ -86,6 +96,8 @@ import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ConfigError, ImageError
+from .netpolicy import DestinationRefused, NetworkPolicy, mount, proxied
+from .settings import parse_bool
 
 logger = logging.getLogger("sam_backend.images")
 
@@ -128,6 +140,8 @@ class ImageAccessSettings:
     max_pixels: int = DEFAULT_MAX_PIXELS  # env SAM_BACKEND_MAX_IMAGE_PIXELS
     timeout: float = DEFAULT_TIMEOUT  # env SAM_BACKEND_IMAGE_TIMEOUT; seconds per HTTP request
     max_download_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES  # env SAM_BACKEND_MAX_IMAGE_BYTES
+    image_hosts: Optional[str] = None  # env IMAGE_HOSTS; comma-separated allowlist (netpolicy)
+    allow_link_local: bool = False  # env ALLOW_LINK_LOCAL_IMAGES
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_pixels, int) or self.max_pixels <= 0:
@@ -155,6 +169,9 @@ class ImageAccessSettings:
             max_pixels=_env_int("SAM_BACKEND_MAX_IMAGE_PIXELS", DEFAULT_MAX_PIXELS),
             timeout=_env_float("SAM_BACKEND_IMAGE_TIMEOUT", DEFAULT_TIMEOUT),
             max_download_bytes=_env_int("SAM_BACKEND_MAX_IMAGE_BYTES", DEFAULT_MAX_DOWNLOAD_BYTES),
+            image_hosts=_env_str("IMAGE_HOSTS"),
+            allow_link_local=parse_bool("ALLOW_LINK_LOCAL_IMAGES",
+                                        _env_str("ALLOW_LINK_LOCAL_IMAGES") or "false"),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -626,6 +643,7 @@ class ImageLoader:
         )
         self._env_token = _clean_token(settings.api_key)
         self._setup_ls_url: Optional[str] = None
+        self._setup_trusted = False  # that /setup came with valid basic auth
         self._setup_token: Optional[str] = None
         self._access: Optional[str] = None
         self._access_exp: Optional[float] = None
@@ -637,7 +655,8 @@ class ImageLoader:
         self.cache: Optional[DiskCache] = (
             DiskCache(cache_dir, settings.cache_max_bytes) if settings.cache_max_bytes > 0 else None
         )
-        self._session = session or self._make_session()
+        self.policy = NetworkPolicy(settings.allow_link_local, settings.image_hosts)
+        self._session = mount(session or self._make_session(), self.policy)
         if self._env_token:
             logger.debug("Label Studio API key from LABEL_STUDIO_API_KEY (%s)",
                          _kind_label(token_kind(self._env_token)))
@@ -654,8 +673,14 @@ class ImageLoader:
 
     # ---- configuration -------------------------------------------------------------------
 
-    def update_from_setup(self, hostname: Optional[str], access_token: Optional[str]) -> None:
-        """Values Label Studio sent in /setup; used only where the settings/env give none."""
+    def update_from_setup(self, hostname: Optional[str], access_token: Optional[str],
+                          authenticated: bool = False) -> None:
+        """Values Label Studio sent in /setup; used only where the settings/env give none.
+
+        ``authenticated``: the /setup came with valid HTTP basic auth, i.e. from Label Studio.
+        Only then may LABEL_STUDIO_API_KEY go to its hostname; from an unauthenticated /setup
+        (anyone who reaches the port) the hostname is used with the token sent alongside it only.
+        """
         with self._lock:
             if hostname and hostname.strip():
                 try:
@@ -663,18 +688,20 @@ class ImageLoader:
                 except ConfigError as exc:
                     logger.warning("%s; ignoring it", exc)
                     url = None
-                if url and url != self._setup_ls_url:
+                if url and (url != self._setup_ls_url or authenticated != self._setup_trusted):
                     self._setup_ls_url = url
+                    self._setup_trusted = bool(authenticated)
                     if self._env_ls_url:
                         logger.debug("/setup hostname %s ignored: LABEL_STUDIO_URL is %s", url,
                                      self._env_ls_url)
                     else:
                         logger.info("Label Studio URL from /setup: %s", url)
-                        if self._env_token:
-                            # /setup is unauthenticated: whoever calls it picks where our key goes.
+                        if self._env_token and not authenticated:
+                            # Whoever calls an unauthenticated /setup would pick where the key goes.
                             logger.warning(
-                                "LABEL_STUDIO_API_KEY will be sent to %s, an address learned from "
-                                "/setup; set LABEL_STUDIO_URL to pin Label Studio's address", url)
+                                "LABEL_STUDIO_API_KEY is not sent to %s: that address came from a "
+                                "/setup without basic auth. Set LABEL_STUDIO_URL to Label Studio's "
+                                "address (or turn on basic auth)", url)
             token = _clean_token(access_token)
             if token and token != self._setup_token:
                 self._setup_token = token
@@ -695,6 +722,16 @@ class ImageLoader:
 
     def _token(self) -> Tuple[Optional[str], str]:
         if self._env_token:
+            if not self._env_ls_url and not self._setup_trusted:
+                # The address came from an unauthenticated /setup: anyone could have sent it.
+                raise ImageError(
+                    f"not sending LABEL_STUDIO_API_KEY to {self.label_studio_url}: that address "
+                    "was sent in a /setup request without basic auth, so anyone who can reach the "
+                    "backend could have chosen it. Set LABEL_STUDIO_URL in the backend's "
+                    "environment to Label Studio's address (e.g. http://label-studio:8080), or "
+                    "turn on basic auth (BASIC_AUTH_USER / BASIC_AUTH_PASS) and enter it in Label "
+                    "Studio's model settings"
+                )
             return self._env_token, "from LABEL_STUDIO_API_KEY"
         if self._setup_token:
             return self._setup_token, "sent by Label Studio in /setup"
@@ -1081,8 +1118,11 @@ class ImageLoader:
                          f"Label Studio credentials: {_kind_label(kind)}" if to_ls
                          else "no Label Studio credentials")
             try:
+                self._check_destination(url)
                 resp = self._session.get(url, headers=headers, timeout=self.settings.timeout,
                                          allow_redirects=False, stream=True)
+            except DestinationRefused as exc:
+                raise DestinationRefused(f"image {self._where(url, src)}: {exc}") from None
             except requests.RequestException as exc:
                 raise self._connection_error(exc, url, f"image {src.display}", to_ls) from None
             with resp:
@@ -1116,6 +1156,12 @@ class ImageLoader:
                     and not sniff_image_format(data)):
                 raise self._auth_error(200, url, src, kind, source, html=True)
             return data, content_type
+
+    def _check_destination(self, url: str) -> None:
+        """The network policy's verdict on ``url`` before any request (the connection layer
+        checks the addresses actually connected to as well)."""
+        trusted = [self._env_ls_url, self._setup_ls_url if self._setup_trusted else None]
+        self.policy.check_url(url, trusted, resolve=proxied(self._session, url))
 
     def _read_body(self, resp: requests.Response, url: str, src: _Source) -> bytes:
         limit = self.settings.max_download_bytes

@@ -25,9 +25,10 @@ import time
 from typing import Any, Dict, List, Optional
 
 import ujson
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from . import auth as basic_auth
 from .backend import SamBackend
 from .errors import RequestError, SamBackendError
 from .service import SegmentationService
@@ -82,8 +83,15 @@ def _json_body() -> Dict[str, Any]:
 def create_app(service: SegmentationService) -> Flask:
     """The Flask app around a ready service (its model is already loaded)."""
     app = Flask("sam_backend")
-    app.config["JSON_SORT_KEYS"] = False
+    # Keep the order the routes build. Flask >= 2.2 reads app.json (constraints.txt pins 3.x);
+    # the config key is what a venv still on label-studio-ml's Flask 1.1.2 reads.
+    if hasattr(app, "json"):
+        app.json.sort_keys = False
+    else:
+        app.config["JSON_SORT_KEYS"] = False
     model = service.segmenter.model
+    auth = basic_auth.BasicAuth(service.settings.basic_auth_user, service.settings.basic_auth_pass)
+    basic_auth.install(app, auth, _error)
 
     @app.errorhandler(SamBackendError)
     def user_error(exc):
@@ -102,6 +110,8 @@ def create_app(service: SegmentationService) -> Flask:
     @app.route("/", methods=["GET"])
     @app.route("/health", methods=["GET"])
     def health():
+        if not g.authenticated:  # basic auth on, none given: liveness only
+            return jsonify({"status": "UP"})
         return jsonify({
             "status": "UP",
             "model_class": SamBackend.__name__,
@@ -118,7 +128,7 @@ def create_app(service: SegmentationService) -> Flask:
     def setup():
         body = _json_body()
         service.setup(body.get("project"), body.get("schema"), body.get("hostname"),
-                      body.get("access_token"))
+                      body.get("access_token"), authenticated=auth.enabled and g.authenticated)
         return jsonify({"model_version": service.model_version})
 
     @app.route("/predict", methods=["POST"])

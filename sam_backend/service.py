@@ -67,16 +67,19 @@ class SegmentationService:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "SegmentationService":
-        return cls(settings, segmenter_for(settings), ImageLoader(ImageAccessSettings.from_env()))
+        images = ImageAccessSettings.from_env(image_hosts=settings.image_hosts,
+                                              allow_link_local=settings.allow_link_local_images)
+        return cls(settings, segmenter_for(settings), ImageLoader(images))
 
     # -- /setup --------------------------------------------------------------------------------
     def setup(self, project: Optional[str], schema: Optional[str], hostname: Optional[str],
-              access_token: Optional[str]) -> None:
+              access_token: Optional[str], authenticated: bool = False) -> None:
+        """``authenticated``: the request came with valid basic auth (see ImageLoader)."""
         if schema:
             parse_label_config(schema)  # a bad config is reported at setup already
             with self._projects_lock:
                 self._projects[str(project)] = schema
-        self.images.update_from_setup(hostname or None, access_token or None)
+        self.images.update_from_setup(hostname or None, access_token or None, authenticated)
 
     def label_config_for(self, project: Any, label_config: Optional[str]) -> LabelConfig:
         if not label_config:

@@ -10,7 +10,9 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Mapping, Optional
 
+from .auth import BasicAuth
 from .errors import ConfigError
+from .netpolicy import parse_image_hosts
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -67,6 +69,18 @@ class Settings:
     precompute: bool = field(default=True, metadata={
         "help": "start encoding a task's image when Label Studio asks for predictions without a "
                 "prompt (task opened)"})
+    basic_auth_user: Optional[str] = field(default=None, metadata={
+        "help": "require HTTP basic auth with this user (also BASIC_AUTH_USER); enter it in Label "
+                "Studio's Connect Model dialog"})
+    basic_auth_pass: Optional[str] = field(default=None, repr=False, metadata={
+        "help": "the basic auth password (better set as BASIC_AUTH_PASS: a command line is "
+                "visible to other users of the machine)"})
+    image_hosts: Optional[str] = field(default=None, metadata={
+        "help": "comma-separated hosts images may be downloaded from besides Label Studio "
+                "(host, host:port, *.domain); default: any host"})
+    allow_link_local_images: bool = field(default=False, metadata={
+        "help": "allow image downloads from link-local / cloud metadata addresses (169.254.0.0/16, "
+                "fe80::/10); off by default"})
 
     @classmethod
     def option_names(cls):
@@ -110,6 +124,8 @@ class Settings:
             raise ConfigError("embedding_cache_mb must be positive")
         if self.poly_tolerance < 0 or self.poly_min_area < 0:
             raise ConfigError("poly_tolerance and poly_min_area must not be negative")
+        BasicAuth(self.basic_auth_user, self.basic_auth_pass)  # both or neither
+        parse_image_hosts(self.image_hosts)
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)
