@@ -148,6 +148,8 @@ class Segmenter:
         self.store_float16 = store_float16
         self.gate = EncoderGate(encoder_slots)
         self.background = BackgroundEncoder()
+        self.encodes = 0  # image encoder runs in this process
+        self._encodes_lock = threading.Lock()
 
     def embedding_key(self, image_key: str) -> Tuple[str, str]:
         return (self.model_key, image_key)
@@ -160,6 +162,8 @@ class Segmenter:
         def compute() -> Embedding:
             image = load_image()  # I/O and decoding stay outside the encoder gate
             with self.gate.slot(interactive):
+                with self._encodes_lock:
+                    self.encodes += 1
                 embedding = self.model.embed(image)
             return embedding.to_float16() if self.store_float16 else embedding
 
