@@ -154,7 +154,10 @@ def create_app(service: SegmentationService) -> Flask:
         cache = service.segmenter.cache
         return jsonify({"embedding_cache_hits": cache.hits, "embedding_cache_misses": cache.misses,
                         "embedding_cache_images": len(cache), "embedding_cache_bytes": cache.nbytes,
-                        "encodes": service.segmenter.encodes, **service.store_metrics()})
+                        "encodes": service.segmenter.encodes,
+                        "click_embeddings": service.segmenter.interactive_requests,
+                        "click_embeddings_waited": service.segmenter.interactive_waits,
+                        **service.store_metrics()})
 
     return app
 

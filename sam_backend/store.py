@@ -226,6 +226,7 @@ class EmbeddingStore:
         self.retry_after = float(retry_after)
         self.poll_s = float(poll_s)
         self.image_key_of = image_key_of
+        self._thread = threading.local()  # did this thread's last call wait for an encoder?
         self.client = connect(url)
         self.prefix = f"{KEY_ROOT}:emb:v{FORMAT_VERSION}:{identity}:"
         self._lock = threading.Lock()
@@ -360,6 +361,7 @@ class EmbeddingStore:
         """The stored embedding, or ``compute()`` run once across every process sharing the
         store (and written to it). Falls back to ``compute()`` when Redis is unreachable."""
         image_key = self.image_key_of(cache_key)
+        self._thread.waited = False
         try:
             value, lock = self._find_or_lock(image_key)
         except StoreUnavailable:
@@ -405,7 +407,7 @@ class EmbeddingStore:
                     return value, None
                 return None, lock
             if not waited:
-                waited = True
+                waited = self._thread.waited = True
                 with self._lock:
                     self.lock_waits += 1
                 log.debug("image %s is being encoded elsewhere: waiting for it", image_key)
@@ -419,6 +421,10 @@ class EmbeddingStore:
                 with self._lock:
                     self.hits += 1
                 return value, None
+
+    def waited(self) -> bool:
+        """Whether this thread's last :meth:`get_or_compute` waited for another's encode."""
+        return bool(getattr(self._thread, "waited", False))
 
     def _release(self, lock) -> None:
         from redis.exceptions import LockError

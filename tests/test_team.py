@@ -240,10 +240,12 @@ def test_a_worker_killed_mid_job_loses_only_that_job_which_is_retried(checkpoint
 
     root = tmp_path / "docroot"
     (root / "pics").mkdir(parents=True)
-    cv2.imwrite(str(root / "pics" / "big.png"), synthetic_image(2160, 3840, seed=9))
+    cv2.imwrite(str(root / "pics" / "big.png"), synthetic_image(1080, 1920, seed=9))
     server = RedisServer(tmp_path).start()
     checkpoint = checkpoint_factory("mobile_sam")
-    options = model_options(checkpoint, server.url, "precompute_job_timeout=5")
+    # a job may run 30 s (plenty for one MobileSAM encode, even on a busy machine); the killed
+    # worker's job is abandoned 30 + 60 s after it started
+    options = model_options(checkpoint, server.url, "precompute_job_timeout=30")
     env = process_env(root)
     settings = Settings.load(dict(o.split("=", 1) for o in options), environ={})
     store = EmbeddingStore(server.url, identity_for(settings))
@@ -259,10 +261,10 @@ def test_a_worker_killed_mid_job_loses_only_that_job_which_is_retried(checkpoint
         job_id = queue.job_id(image_key)
         wait_for(lambda: job_id in rq_queue.started_job_registry.get_job_ids(), 120,
                  "the first worker to start the job")
-        first.kill()  # mid-job: a 4K image takes seconds to load and encode
+        first.kill()  # mid-job: a 1080p image takes more than a second to load and encode
         assert not store.contains(image_key)
         second.start()
-        wait_for(lambda: store.contains(image_key), 240, "the job to be retried")
+        wait_for(lambda: store.contains(image_key), 300, "the job to be retried")
         job = Job.fetch(job_id, connection=server.client(), serializer=JSONSerializer)
         assert job.retries_left == RETRIES - 1
         assert any(image_key in k for k in second.encoded())
