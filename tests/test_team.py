@@ -24,7 +24,7 @@ from team_utils import (API_TOKEN, CLI, FakeLabelStudioAPI, WorkerProcess, model
 from test_server import FULL_CONFIG, H, W, decode_brush, keypoint, payload
 
 PROJECT_IMAGES = ["p1.png", "p2.png", "p3.png"]
-OTHER_IMAGES = ["n1.png", "n2.png", "n3.png", "n4.png"]
+OTHER_IMAGES = ["n1.png", "n2.png", "n3.png", "n4.png", "n5.png"]
 
 
 def url_of(name):
@@ -186,6 +186,29 @@ def test_an_opened_task_is_encoded_by_the_worker_not_the_replica(team, reference
     assert [m["encodes"] for m in after] == [m["encodes"] for m in before]
     assert after[1]["store_hits"] - before[1]["store_hits"] == 1
     assert after[0]["queue_length"] == 0
+
+
+def test_garbage_under_a_store_key_is_recomputed_and_logged(team, docroot, reference):
+    from sam_backend.images import ImageAccessSettings, ImageLoader
+    from sam_backend.precompute import identity_for
+    from sam_backend.settings import Settings
+    from sam_backend.store import EmbeddingStore, decode_embedding
+
+    settings = Settings.load(dict(o.split("=", 1) for o in team["options"]), environ={})
+    store = EmbeddingStore(team["redis"].url, identity_for(settings))
+    images = ImageLoader(ImageAccessSettings(local_files_document_root=str(docroot[0]),
+                                             cache_max_bytes=0))
+    key = store.key_for(images.source_key(url_of(OTHER_IMAGES[4])))
+    team["redis"].client().set(key, b"\x80\x04\x95 not an embedding")
+    a = team["replicas"][0]
+    before = metrics(a)
+    assert np.array_equal(click(a, OTHER_IMAGES[4], 45.0, 55.0),
+                          reference(OTHER_IMAGES[4], 45.0, 55.0))
+    after = metrics(a)
+    assert after["store_corrupt"] - before["store_corrupt"] == 1
+    assert after["encodes"] - before["encodes"] == 1
+    assert "is unusable" in (team["logs"] / "replica0.log").read_text()
+    decode_embedding(team["redis"].client().get(key), key)  # replaced by a good entry
 
 
 def test_redis_killed_mid_run_then_restarted(team, reference):
