@@ -171,6 +171,8 @@ def run_worker(args) -> int:
 
     global _CONTEXT
     settings = settings_from_args(args)
+    # the worker writes to the store and rarely reads an image twice: a small memory tier
+    settings = settings.replace(embedding_cache_mb=min(settings.embedding_cache_mb, 256))
     if not settings.embedding_store:
         raise ConfigError("the worker needs embedding_store=redis://host:port/db (the store the "
                           "backend replicas use)")
