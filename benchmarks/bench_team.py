@@ -272,6 +272,8 @@ def main(argv=None) -> int:
         for process in started:
             process.stop()
         server.stop()
+        for path in (docroot / images.sub).glob(f"team-{run_tag}-*"):  # this run's images
+            path.unlink()
 
     table = markdown(report)
     report["table_markdown"] = table
