@@ -5,8 +5,10 @@ eviction, thread-safe, and single-flight — concurrent requests for the same mi
 compute function once and all receive its result (or its exception; failures are not cached).
 
 The cache knows nothing of models or images: keys are hashable values, values anything with an
-``nbytes`` attribute. A disk or shared-server cache can replace it behind the same two calls
-(:meth:`get_or_compute`, :meth:`get`).
+``nbytes`` attribute. A second tier (``tier``: anything with ``get_or_compute(key, compute)``,
+e.g. the shared Redis store of :mod:`sam_backend.store`) sits under it: a miss in memory asks the
+tier, which answers from its own storage or runs ``compute``; callers never know which tier
+answered.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ V = TypeVar("V")
 
 
 class EmbeddingCache:
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, tier=None):
         if max_bytes <= 0:
             raise ValueError("the embedding cache needs a positive byte bound")
         self.max_bytes = int(max_bytes)
@@ -30,6 +32,7 @@ class EmbeddingCache:
         self._bytes = 0
         self._inflight: Dict[Hashable, Future] = {}
         self._lock = threading.Lock()
+        self.tier = tier
         self.hits = 0
         self.misses = 0
 
@@ -78,7 +81,7 @@ class EmbeddingCache:
         if not owner:
             return future.result()
         try:
-            value = compute()
+            value = compute() if self.tier is None else self.tier.get_or_compute(key, compute)
         except BaseException as exc:
             with self._lock:
                 del self._inflight[key]

@@ -148,6 +148,11 @@ class Segmenter:
         self.store_float16 = store_float16
         self.gate = EncoderGate(encoder_slots)
         self.background = BackgroundEncoder()
+        self.encodes = 0  # image encoder runs in this process
+        self.interactive_requests = 0  # embeddings a click asked for
+        self.interactive_waits = 0  # ... and had to wait for an encoder (here or elsewhere)
+        self._encodes_lock = threading.Lock()
+        self._local = threading.local()
 
     def embedding_key(self, image_key: str) -> Tuple[str, str]:
         return (self.model_key, image_key)
@@ -158,12 +163,27 @@ class Segmenter:
         HxWx3 uint8 RGB) and the encoder run only when it is not cached."""
 
         def compute() -> Embedding:
+            self._local.encoded = True
             image = load_image()  # I/O and decoding stay outside the encoder gate
             with self.gate.slot(interactive):
+                with self._encodes_lock:
+                    self.encodes += 1
                 embedding = self.model.embed(image)
             return embedding.to_float16() if self.store_float16 else embedding
 
-        return self.cache.get_or_compute(self.embedding_key(image_key), compute)
+        key = self.embedding_key(image_key)
+        ready = key in self.cache
+        encoding = not ready and self.cache.pending(key)
+        self._local.encoded = False
+        value = self.cache.get_or_compute(key, compute)
+        if interactive:
+            tier_waited = getattr(self.cache.tier, "waited", None)
+            waited = not ready and (encoding or self._local.encoded
+                                    or bool(tier_waited and tier_waited()))
+            with self._encodes_lock:
+                self.interactive_requests += 1
+                self.interactive_waits += int(waited)
+        return value
 
     def precompute(self, image_key: str, load_image: ImageLoaderFn) -> bool:
         """Encode the image in the background unless it is cached or queued already."""

@@ -942,6 +942,39 @@ class ImageLoader:
             cache.put(src.cache_key, data)
         return data
 
+    def api_get(self, path: str, params: Optional[dict] = None):
+        """GET a Label Studio API path (``/api/...``) with the configured credentials: the
+        parsed JSON. A personal access token is refreshed once on 401/403."""
+        ls = self.label_studio_url
+        if not ls:
+            raise ConfigError("the Label Studio address is unknown: set LABEL_STUDIO_URL")
+        url = ls + path
+        for attempt in range(2):
+            header, kind, source = self._auth_header(force_refresh=attempt > 0)
+            headers = {"Accept": "application/json"}
+            if header:
+                headers["Authorization"] = header
+            try:
+                resp = self._session.get(url, params=params, headers=headers,
+                                         timeout=self.settings.timeout, allow_redirects=False)
+            except requests.RequestException as exc:
+                raise self._connection_error(exc, url, f"Label Studio API {path}", True) from None
+            if resp.status_code in (401, 403) and kind == "pat" and attempt == 0:
+                continue
+            if resp.status_code in (401, 403) or resp.is_redirect:
+                raise ImageError(f"Label Studio at {ls} refused {path} (HTTP {resp.status_code}) "
+                                 f"with the API key {source} ({_kind_label(kind)}): set "
+                                 "LABEL_STUDIO_API_KEY to a personal access token")
+            if resp.status_code >= 400:
+                raise ImageError(f"Label Studio at {ls} answered HTTP {resp.status_code} for "
+                                 f"{path}")
+            try:
+                return resp.json()
+            except ValueError:
+                raise ImageError(f"Label Studio at {ls} answered {path} with something that is "
+                                 "not JSON") from None
+        raise AssertionError("unreachable")
+
     def load(self, url: str, task_id: Optional[int] = None) -> np.ndarray:
         """HxWx3 uint8 RGB, EXIF orientation applied (the frame Label Studio's percent
         coordinates refer to)."""

@@ -9,7 +9,8 @@ Routes (what Label Studio 1.23 calls, and how long it waits):
   image starts encoding in the background). Needs no prior /setup: the request carries its
   ``label_config``.
 - ``GET|POST /versions``, ``POST /webhook`` (acknowledged; this backend does not train),
-  ``GET /metrics``.
+  ``GET /metrics`` (memory hits/misses, encoder runs, and with a shared store its hits, misses,
+  writes, corrupt entries, lock waits and the precompute queue's length).
 
 Errors are JSON ``{"status": "error", "errors": [message]}``: 400 for a request that cannot be
 answered as sent, 500 (with a generic message; the trace goes to the log) for a bug. The server
@@ -122,6 +123,7 @@ def create_app(service: SegmentationService) -> Flask:
             "embedding_cache": {"images": len(service.segmenter.cache),
                                 "bytes": service.segmenter.cache.nbytes,
                                 "max_bytes": service.segmenter.cache.max_bytes},
+            "embedding_store": service.store_status(),
         })
 
     @app.route("/setup", methods=["POST"])
@@ -161,7 +163,11 @@ def create_app(service: SegmentationService) -> Flask:
     def metrics():
         cache = service.segmenter.cache
         return jsonify({"embedding_cache_hits": cache.hits, "embedding_cache_misses": cache.misses,
-                        "embedding_cache_images": len(cache), "embedding_cache_bytes": cache.nbytes})
+                        "embedding_cache_images": len(cache), "embedding_cache_bytes": cache.nbytes,
+                        "encodes": service.segmenter.encodes,
+                        "click_embeddings": service.segmenter.interactive_requests,
+                        "click_embeddings_waited": service.segmenter.interactive_waits,
+                        **service.store_metrics()})
 
     return app
 
@@ -190,16 +196,30 @@ def parse_with(pairs: Optional[List[str]]) -> Dict[str, str]:
     return options
 
 
-def serve(args) -> int:
-    """Run the app on gunicorn: one process (the model is loaded once), many threads."""
-    from gunicorn.app.base import BaseApplication
-
+def settings_from_args(args) -> Settings:
+    """Settings from a command's ``--with k=v`` pairs and ``--option value`` flags."""
     options = parse_with(args.kwargs)
     for name in Settings.option_names():
         value = getattr(args, name, None)
         if value is not None:
             options[name] = value
-    settings = Settings.load(options)
+    return Settings.load(options)
+
+
+def add_option_arguments(parser) -> None:
+    """``--with k=v ...`` and one ``--option value`` flag per setting."""
+    parser.add_argument("--with", "--kwargs", dest="kwargs", nargs="+", metavar="KEY=VALUE",
+                        help="options as label-studio-ml's --with takes them")
+    for name in Settings.option_names():
+        field = Settings.__dataclass_fields__[name]
+        parser.add_argument(f"--{name}", default=None, help=field.metadata.get("help"))
+
+
+def serve(args) -> int:
+    """Run the app on gunicorn: one process (the model is loaded once), many threads."""
+    from gunicorn.app.base import BaseApplication
+
+    settings = settings_from_args(args)
 
     class Server(BaseApplication):
         def load_config(self):
@@ -226,9 +246,5 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
     parser.add_argument("--threads", type=int, default=8, help="request threads (default 8)")
     parser.add_argument("--access-log", action="store_true", help="log every request")
-    parser.add_argument("--with", "--kwargs", dest="kwargs", nargs="+", metavar="KEY=VALUE",
-                        help="options as label-studio-ml's --with takes them")
-    for name in Settings.option_names():
-        field = Settings.__dataclass_fields__[name]
-        parser.add_argument(f"--{name}", default=None, help=field.metadata.get("help"))
+    add_option_arguments(parser)
     parser.set_defaults(func=serve)

@@ -24,6 +24,7 @@ from .label_config import LabelConfig, parse_label_config
 from .prompts import PromptRequest, parse_context
 from .regions import brush_region, mask_bbox, mask_polygons, polygon_region, rectangle_region
 from .settings import Settings
+from .store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +43,19 @@ def build_model(settings: Settings):
 def segmenter_for(settings: Settings) -> Segmenter:
     """The process-wide segmenter for these settings (loaded on first use)."""
     key = (settings.model_name, settings.sam_config, settings.sam_checkpoint_file,
-           settings.device, settings.runtime, settings.embedding_dtype, settings.embedding_cache_mb)
+           settings.device, settings.runtime, settings.embedding_dtype, settings.embedding_cache_mb,
+           settings.embedding_store, settings.embedding_store_ttl, settings.embedding_store_wait)
 
     def build() -> Segmenter:
         started = time.perf_counter()
         model = build_model(settings)
         log.info("model %s ready in %.1f s", model.describe(), time.perf_counter() - started)
-        return Segmenter(model, EmbeddingCache(settings.embedding_cache_mb * 1024 * 1024),
+        store = None
+        if settings.embedding_store:
+            from .precompute import identity_for, store_for
+
+            store = store_for(settings, identity_for(settings, model))
+        return Segmenter(model, EmbeddingCache(settings.embedding_cache_mb * 1024 * 1024, store),
                          store_float16=settings.embedding_dtype == "float16")
 
     return get_segmenter(key, build)
@@ -64,6 +71,12 @@ class SegmentationService:
         self.model_version = f"sam_backend-{__version__}:{segmenter.model.variant.key}"
         self._projects: Dict[str, str] = {}  # project -> label config sent in /setup
         self._projects_lock = threading.Lock()
+        self.store = segmenter.cache.tier  # the shared embedding store, or None
+        self.queue = None  # with a store, opened tasks go to the workers' queue
+        if self.store is not None:
+            from .precompute import EncodeQueue
+
+            self.queue = EncodeQueue(self.store, settings.precompute_job_timeout)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "SegmentationService":
@@ -187,5 +200,33 @@ class SegmentationService:
             except Exception as exc:  # an opened task must never fail because of this
                 log.info("task %s: no precompute (%s)", task.get("id"), exc)
                 continue
+            if self.queue is not None and self._enqueue(image_key, url, task_id):
+                continue
             self.segmenter.precompute(image_key,
                                       lambda url=url, task_id=task_id: self.images.load(url, task_id))
+
+    def _enqueue(self, image_key: str, url: str, task_id: Any) -> bool:
+        """Hand the image to the workers (at the front: an annotator is looking at it); False
+        when Redis is unreachable (the caller encodes in this process instead)."""
+        if self.segmenter.is_embedded(image_key):
+            return True
+        try:
+            outcome = self.queue.submit(image_key, url, task_id, self.images.label_studio_url,
+                                        at_front=True)
+        except StoreUnavailable:
+            return False
+        log.debug("precompute of %s: %s", image_key, outcome)
+        return True
+
+    # -- the shared store, for /health and /metrics --------------------------------------------
+    def store_status(self) -> Dict[str, Any]:
+        if self.store is None:
+            return {"state": "off"}
+        self.store.check()  # a down store is retried at most every few seconds
+        return self.store.status()
+
+    def store_metrics(self) -> Dict[str, Any]:
+        if self.store is None:
+            return {}
+        return {**self.store.counters(), "queue_length": self.queue.length(),
+                "queue_enqueued": self.queue.enqueued}

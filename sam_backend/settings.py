@@ -82,6 +82,19 @@ class Settings:
         "help": "allow image downloads from link-local / cloud metadata addresses (169.254.0.0/16, "
                 "fe80::/10); off by default"})
 
+    embedding_store: Optional[str] = field(default=None, metadata={
+        "help": "redis://host:port/db: a shared embedding store (second tier under the memory "
+                "cache) and precompute queue for replicas and `sam-backend worker`s; unset = off"})
+    embedding_store_ttl: int = field(default=7 * 24 * 3600, metadata={
+        "help": "seconds an embedding lives in the store (0 = until Redis evicts it; bound "
+                "Redis with maxmemory + allkeys-lru)"})
+    embedding_store_wait: float = field(default=30.0, metadata={
+        "help": "seconds a replica waits for another replica's or a worker's encode of the same "
+                "image before encoding itself (also the expiry of that encode's lock)"})
+    precompute_job_timeout: int = field(default=120, metadata={
+        "help": "seconds a worker may spend on one queued encode; the job of a killed worker "
+                "is retried this + 60 s after it started"})
+
     @classmethod
     def option_names(cls):
         return [f.name for f in fields(cls)]
@@ -126,6 +139,14 @@ class Settings:
             raise ConfigError("poly_tolerance and poly_min_area must not be negative")
         BasicAuth(self.basic_auth_user, self.basic_auth_pass)  # both or neither
         parse_image_hosts(self.image_hosts)
+        if self.embedding_store:
+            from .store import check_store_url
+
+            check_store_url(self.embedding_store)
+        if self.embedding_store_ttl < 0 or self.embedding_store_wait < 0 \
+                or self.precompute_job_timeout <= 0:
+            raise ConfigError("embedding_store_ttl and embedding_store_wait must not be negative, "
+                              "precompute_job_timeout must be positive")
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)

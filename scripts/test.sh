@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/setup_redis.sh   # Debian's redis-server: the shared embedding store tests start it
 if [ $# -eq 0 ] || [[ "$*" != *"not e2e"* ]]; then
   bash scripts/setup_e2e.sh   # a real Label Studio (own venv) and headless Chromium, cached
 fi
