@@ -50,15 +50,16 @@ from .registry import Variant
 log = logging.getLogger(__name__)
 
 # transformers' renaming for loading the click model from the official layout
-# (conversion_mapping.py, "sam3_tracker"), as (prefix in the file, prefix in Sam3TrackerModel).
-# transformers 5.23 writes the tracker's tensors of a Sam3VideoModel as
-# ``tracker_model.tracker_model.*`` (that renaming applied in reverse on save) and strips one
-# prefix on load: both spellings are read.
+# (conversion_mapping.py, "sam3_tracker"): the tracker's own tensors carry a ``tracker_model.``
+# prefix, the backbone is the detector's, the neck is ``tracker_neck``. transformers 5.23 also
+# applies it in reverse when saving, on top of the names it saves (a Sam3VideoModel's tracker
+# becomes ``tracker_model.tracker_model.*``; Sam3TrackerModel.save_pretrained writes
+# ``tracker_model.detector_model.vision_encoder.backbone.*``), so the prefix is stripped as often
+# as it occurs before the two renamings.
+TRACKER_PREFIX = "tracker_model."
 OFFICIAL_RENAMES: Tuple[Tuple[str, str], ...] = (
     ("detector_model.vision_encoder.backbone.", "vision_encoder.backbone."),
     ("tracker_neck.", "vision_encoder.neck."),
-    ("tracker_model.tracker_model.", ""),
-    ("tracker_model.", ""),
 )
 # Tensors of the video tracker that the image click model does not have
 # (Sam3TrackerModel._keys_to_ignore_on_load_unexpected).
@@ -150,13 +151,17 @@ def click_model_state(directory: Path) -> Dict[str, torch.Tensor]:
 
 
 def _click_model_name(key: str) -> Optional[str]:
+    """Sam3TrackerModel's name for a tensor of the file, or None when the click model has no
+    such tensor (the concept model's own parts, the video memory)."""
+    while key.startswith(TRACKER_PREFIX):
+        key = key[len(TRACKER_PREFIX):]
     for old, new in OFFICIAL_RENAMES:
         if key.startswith(old):
             key = new + key[len(old):]
             break
     else:
         if key.startswith("detector_model."):
-            return None  # the concept model's own parts
+            return None
     if key.startswith(VIDEO_ONLY_PREFIXES):
         return None
     return key
