@@ -470,20 +470,15 @@ def download(variant: Variant, dest_dir: Union[str, Path, None] = None,
     interrupted (the ``.part`` is kept for resuming) or when a check fails (the download is
     removed).
     """
-    if hub.hub_repo(variant):
+    dest = (Path(dest_dir).expanduser() if dest_dir else registry.weights_dir()) \
+        / variant.checkpoint_name
+    if hub.hub_repo(variant):  # a hub-format directory (SAM 3)
         if sha256:
             raise ConfigError(f"--sha256 names one file's digest; {variant.key}'s checkpoint is a "
                               f"directory fetched from the model hub, verified by loading it")
-        if offline_from_env() and not hub.is_checkpoint_dir(
-                (Path(dest_dir).expanduser() if dest_dir else registry.weights_dir())
-                / variant.checkpoint_name):
-            raise CheckpointError(hub.missing_message(
-                variant, (Path(dest_dir).expanduser() if dest_dir else registry.weights_dir())
-                / variant.checkpoint_name))
-        return hub.download(variant, dest_dir or registry.weights_dir(), force=force,
-                            progress=progress)
-    dest = (Path(dest_dir).expanduser() if dest_dir else registry.weights_dir()) \
-        / variant.checkpoint_name
+        if offline_from_env() and not (hub.is_checkpoint_dir(dest) and not force):
+            raise CheckpointError(hub.missing_message(variant, dest))
+        return hub.download(variant, dest.parent, force=force, progress=progress)
     given = _normalise_sha256(sha256, "--sha256") if sha256 else None
     if dest.is_file() and not force:
         log.info("%s is already present at %s (force to download again)", variant.key, dest)

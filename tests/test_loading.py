@@ -28,7 +28,7 @@ def test_weights_dir_follows_the_environment(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("model_name,config,match", [
-    ("sam2", None, "unknown model_name 'sam2': choose one of mobile_sam, sam, sam_hq"),
+    ("sam4", None, "unknown model_name 'sam4': choose one of mobile_sam, sam, .*sam3, sam_hq"),
     ("sam", "vit_t", "unknown sam_config 'vit_t' for model_name=sam: choose one of vit_b, vit_h, vit_l"),
 ])
 def test_unknown_variant_is_a_clear_error(model_name, config, match):
