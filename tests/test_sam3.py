@@ -298,3 +298,31 @@ def test_a_refused_gated_download_says_what_to_do_and_leaves_nothing(token, hub,
     weights = tmp_path / "weights"
     assert not weights.exists() or not any(weights.iterdir())
     assert not (tmp_path / "hf-home" / "hub").exists()
+
+
+def test_one_cached_image_state_serves_the_concept_model_too(official_dir):
+    """With keep_vision_state the embedding also holds the shared backbone's output; the concept
+    model's vision features (Sam3Model.get_vision_features, the library's own call) are its FPN
+    neck applied to that output: no second encoder run for concept prompts on a clicked image."""
+    from transformers import Sam3Model
+
+    from sam_backend.model import Prompt
+    from sam_backend.sam3_runtime import Sam3ClickModel
+
+    image = synthetic_image(200, 320, seed=9)
+    clicks = Sam3ClickModel(get_variant("sam3"), official_dir, "cpu", keep_vision_state=True)
+    embedding = clicks.embed(image)
+    backbone = embedding.extra[2]  # 1x5184xC: the ViT's last hidden state
+    assert backbone.shape[:2] == (1, 72 * 72)
+    # clicks still decode from the same embedding
+    assert clicks.decode(embedding, Prompt(np.array([[50.0, 60.0]]), np.array([1]))).mask.shape \
+        == (200, 320)
+
+    concept = Sam3Model.from_pretrained(str(official_dir)).eval()
+    with torch.no_grad():
+        want = concept.get_vision_features(pixel_values=clicks.pixel_values(image))
+        spatial = backbone.view(1, 72, 72, -1).permute(0, 3, 1, 2)
+        got, _ = concept.vision_encoder.neck(spatial)
+    assert torch.equal(backbone, want.last_hidden_state)
+    for level_got, level_want in zip(got, want.fpn_hidden_states):
+        assert torch.equal(level_got, level_want)
