@@ -81,15 +81,13 @@ def backend(weights_root, images, tmp_path_factory):
 @pytest.fixture(scope="module")
 def library(weights_root):
     """transformers' own pipeline on the same directory, loaded by the library itself."""
-    from transformers import Sam3TrackerModel, Sam3TrackerProcessor
+    from transformers import Sam3ImageProcessor, Sam3TrackerModel, Sam3TrackerProcessor
 
     model, info = Sam3TrackerModel.from_pretrained(str(weights_root / "sam3"),
                                                    output_loading_info=True)
     assert not info["missing_keys"] and not info["mismatched_keys"]
-    processor = Sam3TrackerProcessor.from_pretrained(str(weights_root / "sam3")) \
-        if (weights_root / "sam3" / "processor_config.json").is_file() else \
-        Sam3TrackerProcessor(__import__("transformers").Sam3ImageProcessor())
-    return model.eval(), processor
+    # the directory has no processor config: the library's defaults (1008 px, mean = std = 0.5)
+    return model.eval(), Sam3TrackerProcessor(Sam3ImageProcessor())
 
 
 class LibraryClicks:
