@@ -45,6 +45,9 @@ setup(
         "tqdm",
         "gunicorn",
         "PyYAML",  # export-yolo's data.yaml
+        # SAM 3 (model_name=sam3): one code path on CPU and GPU; hub downloads
+        "transformers==5.23.0",
+        "huggingface_hub",
     ],
     # mmengine-lite: mmengine's Config without opencv-python (which would clash with the pinned
     # opencv-python-headless); the tests load the MMDetection configs export-coco writes with it
