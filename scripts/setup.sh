@@ -13,4 +13,8 @@ fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip setuptools wheel
 "$VENV/bin/python" -m pip install --quiet -c constraints.txt -e '.[test]'
+# SAM 2 (model_name=sam2): an sdist whose build needs the pinned torch already installed (no build
+# isolation, which would pull another torch) and builds without its optional CUDA extension.
+SAM2_BUILD_CUDA=0 "$VENV/bin/python" -m pip install --quiet --no-build-isolation -c constraints.txt \
+  hydra-core iopath sam2
 echo "$want" > "$stamp"
