@@ -16,17 +16,13 @@ from sam_backend.model import Prompt
 from sam_backend.registry import VARIANTS, get_variant
 from sam_backend.runtimes import create_model
 from server_utils import BackendProcess, free_port
-from test_server import decode_brush
+from test_server import decode_brush, payload
+from test_server import keypoint as server_keypoint
+from test_server import rectangle as server_rectangle
 from test_weights import leftovers, mirror, sha256_of, weights_dir  # noqa: F401 (fixture)
 
 TINY = get_variant("sam2", "hiera_tiny")
 SIZES = {"wide": (360, 540), "tall": (480, 300)}  # two aspect ratios (H, W)
-CONFIG = """<View>
-  <Image name="image" value="$image"/>
-  <KeyPointLabels name="kp" toName="image" smart="true"><Label value="cat" smart="true"/></KeyPointLabels>
-  <RectangleLabels name="rect" toName="image" smart="true"><Label value="cat"/></RectangleLabels>
-  <BrushLabels name="brush" toName="image"><Label value="cat"/></BrushLabels>
-</View>"""
 
 
 @pytest.fixture(scope="module")
@@ -85,28 +81,22 @@ def reference(predictor, points, labels, box=None, mask_input=None):
     return masks[best] > 0, float(scores[best]), logits[best:best + 1]
 
 
-def keypoint(name, x, y, positive=True):
+def sized(region, name):
+    """test_server's region dict for the image ``name`` (its own size)."""
     h, w = SIZES[name]
-    return {"original_width": w, "original_height": h, "image_rotation": 0,
-            "value": {"x": x, "y": y, "width": 0.5, "keypointlabels": ["cat"]},
-            "is_positive": positive, "id": f"kp{x}{y}", "from_name": "kp", "to_name": "image",
-            "type": "keypointlabels", "origin": "manual"}
+    return dict(region, original_width=w, original_height=h)
+
+
+def keypoint(name, x, y, positive=True):
+    return sized(server_keypoint(x, y, positive=positive), name)
 
 
 def rectangle(name, x, y, w, h):
-    height, width = SIZES[name]
-    return {"original_width": width, "original_height": height, "image_rotation": 0,
-            "value": {"x": x, "y": y, "width": w, "height": h, "rotation": 0,
-                      "rectanglelabels": ["cat"]},
-            "id": "rect1", "from_name": "rect", "to_name": "image", "type": "rectanglelabels",
-            "origin": "manual"}
+    return sized(server_rectangle(x, y, w, h), name)
 
 
 def ask(backend, name, regions):
-    body = {"tasks": [{"id": 1, "data": {"image": f"/data/local-files/?d={name}.png"},
-                       "annotations": [], "drafts": [], "predictions": [], "project": 1}],
-            "project": "1.1", "label_config": CONFIG,
-            "params": {"login": None, "password": None, "context": {"result": regions}}}
+    body = payload(regions, data={"image": f"/data/local-files/?d={name}.png"})
     response = requests.post(backend.url + "/predict", json=body, timeout=120)
     assert response.status_code == 200, response.text
     result = response.json()["results"][0]
@@ -207,3 +197,16 @@ def test_weights_download_verifies_and_lists_sam2(mirror, sam2_file, tmp_path, c
     with pytest.raises(CheckpointError, match="check 3"):
         weights.download(get_variant("sam2", "hiera_small"))
     assert leftovers(tmp_path) == ["sam2.1_hiera_tiny.pt"]
+
+
+@pytest.mark.slow
+def test_every_sam2_config_builds_and_is_recognised_from_its_weights(release_memory):
+    """Each registry entry builds its architecture from the package's config, and the loader
+    recognises a state dict of that layout (the hint its mismatch errors give)."""
+    from sam_backend.loading import guess_variant
+
+    for variant in [v for v in VARIANTS.values() if v.model_name == "sam2"]:
+        model = variant.builder()
+        assert model.image_size == 1024
+        assert guess_variant(model.state_dict()) == variant.key
+        del model
