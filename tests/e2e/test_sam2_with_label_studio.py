@@ -9,6 +9,7 @@ from test_backend_with_label_studio import (EXPECTED, H, W, check_answer, click,
                                             keypoint_region, rectangle_region, scene,
                                             start_backend)
 from sam_backend.rle import rle_to_mask
+from sam_backend.onnx_runtime import mask_iou as iou
 from server_utils import REPO
 
 
@@ -21,7 +22,7 @@ def test_sam2_click_alt_click_and_box(label_studio, session_backend_process, che
     backend = start_backend(session_backend_process, checkpoint, label_studio.url,
                             label_studio.token, tmp_path_factory,
                             model=("model_name=sam2", "sam_config=hiera_tiny",
-                                   "embedding_dtype=float32"))  # bit-exact, for the comparison
+                                   "embedding_dtype=float32"))  # as exact as it gets
     api = label_studio.api
     config = (REPO / "xml_templates" / "full.xml").read_text()
     project = api.create_project("e2e sam2", config)
@@ -38,7 +39,7 @@ def test_sam2_click_alt_click_and_box(label_studio, session_backend_process, che
     predictor.set_image(scene())
     masks, scores, _ = predictor.predict(np.array([[0.36 * W, 0.5 * H]], np.float32),
                                          np.array([1]), multimask_output=True)
-    assert np.array_equal(mask, masks[int(np.argmax(scores))] > 0)
+    assert iou(mask, masks[int(np.argmax(scores))] > 0) >= 0.99  # onnx decoder: not bit-exact
 
     both = positive + [keypoint_region(config, 80.0, 40.0, positive=False)]
     check_answer(click(label_studio, made, tasks[0], both), config, EXPECTED["full"]["keypoint"])
@@ -50,6 +51,6 @@ def test_sam2_click_alt_click_and_box(label_studio, session_backend_process, che
     assert {r["type"] for r in data["result"]} <= EXPECTED["full"]["rectangle"]
     masks, _, _ = predictor.predict(box=np.array([0.15 * W, 0.15 * H, 0.6 * W, 0.85 * H]),
                                     multimask_output=False)
-    assert np.array_equal(rle_to_mask(brush[0]["value"]["rle"], H, W), masks[0] > 0)
+    assert iou(rle_to_mask(brush[0]["value"]["rle"], H, W), masks[0] > 0) >= 0.99
     health = requests.get(backend.url + "/health", timeout=10).json()
-    assert (health["model"], health["runtime"]) == ("sam2/hiera_tiny", "torch")
+    assert (health["model"], health["runtime"]) == ("sam2/hiera_tiny", "onnx")  # the default
