@@ -5,7 +5,8 @@ No pretrained weights can be fetched on every machine (CI, air-gapped sites). A 
 checkpoint has the exact layout and compute cost of the official file, so the whole pipeline can
 be exercised and timed; its masks are meaningless. Files made here are saved with
 ``torch.save(model.state_dict(), path)`` — the official files' format — and loaded through the
-normal loading path.
+normal loading path; SAM 2's official files wrap theirs as ``{"model": state_dict}``, and so do
+the files made here for ``family == "sam2"``.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def make_random_checkpoint(variant: Variant, path: Union[str, Path], seed: int =
                 if tensor.is_floating_point():
                     tensor.add_(torch.randn_like(tensor) * 0.02)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(model.state_dict(), tmp)
+    state = model.state_dict()
+    torch.save({"model": state} if variant.family == "sam2" else state, tmp)
     os.replace(tmp, path)
     log.info("wrote random-weight %s checkpoint (seed %d) to %s", variant.key, seed, path)
     return path

@@ -156,6 +156,47 @@ VARIANTS[(SAM3.model_name, SAM3.sam_config)] = SAM3
 DEFAULT_CONFIG: Dict[str, str] = {"sam": "vit_b", "sam_hq": "vit_b", "mobile_sam": "vit_t"}
 DEFAULT_CONFIG["sam3"] = "default"
 
+# SAM 2.1 (model_name=sam2), run by sam_backend/sam2_runtime.py. The SAM 2.0 files
+# (sam2_hiera_*.pt) have a slightly different layout: their own entries, ``<config>_v2.0``, so a
+# file is recognised by its name and still loads strictly.
+_SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/{}/{}"
+_SAM2_CONFIG_FILE = {"hiera_tiny": "t", "hiera_small": "s", "hiera_base_plus": "b+",
+                     "hiera_large": "l"}
+
+
+def _build_sam2(yaml: str) -> Callable[[], torch.nn.Module]:
+    def build() -> torch.nn.Module:
+        from sam2.build_sam import build_sam2
+
+        # As SAM2ImagePredictor users build it (apply_postprocessing=True: the decoder falls
+        # back to its best multimask output when a single mask is unstable).
+        return build_sam2(yaml, None, device="cpu")
+
+    return build
+
+
+def _sam2_factory(variant: "Variant", checkpoint, device, runtime):
+    from .sam2_runtime import create_sam2_model
+
+    return create_sam2_model(variant, checkpoint, device, runtime)
+
+
+def _sam2(config: str, legacy: bool = False) -> Variant:
+    short = _SAM2_CONFIG_FILE[config]
+    if legacy:
+        file_name, yaml = f"sam2_{config}.pt", f"configs/sam2/sam2_hiera_{short}.yaml"
+        url, config = _SAM2_URL.format("072824", file_name), f"{config}_v2.0"
+    else:
+        file_name, yaml = f"sam2.1_{config}.pt", f"configs/sam2.1/sam2.1_hiera_{short}.yaml"
+        url = _SAM2_URL.format("092824", file_name)
+    return Variant("sam2", config, file_name, url, "sam2", _build_sam2(yaml),
+                   factory=_sam2_factory)
+
+
+for _variant in [_sam2(c) for c in _SAM2_CONFIG_FILE] + [_sam2(c, True) for c in _SAM2_CONFIG_FILE]:
+    VARIANTS[(_variant.model_name, _variant.sam_config)] = _variant
+DEFAULT_CONFIG["sam2"] = "hiera_tiny"
+
 
 def model_names() -> list:
     return sorted(DEFAULT_CONFIG)

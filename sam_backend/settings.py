@@ -36,11 +36,12 @@ class Settings:
     """Every option, its default, and what it does (the README's option table mirrors this)."""
 
     model_name: Optional[str] = field(default=None, metadata={
-        "help": "sam, sam_hq or mobile_sam (default: inferred from sam_checkpoint_file, else "
-                "mobile_sam)"})
+        "help": "sam, sam_hq, mobile_sam or sam2 (default: inferred from sam_checkpoint_file, "
+                "else mobile_sam)"})
     sam_config: Optional[str] = field(default=None, metadata={
-        "help": "vit_b/vit_l/vit_h (sam), + vit_tiny (sam_hq), vit_t (mobile_sam); default per "
-                "model: vit_b, vit_b, vit_t"})
+        "help": "vit_b/vit_l/vit_h (sam), + vit_tiny (sam_hq), vit_t (mobile_sam), "
+                "hiera_tiny/hiera_small/hiera_base_plus/hiera_large (sam2); default per model: "
+                "vit_b, vit_b, vit_t, hiera_tiny"})
     sam_checkpoint_file: Optional[str] = field(default=None, metadata={
         "help": "checkpoint path (default: weights/<official file name>, downloaded at start "
                 "when missing)"})
@@ -60,7 +61,8 @@ class Settings:
         "help": "connected components smaller than this many pixels get no polygon"})
     embedding_cache_mb: int = field(default=1024, metadata={
         "help": "bound of the in-memory embedding cache, MiB (per image in float16: SAM and "
-                "MobileSAM 2 MiB; HQ-SAM 6 MiB with onnx, 26 MiB for vit_b with torch)"})
+                "MobileSAM 2 MiB; HQ-SAM 6 MiB with onnx, 26 MiB for vit_b with torch; SAM 2 "
+                "8 MiB)"})
     embedding_dtype: str = field(default="float16", metadata={
         "help": "how cached embeddings are stored: float16 (half the memory; masks within the "
                 "tolerance the README gives) or float32 (bit-exact)"})

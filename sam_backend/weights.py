@@ -92,7 +92,9 @@ def infer_variant(model_name: Optional[str] = None, sam_config: Optional[str] = 
 
     - ``model_name`` given: ``registry.get_variant(model_name, sam_config)``; when ``sam_config``
       is not given and the checkpoint has the official name of one of that model's files, that
-      file's config (``model_name=sam`` + ``sam_vit_h_4b8939.pth`` -> ``sam/vit_h``).
+      file's config (``model_name=sam`` + ``sam_vit_h_4b8939.pth`` -> ``sam/vit_h``); SAM 2.0's
+      files are recognised by name under their 2.1 config too (``sam_config=hiera_tiny`` +
+      ``sam2_hiera_tiny.pt`` -> ``sam2/hiera_tiny_v2.0``).
     - ``model_name`` not given, checkpoint given: the variant whose official file name it has;
       an unknown file name is a ConfigError asking for ``model_name``.
     - neither: the product default, ``mobile_sam``.
@@ -105,6 +107,10 @@ def infer_variant(model_name: Optional[str] = None, sam_config: Optional[str] = 
 
     if model_name:
         if sam_config is None and by_file is not None and by_file.model_name == model_name:
+            return by_file
+        if by_file is not None and by_file.key == f"{model_name}/{sam_config}_v2.0":
+            # sam_config=hiera_tiny with SAM 2.0's sam2_hiera_tiny.pt: that file's layout
+            log.info("%s is a SAM 2.0 checkpoint: running it as %s", checkpoint, by_file.key)
             return by_file
         variant = registry.get_variant(model_name, sam_config)
         if by_file is not None and by_file != variant:

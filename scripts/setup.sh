@@ -16,4 +16,8 @@ fi
 # label-studio-ml pins Flask 1.1.2 / Werkzeug 2.0.2 (published vulnerabilities); it runs on the
 # maintained releases setup.py asks for, so it is installed without its pins (README: Security).
 "$VENV/bin/python" -m pip install --quiet --no-deps -c constraints.txt label-studio-ml==1.0.9
+# SAM 2 (model_name=sam2): an sdist whose build needs the pinned torch already installed (no build
+# isolation, which would pull another torch) and builds without its optional CUDA extension.
+SAM2_BUILD_CUDA=0 "$VENV/bin/python" -m pip install --quiet --no-build-isolation -c constraints.txt \
+  hydra-core iopath sam2
 echo "$want" > "$stamp"

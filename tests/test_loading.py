@@ -17,6 +17,7 @@ def test_registry_defaults_and_names():
     assert get_variant("sam_hq", "vit_tiny").checkpoint_name == "sam_hq_vit_tiny.pth"
     assert variant_for_file("/x/mobile_sam.pt").key == "mobile_sam/vit_t"
     assert {"sam", "sam_hq", "mobile_sam", "sam3"} <= {v.model_name for v in VARIANTS.values()}
+    assert len([v for v in VARIANTS.values() if v.model_name in ("sam", "sam_hq", "mobile_sam")]) == 8
     assert all(v.url.startswith("https://") and v.url.endswith(v.checkpoint_name)
                for v in VARIANTS.values())
     assert default_checkpoint(get_variant("sam")).name == "sam_vit_b_01ec64.pth"
@@ -28,7 +29,7 @@ def test_weights_dir_follows_the_environment(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("model_name,config,match", [
-    ("sam4", None, "unknown model_name 'sam4': choose one of mobile_sam, sam, .*sam3, sam_hq"),
+    ("sam9", None, "unknown model_name 'sam9': choose one of mobile_sam, sam, sam2, sam3, sam_hq"),
     ("sam", "vit_t", "unknown sam_config 'vit_t' for model_name=sam: choose one of vit_b, vit_h, vit_l"),
 ])
 def test_unknown_variant_is_a_clear_error(model_name, config, match):

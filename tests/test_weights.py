@@ -334,9 +334,9 @@ def test_resolve_names():
     assert keys(["sam_hq/vit_tiny", "sam_vit_h_4b8939.pth", "sam_hq/vit_tiny"]) == \
         ["sam_hq/vit_tiny", "sam/vit_h"]
     assert len(weights.resolve_names(["all"])) == len(VARIANTS)
-    with pytest.raises(ConfigError, match=r"unknown checkpoint name 'sam2'.*mobile_sam.*"
+    with pytest.raises(ConfigError, match=r"unknown checkpoint name 'sam9'.*mobile_sam.*"
                                           r"sam_hq/vit_tiny.*sam_vit_b_01ec64.pth.*all"):
-        weights.resolve_names(["sam2"])
+        weights.resolve_names(["sam9"])
 
 
 @pytest.mark.parametrize("kwargs,key", [

@@ -50,14 +50,14 @@ def images(tmp_path_factory):
 
 
 def start_backend(session_backend_process, checkpoint, ls_url, api_key, tmp_path_factory,
-                  port=None):
+                  port=None, model=("model_name=mobile_sam",)):
     """`label-studio-ml start sam ...` told where Label Studio is and which token to use."""
     port = port or free_port()
     env = {**os.environ, "LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": api_key,
            "SAM_BACKEND_IMAGE_CACHE_DIR": str(tmp_path_factory.mktemp("image-cache")),
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
     return session_backend_process(
-        ["label-studio-ml", "start", "sam", "--with", "model_name=mobile_sam",
+        ["label-studio-ml", "start", "sam", "--with", *model,
          f"sam_checkpoint_file={checkpoint}", "device=cpu", "out_poly=true",
          "-p", str(port), "--host", "127.0.0.1"], port, env=env, cwd=REPO, name="sam-backend")
 
