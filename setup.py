@@ -34,6 +34,7 @@ setup(
         "ujson",
         "tqdm",
         "gunicorn",
+        "defusedxml",
     ],
     extras_require={"test": ["pytest", "pytest-timeout", "playwright"]},
     entry_points={"console_scripts": ["sam-backend=sam_backend.cli:main"]},

@@ -814,7 +814,8 @@ def export_coco(json_file_path: str, out_dir: str, classes: Optional[Sequence[st
         if image_loader is None:
             from .images import ImageAccessSettings, ImageLoader
 
-            image_loader = ImageLoader(ImageAccessSettings.from_env())
+            # an operator's own tool: the export's local paths are read wherever they are
+            image_loader = ImageLoader(ImageAccessSettings.from_env(), local_paths_anywhere=True)
             own_loader = True
         fetcher = make_image_fetcher(image_loader, upload_dir)
 
