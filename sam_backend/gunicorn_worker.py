@@ -18,6 +18,7 @@ import weakref
 from gunicorn.workers.gthread import ThreadWorker
 
 _DEADLINES: "weakref.WeakKeyDictionary[socket.socket, float]" = weakref.WeakKeyDictionary()
+LINGER = 0.2  # seconds a closing connection waits for the peer's FIN
 
 
 class _DeadlineSocket(socket.socket):
@@ -25,7 +26,7 @@ class _DeadlineSocket(socket.socket):
     blocking for a new request) and whose sends each get ``timeout`` seconds."""
 
     __slots__ = ()
-    request_timeout = 30.0
+    request_timeout = 10.0
 
     def setblocking(self, flag: bool) -> None:
         if flag:
@@ -51,14 +52,29 @@ class _DeadlineSocket(socket.socket):
         self._arm()
         return super().recv_into(*args)
 
-    def send(self, *args):
+    def shutdown(self, how: int) -> None:
+        # gunicorn closes "gracefully" on its main loop: after shutting down the write side it
+        # waits up to 2 s for the peer's FIN. A stalled peer never sends one, and a few of them
+        # would hold the loop (and every new connection, /health included) for seconds: the
+        # wait is cut to LINGER.
+        if how in (socket.SHUT_WR, socket.SHUT_RDWR):
+            _DEADLINES[self] = time.monotonic() + LINGER
+        super().shutdown(how)
+
+    def _arm_send(self) -> None:
         if self.gettimeout() != 0.0:
             super().settimeout(self.request_timeout)
+            # the request has been read and answered: reads after the response (gunicorn drains
+            # an unread body before keeping the connection alive) get a window of their own,
+            # so a slow answer does not cost the client its kept-alive connection
+            _DEADLINES[self] = time.monotonic() + self.request_timeout
+
+    def send(self, *args):
+        self._arm_send()
         return super().send(*args)
 
     def sendall(self, *args):
-        if self.gettimeout() != 0.0:
-            super().settimeout(self.request_timeout)
+        self._arm_send()
         return super().sendall(*args)
 
 

@@ -832,7 +832,7 @@ class ImageLoader:
             return self._resolve_cloud(url, display, task_id)
         if scheme == "file":
             if parts.netloc not in ("", "localhost"):
-                raise ImageError(f"{display}: file:// URLs on another host are not supported")
+                raise self._unavailable(display)
             return self._local_source(url, display, url2pathname(parts.path))
         if scheme in ("http", "https"):
             rel = self._as_ls_relative(parts)
@@ -1269,39 +1269,37 @@ class ImageLoader:
     def _read_body(self, resp: requests.Response, url: str, src: _Source, watchdog: _Deadline,
                    reservation: Optional[Reservation] = None) -> bytes:
         """The body, at most ``max_download_bytes``, reserved from the memory budget as it
-        arrives. On any failure the chunks are dropped at once (no reference cycle keeps them:
-        the errors are created where they are raised)."""
+        arrives. It grows in one buffer (large buffers are mapped memory, returned to the system
+        as soon as they are dropped; thousands of small chunks would fragment the heap), which
+        is dropped at once on any failure (no reference cycle keeps it: the errors are created
+        where they are raised)."""
         limit = self.settings.max_download_bytes
         length = resp.headers.get("Content-Length")
         if length and length.isdigit() and int(length) > limit:
             raise self._too_big(src, limit)
-        chunks: list = []
-        total = reserved = 0
+        buffer = bytearray()
+        reserved = 0
         step = 4 << 20
-        failed = True
         try:
             for chunk in resp.iter_content(chunk_size=1 << 16):
-                total += len(chunk)
-                if total > limit:
+                if len(buffer) + len(chunk) > limit:
                     raise self._too_big(src, limit)
-                if reservation is not None and total > reserved:
+                if reservation is not None and len(buffer) + len(chunk) > reserved:
                     reservation.grow(step, f"image {src.display}")
                     reserved += step
-                chunks.append(chunk)
+                buffer += chunk
             if watchdog.fired:  # a connection closed at the deadline can look like a short body
                 raise requests.exceptions.ReadTimeout()
-            failed = False
         except requests.RequestException as exc:
+            del buffer
             if watchdog.fired:
                 exc = requests.exceptions.ReadTimeout()
             raise self._connection_error(exc, url, f"image {src.display}", self._is_ls(url),
                                          during_body=True) from None
-        finally:
-            if failed:
-                chunks.clear()
-        data = b"".join(chunks)
-        chunks.clear()
-        return data
+        except BaseException:
+            del buffer
+            raise
+        return buffer
 
     @staticmethod
     def _too_big(src: _Source, limit: int) -> ImageError:

@@ -17,6 +17,9 @@ table); this module holds the mechanisms:
 """
 from __future__ import annotations
 
+import ctypes
+import gc
+import logging
 import threading
 import time
 from contextlib import contextmanager
@@ -25,6 +28,20 @@ from typing import Any, Iterator
 from .errors import BusyError, ImageError
 
 MIB = 1024 * 1024
+# after a load that reserved this much, freed memory is handed back to the system at once
+RELEASE_AFTER_BYTES = 64 * MIB
+
+log = logging.getLogger(__name__)
+
+
+def release_memory() -> None:
+    """Collect unreachable objects and hand the C heap's free pages back to the system
+    (glibc keeps freed heap mapped otherwise; measured: +1.4 GB held after failed downloads)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def printable(text: str, limit: int) -> str:
@@ -61,6 +78,12 @@ class MemoryBudget:
         held = Reservation(self, time.monotonic() + wait_seconds)
         try:
             yield held
+        except BaseException:
+            big = held.held >= RELEASE_AFTER_BYTES
+            held.release()
+            if big:
+                release_memory()
+            raise
         finally:
             held.release()
 

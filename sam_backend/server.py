@@ -135,7 +135,10 @@ def create_app(service: SegmentationService) -> Flask:
 
     @app.errorhandler(HTTPException)
     def http_error(exc):
-        return _error(f"{exc.code} {exc.name}: {exc.description}", exc.code or 500)
+        response = _error(f"{exc.code} {exc.name}: {exc.description}", exc.code or 500)
+        if exc.code in (408, 413):  # the rest of the body is not wanted: do not wait for it
+            response.headers["Connection"] = "close"
+        return response
 
     @app.errorhandler(Exception)
     def internal_error(exc):
@@ -266,8 +269,8 @@ def register_cli(subparsers) -> None:
         "serve", help="run the backend on a production WSGI server (gunicorn, threaded)")
     parser.add_argument("-p", "--port", type=int, default=int(os.environ.get("PORT", 9090)))
     parser.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
-    parser.add_argument("--threads", type=int, default=16,
-                        help="request threads (default 16; at most max_concurrent_loads of them "
+    parser.add_argument("--threads", type=int, default=32,
+                        help="request threads (default 32; at most max_concurrent_loads of them "
                              "load new images, the rest stay free for clicks and /health)")
     parser.add_argument("--access-log", action="store_true", help="log every request")
     parser.add_argument("--with", "--kwargs", dest="kwargs", nargs="+", metavar="KEY=VALUE",

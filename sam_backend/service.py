@@ -66,6 +66,7 @@ class SegmentationService:
         self.model_version = f"sam_backend-{__version__}:{segmenter.model.variant.key}"
         # project -> label config sent in /setup, least recently used first out
         self._projects: "OrderedDict[str, str]" = OrderedDict()
+        self._projects_chars = 0
         self._projects_lock = threading.Lock()
         self.label_configs = LabelConfigCache(int(settings.label_config_cache_mb * MIB))
         # new images loading at once; their bytes and pixels, and the masks of clicks
@@ -84,11 +85,16 @@ class SegmentationService:
               access_token: Optional[str]) -> None:
         if schema:
             self.parse_config(schema)  # a bad config is reported at setup already
+            key = str(project)
             with self._projects_lock:
-                self._projects[str(project)] = schema
-                self._projects.move_to_end(str(project))
-                while len(self._projects) > self.settings.max_projects:
-                    self._projects.popitem(last=False)
+                self._projects_chars -= len(self._projects.pop(key, ""))
+                self._projects[key] = schema
+                self._projects_chars += len(schema)
+                # bounded in count and in size (the parsed-config budget counts the texts too)
+                while len(self._projects) > self.settings.max_projects or (
+                        len(self._projects) > 1 and self._projects_chars > self.label_configs.max_bytes):
+                    _, old = self._projects.popitem(last=False)
+                    self._projects_chars -= len(old)
         self.images.update_from_setup(hostname or None, access_token or None)
 
     def parse_config(self, text: Any) -> LabelConfig:

@@ -90,7 +90,7 @@ class Settings:
     max_concurrent_loads: int = field(default=4, metadata={
         "help": "requests loading or encoding a new image at once; more get 503 at once, so "
                 "clicks on embedded images and /health always find a free thread"})
-    request_timeout: float = field(default=30.0, metadata={
+    request_timeout: float = field(default=10.0, metadata={
         "help": "sam-backend serve: seconds to receive a request's headers and body; a slower "
                 "client is disconnected"})
 
