@@ -34,14 +34,26 @@ RELEASE_AFTER_BYTES = 64 * MIB
 log = logging.getLogger(__name__)
 
 
+_trim = threading.Event()  # set when a large load or mask has finished since the last trim
+
+
 def release_memory() -> None:
     """Collect unreachable objects and hand the C heap's free pages back to the system
-    (glibc keeps freed heap mapped otherwise; measured: +1.4 GB held after failed downloads)."""
+    (glibc keeps freed heap mapped otherwise; measured: +1.4 GB held after failed downloads,
+    +0.6 GB after four clicks on 25-megapixel images)."""
+    _trim.clear()
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+def release_memory_if_due() -> None:
+    """:func:`release_memory` if a large reservation ended since the last call (the server calls
+    this after each request, when the request's own objects are gone)."""
+    if _trim.is_set():
+        release_memory()
 
 
 def printable(text: str, limit: int) -> str:
@@ -128,6 +140,8 @@ class Reservation:
     def release(self) -> None:
         held, self.held = self.held, 0
         self.budget._give(held)
+        if held >= RELEASE_AFTER_BYTES:
+            _trim.set()
 
 
 class LoadGate:

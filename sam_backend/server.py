@@ -30,7 +30,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, RequestTim
 
 from .backend import SamBackend
 from .errors import BusyError, RequestError, SamBackendError
-from .limits import MIB, printable
+from .limits import MIB, printable, release_memory_if_due
 from .service import SegmentationService
 from .settings import Settings
 
@@ -120,6 +120,10 @@ def create_app(service: SegmentationService) -> Flask:
     body_limit = int(service.settings.max_request_mb * MIB)
     app.config["MAX_CONTENT_LENGTH"] = body_limit
     model = service.segmenter.model
+
+    @app.teardown_request
+    def after_request_memory(_exc):
+        release_memory_if_due()  # a large image or mask was handled: give its heap back
 
     @app.errorhandler(BusyError)
     def busy(exc):
@@ -245,6 +249,11 @@ def serve(args) -> int:
 
     from .gunicorn_worker import worker_class
 
+    if args.threads < settings.max_concurrent_loads + 4:
+        log.warning("--threads %d leaves fewer than 4 threads beside max_concurrent_loads=%d: "
+                    "clicks and /health may wait behind image loads", args.threads,
+                    settings.max_concurrent_loads)
+
     class Server(BaseApplication):
         def load_config(self):
             self.cfg.set("bind", f"{args.host}:{args.port}")
@@ -252,6 +261,9 @@ def serve(args) -> int:
             # gthread, with a deadline for receiving each request (request_timeout)
             self.cfg.set("worker_class", worker_class(settings.request_timeout))
             self.cfg.set("threads", args.threads)
+            # idle kept-alive connections wait in the poller, not in a thread; 2 s (gunicorn's
+            # default) makes clients that pause between clicks race the server's close
+            self.cfg.set("keepalive", 10)
             self.cfg.set("timeout", 300)  # a first vit_h encode on CPU takes a while
             self.cfg.set("accesslog", "-" if args.access_log else None)
             self.cfg.set("loglevel", args.log_level.lower())

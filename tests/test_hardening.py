@@ -135,7 +135,7 @@ class Clickers:
                 else:
                     self.failures.append(f"HTTP {r.status_code}: {r.text[:200]}")
             except requests.RequestException as exc:
-                self.failures.append(repr(exc))
+                self.failures.append(f"{time.strftime('%H:%M:%S')} {exc!r}")
             self._stop.wait(0.5)  # eight annotators clicking fast, not a load test
 
     def stop(self):
@@ -203,6 +203,9 @@ def docroot(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("docroot")
     cv2.imwrite(str(root / "ok.png"), cv2.cvtColor(synthetic_image(H, W, seed=1), cv2.COLOR_RGB2BGR))
+    for seed in (2, 3, 4):  # warm-up images
+        cv2.imwrite(str(root / f"warm{seed}.png"),
+                    cv2.cvtColor(synthetic_image(1024, 1024, seed=seed), cv2.COLOR_RGB2BGR))
     for w, h in ((3000, 1), (5000, 2), (1, 3000), (1, 1)):
         cv2.imwrite(str(root / f"wide_{w}x{h}.png"), np.full((h, w, 3), 128, np.uint8))
     os.mkfifo(root / "fifo.png")
@@ -225,7 +228,10 @@ def backend(checkpoint_factory, docroot, tmp_path_factory):
          "--with", "model_name=mobile_sam", f"sam_checkpoint_file={checkpoint}", "device=cpu"],
         port, env, tmp_path_factory.mktemp("logs") / "backend.log")
     process.start(timeout=300)
-    # warm up: embed the image, and let the decoder see eight concurrent clicks once
+    # warm up to a steady state: onnxruntime's arenas grow over the first few encoder runs
+    # (measured: +280 MB on the second run, flat after), the decoder's with concurrent clicks
+    for seed in (2, 3, 4):
+        assert post(process.url + "/predict", payload(image=f"warm{seed}.png")).status_code == 200
     assert post(process.url + "/predict", payload()).status_code == 200
     with ThreadPoolExecutor(8) as pool:
         assert all(r.status_code == 200 for r in pool.map(
@@ -402,7 +408,9 @@ def test_setup_remembers_a_bounded_number_of_projects(server, backend):
         response = post(server + "/setup", {"project": f"{project}.1", "schema": schema})
         assert response.status_code == 200
     time.sleep(1.0)
-    assert process_tree_rss(backend[0].process.pid) - baseline < 80 * MB
+    # all kept: 120 MB of text plus ~200 MB of parsed labels; bounded: 2 x 4 MiB plus what the
+    # C heap keeps of the 120 MB of request bodies that passed through (measured ~115 MB)
+    assert process_tree_rss(backend[0].process.pid) - baseline < 180 * MB
 
 
 # -- 4. time ------------------------------------------------------------------------------------
