@@ -7,11 +7,12 @@ such clients take every thread (``/health`` then stops answering). This worker g
 request ``request_timeout`` seconds in total, from the moment a thread takes the connection, to
 arrive (headers and body); a client that is slower gets its connection closed (or, when the
 application is already reading the body, a 408). Sending the response is bounded the same way
-per response. Everything else is gunicorn's ``gthread``.
+per send (by the kernel, ``SO_SNDTIMEO``). Everything else is gunicorn's ``gthread``.
 """
 from __future__ import annotations
 
 import socket
+import struct
 import time
 import weakref
 
@@ -63,7 +64,12 @@ class _DeadlineSocket(socket.socket):
 
     def _arm_send(self) -> None:
         if self.gettimeout() != 0.0:
-            super().settimeout(self.request_timeout)
+            # a blocking send bounded by the kernel (SO_SNDTIMEO): a large answer goes out in
+            # one system call instead of Python's poll-and-send loop of a socket with a timeout
+            super().settimeout(None)
+            seconds = self.request_timeout
+            self.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                            struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
             # the request has been read and answered: reads after the response (gunicorn drains
             # an unread body before keeping the connection alive) get a window of their own,
             # so a slow answer does not cost the client its kept-alive connection
