@@ -48,6 +48,7 @@ setup(
         # SAM 3 (model_name=sam3): one code path on CPU and GPU; hub downloads
         "transformers==5.23.0",
         "huggingface_hub",
+        "defusedxml",
     ],
     # mmengine-lite: mmengine's Config without opencv-python (which would clash with the pinned
     # opencv-python-headless); the tests load the MMDetection configs export-coco writes with it

@@ -902,7 +902,8 @@ def convert_export(json_file_path: str, images_dir: Optional[Path],
         if image_loader is None:
             from .images import ImageAccessSettings, ImageLoader
 
-            image_loader = ImageLoader(ImageAccessSettings.from_env())
+            # an operator's own tool: the export's local paths are read wherever they are
+            image_loader = ImageLoader(ImageAccessSettings.from_env(), local_paths_anywhere=True)
             own_loader = True
         fetcher = make_image_fetcher(image_loader, upload_dir)
 

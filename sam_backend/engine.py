@@ -15,6 +15,7 @@ from typing import Callable, Deque, Dict, Hashable, Iterator, Optional, Tuple
 import numpy as np
 
 from .cache import EmbeddingCache
+from .errors import SamBackendError
 from .model import Embedding, Prediction, Prompt, SegmentationModel
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,8 @@ class BackgroundEncoder:
                 key, job = self._pending.pop()  # newest first
             try:
                 job()
+            except SamBackendError as exc:  # the image's own problem: no trace needed
+                log.warning("background encode of %r failed: %s", key, exc)
             except Exception:  # a background job must never kill the worker
                 log.exception("background encode of %r failed", key)
             finally:

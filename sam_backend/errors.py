@@ -19,3 +19,7 @@ class RequestError(SamBackendError):
 
 class ImageError(SamBackendError):
     """The task's image cannot be fetched or decoded."""
+
+
+class BusyError(SamBackendError):
+    """The backend is at one of its concurrency or memory limits right now: retry shortly (503)."""

@@ -20,7 +20,15 @@ Where an image URL can point (``ImageLoader.fetch_bytes`` / ``ImageLoader.load``
 * ``http(s)://``: downloaded; Label Studio credentials are sent only to a host:port equal to Label
   Studio's (or to an https upgrade of Label Studio's own host). Redirects are followed by hand so that credentials never follow a redirect to another
   host. Cookies are never stored.
-* plain paths and ``file://`` URLs (development), and ``data:`` URLs.
+* plain paths and ``file://`` URLs: only inside ``LOCAL_FILES_DOCUMENT_ROOT`` (relative paths
+  are relative to it); without it they are off. ``data:`` URLs.
+
+Local files (all three forms) are read only when they are regular files (never devices, FIFOs or
+sockets), with the same byte limit as downloads; any local path that cannot be read gives one
+message that does not say whether or what exists there.
+
+Time: ``timeout`` bounds a whole download (redirects, headers and body), not each read: a
+watchdog closes the connection at the deadline.
 
 Where the key may go. ``LABEL_STUDIO_API_KEY`` is sent only to ``LABEL_STUDIO_URL`` or, when that
 is not set, to the hostname of a ``/setup`` that came with valid basic auth
@@ -81,6 +89,8 @@ import math
 import os
 import posixpath
 import re
+import socket
+import stat
 import tempfile
 import threading
 import time
@@ -98,6 +108,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import ConfigError, ImageError
 from .netpolicy import DestinationRefused, NetworkPolicy, mount, proxied
 from .settings import parse_bool
+from .limits import MemoryBudget, Reservation, printable
 
 logger = logging.getLogger("sam_backend.images")
 
@@ -138,7 +149,7 @@ class ImageAccessSettings:
     cache_dir: Optional[str] = None  # env SAM_BACKEND_IMAGE_CACHE_DIR; None: default_cache_dir()
     cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES  # env SAM_BACKEND_IMAGE_CACHE_BYTES; <=0: off
     max_pixels: int = DEFAULT_MAX_PIXELS  # env SAM_BACKEND_MAX_IMAGE_PIXELS
-    timeout: float = DEFAULT_TIMEOUT  # env SAM_BACKEND_IMAGE_TIMEOUT; seconds per HTTP request
+    timeout: float = DEFAULT_TIMEOUT  # env SAM_BACKEND_IMAGE_TIMEOUT; seconds per download
     max_download_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES  # env SAM_BACKEND_MAX_IMAGE_BYTES
     image_hosts: Optional[str] = None  # env IMAGE_HOSTS; comma-separated allowlist (netpolicy)
     allow_link_local: bool = False  # env ALLOW_LINK_LOCAL_IMAGES
@@ -505,8 +516,17 @@ def sniff_image_format(data: bytes) -> Optional[str]:
         return None
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> np.ndarray:
-    """Decode ``data`` to an HxWx3 uint8 RGB array, EXIF orientation applied (module docstring)."""
+# Peak bytes per pixel while decoding a mode to RGB (Pillow's buffer, the conversions, the
+# result, an EXIF transpose); :func:`_scale_to_uint8` works in row blocks.
+_DECODE_BYTES_PER_PIXEL = {"1": 9, "L": 9, "P": 14, "RGB": 14, "RGBA": 30, "LA": 30, "PA": 30,
+                           "I;16": 12, "I": 16, "F": 16}
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image",
+                 reservation: Optional[Reservation] = None) -> np.ndarray:
+    """Decode ``data`` to an HxWx3 uint8 RGB array, EXIF orientation applied (module docstring).
+    With ``reservation``, the decode's estimated peak memory is reserved from its budget
+    before any pixel is decoded."""
     if not data:
         raise ImageError(f"{name} is empty (0 bytes)")
     if max_pixels <= 0:
@@ -537,6 +557,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = 
                 f"{max_pixels:,} pixels (decompression-bomb guard): downscale the image, or raise "
                 "SAM_BACKEND_MAX_IMAGE_PIXELS if it is legitimate"
             )
+        if reservation is not None:
+            mode = "I;16" if img.mode.startswith("I;16") else img.mode
+            per_pixel = _DECODE_BYTES_PER_PIXEL.get(mode, 30)
+            reservation.grow(width * height * per_pixel, f"{name} ({width}x{height} {img.mode})")
         try:
             img.load()
         except Image.DecompressionBombError:
@@ -560,25 +584,55 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = 
     return arr
 
 
+_SCALE_BLOCK_PIXELS = 1 << 20
+
+
+def _row_blocks(a: np.ndarray):
+    rows = max(1, _SCALE_BLOCK_PIXELS // max(1, int(np.prod(a.shape[1:]))))
+    for start in range(0, a.shape[0], rows):
+        yield slice(start, start + rows)
+
+
 def _scale_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    """16/32-bit integer or float pixels -> uint8 (module docstring), in row blocks so that the
+    float64 temporaries stay small whatever the image size."""
     if mode.startswith("I;16"):
-        return ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)
-    a = a.astype(np.float64)
-    finite = np.isfinite(a)
-    if not finite.all():
-        a = np.where(finite, a, 0.0)
-    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        out8 = np.empty(a.shape, np.uint8)
+        for rows in _row_blocks(a):
+            out8[rows] = (a[rows].astype(np.uint32) + 128) // 257
+        return out8
+    lo, hi = math.inf, -math.inf
+    for rows in _row_blocks(a):
+        block = a[rows].astype(np.float64)
+        block = np.where(np.isfinite(block), block, 0.0)
+        if block.size:
+            lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
+    if not a.size:
+        lo, hi = 0.0, 0.0
     if mode == "F" and lo >= 0.0 and hi <= 1.0:
-        out = a * 255.0
+        scale, offset = 255.0, 0.0
     elif lo >= 0.0 and hi <= 255.0:
-        out = a
+        scale, offset = None, 0.0
     elif mode == "I" and lo >= 0.0 and hi <= 65535.0:
-        out = a / 257.0
+        scale, offset = 1 / 257.0, 0.0
     elif hi > lo:
-        out = (a - lo) * (255.0 / (hi - lo))
+        scale, offset = 255.0 / (hi - lo), lo
     else:
-        out = np.zeros_like(a)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+        return np.zeros(a.shape, np.uint8)
+    out8 = np.empty(a.shape, np.uint8)
+    for rows in _row_blocks(a):
+        block = a[rows].astype(np.float64)
+        block = np.where(np.isfinite(block), block, 0.0)
+        if scale is None:
+            out = block
+        elif offset:
+            out = (block - offset) * scale
+        elif scale == 1 / 257.0:
+            out = block / 257.0
+        else:
+            out = block * scale
+        out8[rows] = np.clip(np.rint(out), 0, 255)
+    return out8
 
 
 def _to_rgb8(img: Image.Image, name: str) -> np.ndarray:
@@ -614,6 +668,42 @@ def _to_rgb8(img: Image.Image, name: str) -> np.ndarray:
 # The loader
 
 
+def _is_regular_file(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+class _Deadline:
+    """Closes a streaming response's connection when the download's deadline passes, which
+    wakes a read that is blocked on a server that sends slowly or not at all."""
+
+    def __init__(self, resp: requests.Response, seconds: float):
+        self.fired = False
+        self._resp = resp
+        self._timer = threading.Timer(max(0.0, seconds), self._fire)
+        self._timer.daemon = True
+
+    def _fire(self) -> None:
+        self.fired = True
+        raw = getattr(self._resp, "raw", None)
+        conn = getattr(raw, "_connection", None) or getattr(raw, "connection", None)
+        sock = getattr(conn, "sock", None)
+        try:
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def __enter__(self) -> "_Deadline":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+
+
 class _UnknownLabelStudio(ImageError):
     """A Label-Studio-relative URL, but no Label Studio address is configured yet."""
 
@@ -633,8 +723,14 @@ class ImageLoader:
     """Fetches and decodes task images; one per process, safe to share between threads."""
 
     def __init__(self, settings: ImageAccessSettings, *, session: Optional[requests.Session] = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, budget: Optional[MemoryBudget] = None,
+                 local_paths_anywhere: bool = False):
+        """``budget``: bytes and decoded pixels of concurrent loads (None: unbounded).
+        ``local_paths_anywhere``: read local paths outside ``local_files_document_root`` too (an
+        operator's own command-line tool, never a server)."""
         self.settings = settings
+        self.budget = budget
+        self._local_anywhere = local_paths_anywhere
         self._clock = clock
         self._lock = threading.RLock()
         self._env_ls_url = (
@@ -761,15 +857,19 @@ class ImageLoader:
         if url[:5].lower() == "data:":
             return _Source("data", url, display, cache_key=None)
         try:
-            parts = urlsplit(url)
-        except ValueError:
-            raise ImageError(f"image URL {display} cannot be parsed") from None
+            return self._classify(url, display, task_id)
+        except ValueError:  # a port out of range, an unclosed [IPv6 literal, a NUL, ...
+            raise ImageError(f"image URL {display} is not a valid URL") from None
+
+    def _classify(self, url: str, display: str, task_id: Optional[int]) -> _Source:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - validates the port
         scheme = parts.scheme.lower()
         if scheme in CLOUD_SCHEMES:
             return self._resolve_cloud(url, display, task_id)
         if scheme == "file":
             if parts.netloc not in ("", "localhost"):
-                raise ImageError(f"{display}: file:// URLs on another host are not supported")
+                raise self._unavailable(display)
             return self._local_source(url, display, url2pathname(parts.path))
         if scheme in ("http", "https"):
             rel = self._as_ls_relative(parts)
@@ -830,7 +930,7 @@ class ImageLoader:
                 "Alternatively set LOCAL_FILES_DOCUMENT_ROOT in the backend to the directory "
                 "Label Studio serves local files from, to read them directly."))
         path = self._safe_join(values[0], display)
-        if os.path.isfile(path):
+        if _is_regular_file(path):
             return _Source("local", rel, display, path=path)
         if self.label_studio_url:
             logger.warning(
@@ -861,8 +961,25 @@ class ImageLoader:
         return full
 
     def _local_source(self, url: str, display: str, path: str) -> _Source:
-        path = os.path.abspath(os.path.expanduser(path))
-        return _Source("local", url, display, path=path)
+        """A plain path or file:// URL: inside the document root only (relative paths are
+        relative to it); anything else gets the one "not available" message."""
+        if "\x00" in path:
+            raise self._unavailable(display)
+        if self._local_anywhere:
+            return _Source("local", url, display, path=os.path.abspath(os.path.expanduser(path)))
+        root = self._doc_root
+        if not root:
+            raise self._unavailable(display)
+        full = os.path.normpath(os.path.join(root, path))
+        if full != root and not full.startswith(root.rstrip(os.sep) + os.sep):
+            raise self._unavailable(display)
+        return _Source("local", url, display, path=full)
+
+    def _unavailable(self, display: str) -> ImageError:
+        return ImageError(
+            f"image {display} is not available. Local paths and file:// URLs are read only from "
+            "inside LOCAL_FILES_DOCUMENT_ROOT (regular image files), and only when it is set; "
+            "in Label Studio use uploads, local-files storage or a cloud storage")
 
     def _resolve_cloud(self, uri: str, display: str, task_id: Optional[int]) -> _Source:
         ls = self.label_studio_url
@@ -891,14 +1008,18 @@ class ImageLoader:
         """A stable identity of the image behind ``url``, computed without downloading: the
         normalised URL (query values hashed when they may hold credentials); for local files,
         the absolute path plus size and mtime."""
-        if isinstance(url, str) and url.strip() and urlsplit(url.strip()).scheme.lower() in CLOUD_SCHEMES:
+        try:
+            scheme = urlsplit(url.strip()).scheme.lower() if isinstance(url, str) else ""
+        except ValueError:
+            raise ImageError(f"image URL {redact_url(url)} is not a valid URL") from None
+        if scheme in CLOUD_SCHEMES:
             return url.strip()  # the object's identity; presigning needs the task id, this not
         src = self._resolve_lenient(url, task_id)
         if src.kind == "local":
             try:
                 st = os.stat(src.path)
-            except OSError as exc:
-                raise self._local_error(src, exc) from None
+            except (OSError, ValueError):
+                raise self._local_error(src) from None
             return f"file://{src.path}?size={st.st_size}&mtime_ns={st.st_mtime_ns}"
         if src.kind == "data":
             return "data:sha256=" + _sha(src.url)
@@ -917,24 +1038,28 @@ class ImageLoader:
             u = url.strip()
             return _Source("ls", u, redact_url(u), cache_key=u)
 
-    def fetch_bytes(self, url: str, task_id: Optional[int] = None) -> bytes:
-        """The image file's bytes (from disk, the disk cache, or downloaded and cached)."""
+    def fetch_bytes(self, url: str, task_id: Optional[int] = None,
+                    reservation: Optional[Reservation] = None) -> bytes:
+        """The image file's bytes (from disk, the disk cache, or downloaded and cached); with
+        ``reservation``, their size is reserved from its budget as they arrive."""
         src = self._resolve(url, task_id)
         if src.kind == "local":
-            return self._read_local(src)
+            return self._read_local(src, reservation)
         if src.kind == "data":
             return self._read_data_url(src)
         cache = self.cache
         if cache is not None and src.cache_key:
             data = cache.get(src.cache_key)
             if data is not None:
+                if reservation is not None:
+                    reservation.grow(len(data), f"image {src.display}")
                 if sniff_image_format(data):
                     logger.debug("Image %s: from the disk cache (%d bytes)", src.display, len(data))
                     return data
                 logger.warning("Image cache entry for %s is not an image; downloading again",
                                src.display)
                 cache.discard(src.cache_key)
-        data, content_type = self._download(src)
+        data, content_type = self._download(src, reservation)
         if not sniff_image_format(data):
             raise ImageError(_not_an_image_message(data, f"the file downloaded for {src.display}",
                                                    content_type))
@@ -978,38 +1103,51 @@ class ImageLoader:
     def load(self, url: str, task_id: Optional[int] = None) -> np.ndarray:
         """HxWx3 uint8 RGB, EXIF orientation applied (the frame Label Studio's percent
         coordinates refer to)."""
-        data = self.fetch_bytes(url, task_id)
-        return decode_image(data, self.settings.max_pixels, name=f"image {redact_url(url)}")
+        if self.budget is None:
+            data = self.fetch_bytes(url, task_id)
+            return decode_image(data, self.settings.max_pixels, name=f"image {redact_url(url)}")
+        with self.budget.reservation(self.settings.timeout) as held:
+            data = self.fetch_bytes(url, task_id, held)
+            return decode_image(data, self.settings.max_pixels, name=f"image {redact_url(url)}",
+                                reservation=held)
 
     # ---- local -------------------------------------------------------------------------------
 
-    def _local_error(self, src: _Source, exc: OSError) -> ImageError:
-        if isinstance(exc, FileNotFoundError):
-            hint = ("set LOCAL_FILES_DOCUMENT_ROOT to the directory Label Studio serves local files "
-                    "from" if src.url.startswith("/data/local-files") or "/data/local-files" in src.url
-                    else "local paths are for development: the file must exist on the backend's "
-                    "machine; in Label Studio use uploads or a storage")
-            return ImageError(f"image {src.display}: file {src.path} not found ({hint})")
-        if isinstance(exc, IsADirectoryError):
-            return ImageError(f"image {src.display}: {src.path} is a directory, not an image file")
-        if isinstance(exc, PermissionError):
-            return ImageError(f"image {src.display}: no permission to read {src.path}; make it "
-                              "readable by the backend's user")
-        return ImageError(f"image {src.display}: cannot read {src.path} ({type(exc).__name__}: "
-                          f"{exc.strerror or exc})")
+    def _local_error(self, src: _Source) -> ImageError:
+        """One message for every local file that cannot be read (missing, not a regular file,
+        no permission, ...): it must not tell a stranger what exists on the backend's disk."""
+        logger.info("Image %s: %s is not a readable regular file", src.display, src.path)
+        return self._unavailable(src.display)
 
-    def _read_local(self, src: _Source) -> bytes:
+    def _read_local(self, src: _Source, reservation: Optional[Reservation] = None) -> bytes:
+        """A regular file's bytes, at most ``max_download_bytes``. Opened non-blocking, so that a
+        FIFO cannot block the request; devices, FIFOs and sockets are refused."""
+        limit = self.settings.max_download_bytes
         try:
-            size = os.path.getsize(src.path)
-            if size > self.settings.max_download_bytes:
-                raise ImageError(
-                    f"image {src.display}: {src.path} is {size:,} bytes, above the limit of "
-                    f"{self.settings.max_download_bytes:,} (SAM_BACKEND_MAX_IMAGE_BYTES)"
-                )
-            with open(src.path, "rb") as fh:
-                data = fh.read()
-        except OSError as exc:
-            raise self._local_error(src, exc) from None
+            fd = os.open(src.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+                         | getattr(os, "O_NOCTTY", 0))
+        except (OSError, ValueError):
+            raise self._local_error(src) from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise self._local_error(src)
+            if st.st_size > limit:
+                raise ImageError(f"image {src.display} is larger than {limit:,} bytes "
+                                 "(SAM_BACKEND_MAX_IMAGE_BYTES)")
+            if reservation is not None:
+                reservation.grow(st.st_size, f"image {src.display}")
+            with os.fdopen(fd, "rb") as fh:
+                fd = -1
+                data = fh.read(limit + 1)
+        except OSError:
+            raise self._local_error(src) from None
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        if len(data) > limit:
+            raise ImageError(f"image {src.display} is larger than {limit:,} bytes "
+                             "(SAM_BACKEND_MAX_IMAGE_BYTES)")
         logger.debug("Image %s: read %d bytes from %s", src.display, len(data), src.path)
         return data
 
@@ -1132,12 +1270,16 @@ class ImageLoader:
 
     # ---- HTTP ----------------------------------------------------------------------------------
 
-    def _download(self, src: _Source) -> Tuple[bytes, Optional[str]]:
+    def _download(self, src: _Source,
+                  reservation: Optional[Reservation] = None) -> Tuple[bytes, Optional[str]]:
+        """GET the image, following redirects by hand; the whole download (every hop, the
+        headers and the body) must finish within ``settings.timeout`` seconds."""
         url = src.fetch_url
         assert url is not None
         hops = 0
         force_refresh = False
         retried_auth = False
+        deadline = time.monotonic() + self.settings.timeout
         while True:
             to_ls = self._is_ls(url)
             headers = {"Accept": "image/*,*/*;q=0.8"}
@@ -1150,15 +1292,22 @@ class ImageLoader:
             logger.debug("Image %s: GET %s (%s)", src.display, redact_url(url),
                          f"Label Studio credentials: {_kind_label(kind)}" if to_ls
                          else "no Label Studio credentials")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._connection_error(requests.exceptions.ReadTimeout(), url,
+                                             f"image {src.display}", to_ls)
             try:
                 self._check_destination(url)
-                resp = self._session.get(url, headers=headers, timeout=self.settings.timeout,
+                resp = self._session.get(url, headers=headers, timeout=remaining,
                                          allow_redirects=False, stream=True)
             except DestinationRefused as exc:
                 raise DestinationRefused(f"image {self._where(url, src)}: {exc}") from None
             except requests.RequestException as exc:
                 raise self._connection_error(exc, url, f"image {src.display}", to_ls) from None
-            with resp:
+            except ValueError:  # http.client refuses control characters, bad ports, ...
+                raise ImageError(f"image URL {self._where(url, src)} is not a valid URL") \
+                    from None
+            with resp, _Deadline(resp, deadline - time.monotonic()) as watchdog:
                 if resp.is_redirect:
                     hops += 1
                     target = urljoin(url, resp.headers.get("Location", ""))
@@ -1181,7 +1330,7 @@ class ImageLoader:
                 if status >= 400:
                     raise self._http_error(status, resp.reason, url, src, to_ls, kind, source,
                                            _peek(resp) if to_ls else "")
-                data = self._read_body(resp, url, src)
+                data = self._read_body(resp, url, src, watchdog, reservation)
                 content_type = resp.headers.get("Content-Type")
             logger.debug("Image %s: downloaded %d bytes (%s)", src.display, len(data),
                          content_type or "no Content-Type")
@@ -1196,27 +1345,45 @@ class ImageLoader:
         trusted = [self._env_ls_url, self._setup_ls_url if self._setup_trusted else None]
         self.policy.check_url(url, trusted, resolve=proxied(self._session, url))
 
-    def _read_body(self, resp: requests.Response, url: str, src: _Source) -> bytes:
+    def _read_body(self, resp: requests.Response, url: str, src: _Source, watchdog: _Deadline,
+                   reservation: Optional[Reservation] = None) -> bytes:
+        """The body, at most ``max_download_bytes``, reserved from the memory budget as it
+        arrives. It grows in one buffer (large buffers are mapped memory, returned to the system
+        as soon as they are dropped; thousands of small chunks would fragment the heap), which
+        is dropped at once on any failure (no reference cycle keeps it: the errors are created
+        where they are raised)."""
         limit = self.settings.max_download_bytes
-        too_big = ImageError(
-            f"image {src.display}: the download is larger than {limit:,} bytes "
-            "(SAM_BACKEND_MAX_IMAGE_BYTES)"
-        )
         length = resp.headers.get("Content-Length")
         if length and length.isdigit() and int(length) > limit:
-            raise too_big
-        chunks = []
-        total = 0
+            raise self._too_big(src, limit)
+        buffer = bytearray()
+        reserved = 0
+        step = 4 << 20
         try:
             for chunk in resp.iter_content(chunk_size=1 << 16):
-                total += len(chunk)
-                if total > limit:
-                    raise too_big
-                chunks.append(chunk)
+                if len(buffer) + len(chunk) > limit:
+                    raise self._too_big(src, limit)
+                if reservation is not None and len(buffer) + len(chunk) > reserved:
+                    reservation.grow(step, f"image {src.display}")
+                    reserved += step
+                buffer += chunk
+            if watchdog.fired:  # a connection closed at the deadline can look like a short body
+                raise requests.exceptions.ReadTimeout()
         except requests.RequestException as exc:
+            del buffer
+            if watchdog.fired:
+                exc = requests.exceptions.ReadTimeout()
             raise self._connection_error(exc, url, f"image {src.display}", self._is_ls(url),
                                          during_body=True) from None
-        return b"".join(chunks)
+        except BaseException:
+            del buffer
+            raise
+        return buffer
+
+    @staticmethod
+    def _too_big(src: _Source, limit: int) -> ImageError:
+        return ImageError(f"image {src.display}: the download is larger than {limit:,} bytes "
+                          "(SAM_BACKEND_MAX_IMAGE_BYTES)")
 
     def _where(self, url: str, src: Optional[_Source]) -> str:
         shown = redact_url(url)
@@ -1236,7 +1403,8 @@ class ImageLoader:
         elif isinstance(exc, requests.exceptions.ReadTimeout) or (
             during_body and "timed out" in text.lower()
         ):
-            reason = f"{host} did not answer within {timeout:g} s (SAM_BACKEND_IMAGE_TIMEOUT)"
+            reason = (f"{host} did not send the whole image within {timeout:g} s "
+                      "(SAM_BACKEND_IMAGE_TIMEOUT, for the whole download)")
         elif isinstance(exc, requests.exceptions.SSLError):
             reason = (f"TLS/SSL error talking to {host} (certificate not trusted? set "
                       "REQUESTS_CA_BUNDLE to your CA bundle)")
@@ -1369,7 +1537,8 @@ class ImageLoader:
             return ImageError(f"image {where}: the HTTP proxy requires authentication (HTTP 407); "
                               "check HTTPS_PROXY/HTTP_PROXY")
         who = f"Label Studio at {ls}" if to_ls else _host_of(url)
-        return ImageError(f"{who} answered HTTP {status} {reason or ''} for image {where}".rstrip()
+        reason = printable(reason or "", 60)
+        return ImageError(f"{who} answered HTTP {status} {reason} for image {where}".rstrip()
                           + ("; check Label Studio's logs" if to_ls and status >= 500 else ""))
 
 

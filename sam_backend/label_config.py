@@ -2,17 +2,23 @@
 
 Controls are always found by their tag type (``KeyPointLabels``, ``RectangleLabels``,
 ``BrushLabels``, ``PolygonLabels``), never by their ``name``: every project names them freely.
-Parsed configs are memoised by their text, so a config arriving with every click costs nothing
-after the first.
+Parsed configs are memoised by their text (:class:`LabelConfigCache`, bounded in bytes), so a
+config arriving with every click costs nothing after the first. DTDs and entities are refused
+(Label Studio configs have none; entity expansion would let a small config grow large).
 """
 from __future__ import annotations
 
-import functools
+import threading
 import xml.etree.ElementTree as ET
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, FrozenSet, List, Optional, Tuple
 
+from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import fromstring as defused_fromstring
+
 from .errors import RequestError
+from .limits import shown
 
 PROMPT_TYPES = ("keypointlabels", "rectanglelabels")
 OUTPUT_TYPES = ("brushlabels", "polygonlabels", "rectanglelabels")
@@ -61,25 +67,33 @@ class LabelConfig:
             return self.images[to_name]
         except KeyError:
             raise RequestError(
-                f"the labeling config has no <Image name=\"{to_name}\" value=\"$...\"> for the "
-                f"prompt's to_name {to_name!r}") from None
+                f"the labeling config has no <Image name=... value=\"$...\"> for the "
+                f"prompt's to_name {shown(to_name)}") from None
 
 
 def _truthy(value: Optional[str]) -> bool:
     return str(value).lower() in ("true", "1", "yes")
 
 
-@functools.lru_cache(maxsize=64)
 def parse_label_config(text: str) -> LabelConfig:
-    """Parse the labeling-config XML. Raises RequestError on XML that does not parse."""
+    """Parse the labeling-config XML. Raises RequestError on XML that does not parse, or that
+    has a DTD or entities."""
+    if not isinstance(text, str):
+        raise RequestError(f"label_config must be the labeling config XML (a string), got "
+                           f"{type(text).__name__}")
     if not text or not text.strip():
         raise RequestError("the request has no label_config: Label Studio sends the project's "
                            "labeling config with every /predict; is the backend attached to a "
                            "project?")
     try:
-        root = ET.fromstring(text)
+        root = defused_fromstring(text, forbid_dtd=True)
     except ET.ParseError as exc:
         raise RequestError(f"the label_config is not valid XML: {exc}") from None
+    except DefusedXmlException:
+        raise RequestError("the label_config has a DTD or entities, which labeling configs "
+                           "never need: remove the <!DOCTYPE ...>") from None
+    except RecursionError:
+        raise RequestError("the label_config is not valid XML: nested too deeply") from None
     controls: List[Control] = []
     images: Dict[str, str] = {}
     for element in root.iter():
@@ -102,3 +116,41 @@ def parse_label_config(text: str) -> LabelConfig:
 
 def all_labels(config: LabelConfig) -> FrozenSet[str]:
     return frozenset(label for c in config.controls for label in c.labels)
+
+
+class LabelConfigCache:
+    """Parsed configs by text, least recently used first out, bounded by the configs' text size
+    (a parsed config holds a subset of its text's strings, so it is counted twice)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+        self._items: "OrderedDict[str, LabelConfig]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def cost(text: str) -> int:
+        return 3 * len(text) + 1024
+
+    def parse(self, text: str) -> LabelConfig:
+        with self._lock:
+            config = self._items.get(text) if isinstance(text, str) else None
+            if config is not None:
+                self._items.move_to_end(text)
+                return config
+        config = parse_label_config(text)
+        cost = self.cost(text)
+        if cost > self.max_bytes:
+            return config
+        with self._lock:
+            if text not in self._items:
+                self._items[text] = config
+                self.nbytes += cost
+            while self.nbytes > self.max_bytes:
+                old, _ = self._items.popitem(last=False)
+                self.nbytes -= self.cost(old)
+        return config
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)

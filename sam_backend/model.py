@@ -130,3 +130,19 @@ def check_image(image: np.ndarray) -> None:
         raise ValueError("images must be HxWx3 uint8 RGB arrays")
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError("the image is empty (zero width or height)")
+
+
+def resize_longest_side(target_length: int):
+    """segment_anything's ``ResizeLongestSide`` (the long side to ``target_length``), except that
+    the short side is never rounded to 0 pixels: an image wider than 2048:1 (3000x1, 5000x2)
+    keeps a 1-pixel short side, and points, boxes and masks scale by the same factors. For every
+    other image the sizes, and so the results, are the original's."""
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    class _ResizeLongestSide(ResizeLongestSide):
+        @staticmethod
+        def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> Tuple[int, int]:
+            newh, neww = ResizeLongestSide.get_preprocess_shape(oldh, oldw, long_side_length)
+            return max(1, newh), max(1, neww)
+
+    return _ResizeLongestSide(target_length)

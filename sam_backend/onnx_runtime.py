@@ -69,7 +69,8 @@ import cv2
 import numpy as np
 
 from .errors import CheckpointError, ConfigError, SamBackendError
-from .model import Embedding, Prediction, Prompt, SegmentationModel, check_image
+from .model import (Embedding, Prediction, Prompt, SegmentationModel, check_image,
+                    resize_longest_side)
 from .registry import Variant, default_checkpoint
 
 log = logging.getLogger(__name__)
@@ -512,14 +513,12 @@ class OnnxSamModel(SegmentationModel):
     def _use(self, encoder, decoder) -> None:
         """Run with these sessions; the preprocessing constants come from the encoder's
         metadata (so a cached export needs no torch model)."""
-        from segment_anything.utils.transforms import ResizeLongestSide
-
         meta = encoder.get_modelmeta().custom_metadata_map
         self.pixel_mean = np.asarray(json.loads(meta[_META + "pixel_mean"]), np.float32)
         self.pixel_std = np.asarray(json.loads(meta[_META + "pixel_std"]), np.float32)
         self.img_size = int(meta[_META + "img_size"])
         self.mask_threshold = float(meta[_META + "mask_threshold"])
-        self.transform = ResizeLongestSide(self.img_size)
+        self.transform = resize_longest_side(self.img_size)
         self.encoder, self.decoder = encoder, decoder
 
     # -- sessions and exports ------------------------------------------------------------------

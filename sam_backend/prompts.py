@@ -18,6 +18,7 @@ import numpy as np
 
 from .errors import RequestError
 from .label_config import PROMPT_TYPES, Control, LabelConfig
+from .limits import shown
 from .model import Prompt
 
 # Label Studio rounds percent values; a hair outside 0..100 is an edge click, not an error.
@@ -53,14 +54,16 @@ class PromptRequest:
 
 def _number(value: Any, what: str, index: int) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise RequestError(f"context.result[{index}]: {what} must be a number, got {value!r}")
+        raise RequestError(f"context.result[{index}]: {what} must be a number, got "
+                           f"{shown(value)}")
     try:
         number = float(value)
-    except ValueError:
-        raise RequestError(f"context.result[{index}]: {what} must be a number, got {value!r}") \
-            from None
+    except (ValueError, OverflowError):
+        raise RequestError(f"context.result[{index}]: {what} must be a number, got "
+                           f"{shown(value)}") from None
     if not math.isfinite(number):
-        raise RequestError(f"context.result[{index}]: {what} is {value!r}, not a finite number")
+        raise RequestError(f"context.result[{index}]: {what} is {shown(value)}, not a finite "
+                           f"number")
     return number
 
 
@@ -90,9 +93,13 @@ def _label(item: dict, kind: str, index: int) -> str:
 
 
 def _optional_int(value: Any) -> Optional[int]:
+    """``value`` as an int, or None when absent or not a finite integral number."""
+    if value is None or isinstance(value, bool):
+        return None
     try:
-        return int(value) if value is not None else None
-    except (TypeError, ValueError):
+        number = float(value)
+        return int(number) if math.isfinite(number) and number == int(number) else None
+    except (TypeError, ValueError, OverflowError):
         return None
 
 
@@ -122,9 +129,33 @@ def _only_candidate(config: LabelConfig, kind: str, label: str, to_name: Any) ->
     return control
 
 
-def parse_context(context: Any, config: LabelConfig) -> Optional[PromptRequest]:
+def _index(item: dict, index: int) -> Optional[int]:
+    """``item_index`` (which image of a multi-image task): None or a non-negative integer."""
+    value = item.get("item_index")
+    number = _optional_int(value)
+    if value is not None and (number is None or number < 0 or number > 1_000_000):
+        raise RequestError(f"context.result[{index}].item_index must be a non-negative integer, "
+                           f"got {shown(value)}")
+    return number
+
+
+def _size(item: dict, name: str, index: int) -> Optional[int]:
+    """``original_width`` / ``original_height``: None, or a positive integral number."""
+    value = item.get(name)
+    if value is None:
+        return None
+    number = _optional_int(value)
+    if number is None or number < 0 or number > 10_000_000:
+        raise RequestError(f"context.result[{index}].{name} must be a positive integer (pixels), "
+                           f"got {shown(value)}")
+    return number or None
+
+
+def parse_context(context: Any, config: LabelConfig,
+                  max_points: int = 512) -> Optional[PromptRequest]:
     """The prompt in ``context`` (``params.context`` of /predict), or None when there is none
-    (a task was opened, not clicked). Raises RequestError on anything malformed."""
+    (a task was opened, not clicked). Raises RequestError on anything malformed, and on more
+    than ``max_points`` regions."""
     if context is None:
         return None
     if not isinstance(context, dict):
@@ -134,13 +165,21 @@ def parse_context(context: Any, config: LabelConfig) -> Optional[PromptRequest]:
         return None
     if not isinstance(items, list):
         raise RequestError("context.result must be a list of regions")
+    if len(items) > max_points:
+        raise RequestError(f"context.result has {len(items)} regions, more than the limit of "
+                           f"{max_points} per prompt (max_points)")
     for index, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("value"), dict):
             raise RequestError(f"context.result[{index}] is not a region object with a 'value'")
-        if item.get("type") not in PROMPT_TYPES:
+        kind = item.get("type")
+        if not isinstance(kind, str) or kind not in PROMPT_TYPES:
             raise RequestError(
-                f"context.result[{index}] has type {item.get('type')!r}: this backend takes "
+                f"context.result[{index}] has type {shown(kind)}: this backend takes "
                 f"smart KeyPointLabels or RectangleLabels prompts ({', '.join(PROMPT_TYPES)})")
+        for name in ("from_name", "to_name"):
+            if item.get(name) is not None and not isinstance(item.get(name), str):
+                raise RequestError(f"context.result[{index}].{name} must be a string, got "
+                                   f"{type(item.get(name)).__name__}")
 
     # The last region is the one just drawn: it decides the kind, control, label and image.
     last_index = len(items) - 1
@@ -154,13 +193,14 @@ def parse_context(context: Any, config: LabelConfig) -> Optional[PromptRequest]:
     else:
         control = config.control(from_name) if isinstance(from_name, str) else None
     if control is None or control.type != kind:
-        raise RequestError(f"the prompt's from_name {from_name!r} is not a {kind} control of "
-                           f"the labeling config")
+        raise RequestError(f"the prompt's from_name {shown(from_name)} is not a {kind} control "
+                           f"of the labeling config")
     if not control.has_label(label):
-        raise RequestError(f"label {label!r} is not in the labeling config's {from_name} "
-                           f"control (labels: {', '.join(control.labels) or 'none'})")
+        raise RequestError(f"label {shown(label)} is not in the labeling config's "
+                           f"{shown(from_name)} control (labels: "
+                           f"{shown(', '.join(control.labels) or 'none', 200)})")
     to_name = last.get("to_name") or control.to_name
-    item_index = _optional_int(last.get("item_index"))
+    item_index = _index(last, last_index)
 
     group = [
         (i, item) for i, item in enumerate(items)
@@ -192,15 +232,15 @@ def parse_context(context: Any, config: LabelConfig) -> Optional[PromptRequest]:
         y1 = _percent(y + h, "value.y + value.height", last_index)
         box = np.array([x, y, x1, y1], dtype=np.float64)
 
-    width = _optional_int(last.get("original_width"))
-    height = _optional_int(last.get("original_height"))
+    width = _size(last, "original_width", last_index)
+    height = _size(last, "original_height", last_index)
     rotation = last.get("image_rotation") or 0
     return PromptRequest(
         kind=kind, from_name=from_name, to_name=to_name, label=label,
         points=np.array(points, dtype=np.float64).reshape(-1, 2),
         point_labels=np.array(point_labels, dtype=np.int64), box=box,
-        original_width=width if width and width > 0 else None,
-        original_height=height if height and height > 0 else None,
+        original_width=width,
+        original_height=height,
         image_rotation=_number(rotation, "image_rotation", last_index),
         item_index=item_index,
     )

@@ -27,11 +27,12 @@ from typing import Any, Dict, List, Optional
 
 import ujson
 from flask import Flask, Response, g, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, RequestTimeout
 
 from . import auth as basic_auth
 from .backend import SamBackend
-from .errors import RequestError, SamBackendError
+from .errors import BusyError, RequestError, SamBackendError
+from .limits import MIB, printable, release_memory_if_due
 from .service import SegmentationService
 from .settings import Settings
 
@@ -39,10 +40,8 @@ log = logging.getLogger(__name__)
 
 
 def _reason_phrase(message: str) -> str:
-    """``message`` fit for an HTTP status line: Latin-1, one line, bounded."""
-    text = " ".join(message.split())
-    text = text.encode("latin-1", "replace").decode("latin-1")
-    return text[:400]
+    """``message`` fit for an HTTP status line: printable Latin-1, one line, bounded."""
+    return printable(message, 300).encode("latin-1", "replace").decode("latin-1")
 
 
 def _error(message: str, status: int):
@@ -52,7 +51,7 @@ def _error(message: str, status: int):
     ``"400 Client Error: <reason phrase> for url: ..."``, and drops the body: putting the message
     in the reason phrase is how it reaches the annotator's screen.
     """
-    response = jsonify({"status": "error", "errors": [message]})
+    response = jsonify({"status": "error", "errors": [printable(message, 2000)]})
     response.status = f"{status} {_reason_phrase(message)}"
     return response
 
@@ -68,17 +67,52 @@ def _json_response(body: Any) -> Response:
     return Response(text, mimetype="application/json")
 
 
-def _json_body() -> Dict[str, Any]:
-    raw = request.get_data(cache=True)
+def _read_body(limit: int) -> bytes:
+    """The request body, at most ``limit`` bytes (413 past it, with or without Content-Length;
+    408 when the client stops sending: the server's request read timeout)."""
+    too_large = (f"the request body is larger than {limit / MIB:g} MiB (max_request_mb)")
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestEntityTooLarge(too_large)
+    chunks: List[bytes] = []
+    total = 0
+    try:
+        while True:
+            chunk = request.stream.read(min(1 << 20, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                chunks.clear()
+                raise RequestEntityTooLarge(too_large)
+    except OSError:
+        chunks.clear()
+        raise RequestTimeout("the request body was not received in time (request_timeout)") \
+            from None
+    return b"".join(chunks)
+
+
+def _json_body(limit: int) -> Dict[str, Any]:
+    raw = _read_body(limit)
     if not raw:
         raise RequestError("the request body is empty: send a JSON object")
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(f"the request body is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise RequestError("the request body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     return body
+
+
+def _optional(body: Dict[str, Any], name: str, types, what: str):
+    """``body[name]`` if it is None or of ``types``, else a 400 naming the field."""
+    value = body.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+        raise RequestError(f"{name} must be {what}, got {type(value).__name__}")
+    return value
 
 
 def create_app(service: SegmentationService) -> Flask:
@@ -90,18 +124,34 @@ def create_app(service: SegmentationService) -> Flask:
         app.json.sort_keys = False
     else:
         app.config["JSON_SORT_KEYS"] = False
+    body_limit = int(service.settings.max_request_mb * MIB)
+    app.config["MAX_CONTENT_LENGTH"] = body_limit
     model = service.segmenter.model
     auth = basic_auth.BasicAuth(service.settings.basic_auth_user, service.settings.basic_auth_pass)
     basic_auth.install(app, auth, _error)
 
+    @app.teardown_request
+    def after_request_memory(_exc):
+        release_memory_if_due()  # a large image or mask was handled: give its heap back
+
+    @app.errorhandler(BusyError)
+    def busy(exc):
+        log.warning("%s %s: %s", request.method, request.path, exc)
+        response = _error(str(exc), 503)
+        response.headers["Retry-After"] = "2"
+        return response
+
     @app.errorhandler(SamBackendError)
     def user_error(exc):
-        log.warning("%s %s: %s", request.method, request.path, exc)
+        log.warning("%s %s: %s", request.method, request.path, printable(str(exc), 2000))
         return _error(str(exc), 400)
 
     @app.errorhandler(HTTPException)
     def http_error(exc):
-        return _error(f"{exc.code} {exc.name}: {exc.description}", exc.code or 500)
+        response = _error(f"{exc.code} {exc.name}: {exc.description}", exc.code or 500)
+        if exc.code in (408, 413):  # the rest of the body is not wanted: do not wait for it
+            response.headers["Connection"] = "close"
+        return response
 
     @app.errorhandler(Exception)
     def internal_error(exc):
@@ -128,21 +178,24 @@ def create_app(service: SegmentationService) -> Flask:
 
     @app.route("/setup", methods=["POST"])
     def setup():
-        body = _json_body()
-        service.setup(body.get("project"), body.get("schema"), body.get("hostname"),
-                      body.get("access_token"), authenticated=auth.enabled and g.authenticated)
+        body = _json_body(body_limit)
+        service.setup(_optional(body, "project", (str, int), "a string or an integer"),
+                      _optional(body, "schema", str, "the labeling config XML (a string)"),
+                      _optional(body, "hostname", str, "a URL string"),
+                      _optional(body, "access_token", str, "a string"),
+                      authenticated=auth.enabled and g.authenticated)
         return jsonify({"model_version": service.model_version})
 
     @app.route("/predict", methods=["POST"])
     def predict():
         started = time.perf_counter()
-        body = _json_body()
-        params = body.get("params") or {}
-        if not isinstance(params, dict):
-            raise RequestError("params must be an object")
+        body = _json_body(body_limit)
+        params = _optional(body, "params", dict, "an object") or {}
         context = params.get("context", body.get("context"))
-        backend = SamBackend(label_config=body.get("label_config"), service=service,
-                             project=body.get("project"))
+        backend = SamBackend(
+            label_config=_optional(body, "label_config", str, "the labeling config XML (a string)"),
+            service=service, project=_optional(body, "project", (str, int),
+                                               "a string or an integer"))
         results = backend.predict(body.get("tasks"), context=context)
         log.info("predict: %d result(s) in %.0f ms", len(results),
                  (time.perf_counter() - started) * 1000)
@@ -154,8 +207,12 @@ def create_app(service: SegmentationService) -> Flask:
 
     @app.route("/webhook", methods=["POST"])
     def webhook():
-        body = request.get_json(force=True, silent=True) or {}
-        action = body.get("action") if isinstance(body, dict) else None
+        try:
+            body = _json_body(body_limit)
+        except RequestError:
+            body = {}
+        action = body.get("action")
+        action = printable(action, 100) if isinstance(action, str) else None
         log.debug("webhook %s acknowledged (this backend does not train)", action)
         return jsonify({"status": "ok", "action": action, "trained": False})
 
@@ -221,12 +278,23 @@ def serve(args) -> int:
 
     settings = settings_from_args(args)
 
+    from .gunicorn_worker import worker_class
+
+    if args.threads < settings.max_concurrent_loads + 4:
+        log.warning("--threads %d leaves fewer than 4 threads beside max_concurrent_loads=%d: "
+                    "clicks and /health may wait behind image loads", args.threads,
+                    settings.max_concurrent_loads)
+
     class Server(BaseApplication):
         def load_config(self):
             self.cfg.set("bind", f"{args.host}:{args.port}")
             self.cfg.set("workers", 1)
-            self.cfg.set("worker_class", "gthread")
+            # gthread, with a deadline for receiving each request (request_timeout)
+            self.cfg.set("worker_class", worker_class(settings.request_timeout))
             self.cfg.set("threads", args.threads)
+            # idle kept-alive connections wait in the poller, not in a thread; 2 s (gunicorn's
+            # default) makes clients that pause between clicks race the server's close
+            self.cfg.set("keepalive", 10)
             self.cfg.set("timeout", 300)  # a first vit_h encode on CPU takes a while
             self.cfg.set("accesslog", "-" if args.access_log else None)
             self.cfg.set("loglevel", args.log_level.lower())
@@ -244,7 +312,9 @@ def register_cli(subparsers) -> None:
         "serve", help="run the backend on a production WSGI server (gunicorn, threaded)")
     parser.add_argument("-p", "--port", type=int, default=int(os.environ.get("PORT", 9090)))
     parser.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
-    parser.add_argument("--threads", type=int, default=8, help="request threads (default 8)")
+    parser.add_argument("--threads", type=int, default=32,
+                        help="request threads (default 32; at most max_concurrent_loads of them "
+                             "load new images, the rest stay free for clicks and /health)")
     parser.add_argument("--access-log", action="store_true", help="log every request")
     add_option_arguments(parser)
     parser.set_defaults(func=serve)

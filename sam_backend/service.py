@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -20,7 +21,8 @@ from .cache import EmbeddingCache
 from .engine import Segmenter, get_segmenter
 from .errors import ImageError, RequestError
 from .images import ImageAccessSettings, ImageLoader
-from .label_config import LabelConfig, parse_label_config
+from .label_config import LabelConfig, LabelConfigCache
+from .limits import MIB, LoadGate, MemoryBudget, shown
 from .prompts import PromptRequest, parse_context
 from .regions import brush_region, mask_bbox, mask_polygons, polygon_region, rectangle_region
 from .settings import Settings
@@ -69,7 +71,9 @@ class SegmentationService:
         self.segmenter = segmenter
         self.images = images
         self.model_version = f"sam_backend-{__version__}:{segmenter.model.variant.key}"
-        self._projects: Dict[str, str] = {}  # project -> label config sent in /setup
+        # project -> label config sent in /setup, least recently used first out
+        self._projects: "OrderedDict[str, str]" = OrderedDict()
+        self._projects_chars = 0
         self._projects_lock = threading.Lock()
         self.store = segmenter.cache.tier  # the shared embedding store, or None
         self.queue = None  # with a store, opened tasks go to the workers' queue
@@ -77,28 +81,49 @@ class SegmentationService:
             from .precompute import EncodeQueue
 
             self.queue = EncodeQueue(self.store, settings.precompute_job_timeout)
+        self.label_configs = LabelConfigCache(int(settings.label_config_cache_mb * MIB))
+        # new images loading at once; their bytes and pixels, and the masks of clicks
+        self.loads = LoadGate(settings.max_concurrent_loads)
+        self.memory = images.budget or MemoryBudget(settings.image_memory_mb * MIB)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "SegmentationService":
-        images = ImageAccessSettings.from_env(image_hosts=settings.image_hosts,
-                                              allow_link_local=settings.allow_link_local_images)
-        return cls(settings, segmenter_for(settings), ImageLoader(images))
+        budget = MemoryBudget(settings.image_memory_mb * MIB)
+        access = ImageAccessSettings.from_env(
+            image_hosts=settings.image_hosts, allow_link_local=settings.allow_link_local_images,
+            local_files_document_root=settings.local_files_document_root)
+        return cls(settings, segmenter_for(settings), ImageLoader(access, budget=budget))
 
     # -- /setup --------------------------------------------------------------------------------
     def setup(self, project: Optional[str], schema: Optional[str], hostname: Optional[str],
               access_token: Optional[str], authenticated: bool = False) -> None:
         """``authenticated``: the request came with valid basic auth (see ImageLoader)."""
         if schema:
-            parse_label_config(schema)  # a bad config is reported at setup already
+            self.parse_config(schema)  # a bad config is reported at setup already
+            key = str(project)
             with self._projects_lock:
-                self._projects[str(project)] = schema
+                self._projects_chars -= len(self._projects.pop(key, ""))
+                self._projects[key] = schema
+                self._projects_chars += len(schema)
+                # bounded in count and in size (the parsed-config budget counts the texts too)
+                while len(self._projects) > self.settings.max_projects or (
+                        len(self._projects) > 1 and self._projects_chars > self.label_configs.max_bytes):
+                    _, old = self._projects.popitem(last=False)
+                    self._projects_chars -= len(old)
         self.images.update_from_setup(hostname or None, access_token or None, authenticated)
+
+    def parse_config(self, text: Any) -> LabelConfig:
+        limit = self.settings.max_label_config_kb * 1024
+        if isinstance(text, str) and len(text) > limit:
+            raise RequestError(f"the labeling config has {len(text):,} characters, more than the "
+                               f"limit of {limit:,} (max_label_config_kb)")
+        return self.label_configs.parse(text)
 
     def label_config_for(self, project: Any, label_config: Optional[str]) -> LabelConfig:
         if not label_config:
             with self._projects_lock:
                 label_config = self._projects.get(str(project))
-        return parse_label_config(label_config or "")
+        return self.parse_config(label_config or "")
 
     # -- /predict ------------------------------------------------------------------------------
     def predict(self, tasks: Any, label_config: Optional[str], context: Any,
@@ -108,11 +133,19 @@ class SegmentationService:
             raise RequestError("the request has no tasks: /predict expects {\"tasks\": [{...}], "
                                "\"label_config\": \"<View>...</View>\", \"params\": {\"context\": "
                                "{...}}}")
+        if len(tasks) > self.settings.max_tasks:
+            raise RequestError(f"the request has {len(tasks)} tasks, more than the limit of "
+                               f"{self.settings.max_tasks} (max_tasks)")
         for index, task in enumerate(tasks):
             if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
                 raise RequestError(f"tasks[{index}] is not a task object with 'data'")
+            task_id = task.get("id")
+            if task_id is not None and (isinstance(task_id, bool) or not (
+                    isinstance(task_id, str) and len(task_id) <= 100
+                    or isinstance(task_id, int) and abs(task_id) < 2 ** 63)):
+                raise RequestError(f"tasks[{index}].id must be an integer, got {shown(task_id)}")
         config = self.label_config_for(project, label_config)
-        prompt = parse_context(context, config)
+        prompt = parse_context(context, config, self.settings.max_points)
         if prompt is None:
             if self.settings.precompute:
                 for task in tasks:
@@ -126,11 +159,12 @@ class SegmentationService:
         url = task["data"].get(key)
         if isinstance(url, list):
             if not url:
-                raise RequestError(f"task {task.get('id')}: data.{key} is an empty list")
+                raise RequestError(f"task {shown(task.get('id'))}: data.{shown(key)} is an "
+                                   f"empty list")
             url = url[item_index or 0] if (item_index or 0) < len(url) else None
         if not isinstance(url, str) or not url.strip():
-            raise ImageError(f"task {task.get('id')} has no image in data.{key}: the labeling "
-                             f"config's Image tag reads ${key}")
+            raise ImageError(f"task {shown(task.get('id'))} has no image in data.{shown(key)}: "
+                             f"the labeling config's Image tag reads ${shown(key)}")
         return url, task.get("id")
 
     def predict_task(self, task: Dict[str, Any], config: LabelConfig,
@@ -138,17 +172,25 @@ class SegmentationService:
         url, task_id = self.image_of(task, config, prompt_request.to_name,
                                      prompt_request.item_index)
         image_key = self.images.source_key(url, task_id)
-        embedding = self.segmenter.embedding(image_key, lambda: self.images.load(url, task_id))
+        if self.segmenter.is_embedded(image_key):
+            embedding = self.segmenter.embedding(image_key, lambda: self.images.load(url, task_id))
+        else:  # a new image: hold one of the few load slots (503 when all are taken)
+            with self.loads.admit():
+                embedding = self.segmenter.embedding(image_key,
+                                                     lambda: self.images.load(url, task_id))
         height, width = embedding.original_size
         if prompt_request.original_width and prompt_request.original_height and \
                 (prompt_request.original_width, prompt_request.original_height) != (width, height):
             log.warning("task %s: Label Studio reports the image as %dx%d, the decoded image is "
                         "%dx%d; using the decoded size", task_id, prompt_request.original_width,
                         prompt_request.original_height, width, height)
-        prediction = self.segmenter.decode(
-            image_key, embedding, prompt_request.to_prompt(width, height),
-            memory_scope=(prompt_request.from_name, prompt_request.label))
-        regions = self.regions(prediction.mask, prediction.score, config, prompt_request)
+        # the full-size logits, mask and RLE of a click: ~24 bytes per image pixel at the peak
+        with self.memory.reservation(self.images.settings.timeout) as held:
+            held.grow(width * height * 24, f"a mask of {width}x{height} pixels")
+            prediction = self.segmenter.decode(
+                image_key, embedding, prompt_request.to_prompt(width, height),
+                memory_scope=(prompt_request.from_name, prompt_request.label))
+            regions = self.regions(prediction.mask, prediction.score, config, prompt_request)
         return {"result": regions, "score": prediction.score, "model_version": self.model_version}
 
     def regions(self, mask: np.ndarray, score: float, config: LabelConfig,

@@ -96,6 +96,32 @@ class Settings:
     precompute_job_timeout: int = field(default=120, metadata={
         "help": "seconds a worker may spend on one queued encode; the job of a killed worker "
                 "is retried this + 60 s after it started"})
+    # -- limits (README "Limits"): each bounds one resource; past it a request gets a 4xx -------
+    local_files_document_root: Optional[str] = field(default=None, metadata={
+        "help": "the only directory local paths, file:// URLs and /data/local-files/?d= are read "
+                "from (regular files only); unset: local files are off"})
+    max_points: int = field(default=512, metadata={
+        "help": "regions per prompt (context.result); more is refused with 400"})
+    max_tasks: int = field(default=64, metadata={
+        "help": "tasks per /predict request; more is refused with 400"})
+    max_request_mb: float = field(default=32.0, metadata={
+        "help": "request body size, MiB; a larger body is refused with 413"})
+    max_label_config_kb: int = field(default=1024, metadata={
+        "help": "size of a labeling config, KiB; a larger one is refused with 400"})
+    label_config_cache_mb: float = field(default=16.0, metadata={
+        "help": "memory bound of the parsed labeling-config cache, MiB"})
+    max_projects: int = field(default=1000, metadata={
+        "help": "projects whose /setup config is remembered (least recently used forgotten)"})
+    image_memory_mb: int = field(default=4096, metadata={
+        "help": "downloaded bytes plus decoded pixels of all images being loaded at once, MiB; "
+                "a load waits for room (up to the image timeout), an image larger than the "
+                "whole budget is refused with 400"})
+    max_concurrent_loads: int = field(default=4, metadata={
+        "help": "requests loading or encoding a new image at once; more get 503 at once, so "
+                "clicks on embedded images and /health always find a free thread"})
+    request_timeout: float = field(default=10.0, metadata={
+        "help": "sam-backend serve: seconds to receive a request's headers and body; a slower "
+                "client is disconnected"})
 
     @classmethod
     def option_names(cls):
@@ -149,6 +175,12 @@ class Settings:
                 or self.precompute_job_timeout <= 0:
             raise ConfigError("embedding_store_ttl and embedding_store_wait must not be negative, "
                               "precompute_job_timeout must be positive")
+        for name in ("max_points", "max_tasks", "max_request_mb", "max_label_config_kb",
+                     "label_config_cache_mb", "max_projects", "image_memory_mb",
+                     "max_concurrent_loads", "request_timeout"):
+            value = getattr(self, name)
+            if not (value > 0 and value < float("inf")):
+                raise ConfigError(f"{name}={value!r} must be a positive number")
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)

@@ -13,10 +13,10 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
-from segment_anything.utils.transforms import ResizeLongestSide
 
 from .loading import load_model, resolve_device
-from .model import Embedding, Prediction, Prompt, SegmentationModel, check_image
+from .model import (Embedding, Prediction, Prompt, SegmentationModel, check_image,
+                    resize_longest_side)
 from .registry import Variant
 
 
@@ -29,7 +29,7 @@ class TorchSamModel(SegmentationModel):
         dev = resolve_device(device)
         self.device = str(dev)
         self.sam = sam if sam is not None else load_model(variant, checkpoint, dev)
-        self.transform = ResizeLongestSide(self.sam.image_encoder.img_size)
+        self.transform = resize_longest_side(self.sam.image_encoder.img_size)
         self._hq = variant.family == "sam_hq"
         # The decoder is small; running several at once on the same module is safe in
         # inference mode, but the prompt encoder's dense positional encoding is cached here.

@@ -621,7 +621,7 @@ def test_http_errors(ls, make_loader):
 
     ls.slow["/data/upload/1/y.png"] = 1.5
     start = time.monotonic()
-    with pytest.raises(ImageError, match="did not answer within") as err:
+    with pytest.raises(ImageError, match="did not send the whole image within") as err:
         loader.load("/data/upload/1/y.png")
     assert time.monotonic() - start < 1.4
     assert "/data/upload/1/y.png" in str(err.value)
@@ -730,13 +730,40 @@ def test_local_files_without_document_root_download_from_ls(ls, make_loader, doc
         loader.load("/data/local-files/?d=sub/nothing.png")
 
 
-def test_plain_paths_and_file_urls(make_loader, doc_root):
-    loader = make_loader()
+def test_plain_paths_and_file_urls_only_inside_the_document_root(make_loader, doc_root):
     path = doc_root / "sub" / "img.png"
+    secret = doc_root.parent / "secret.png"
+    off = make_loader()  # no document root: local files are off
+    for url in (str(path), path.as_uri(), "sub/img.png"):
+        with pytest.raises(ImageError, match="is not available"):
+            off.load(url)
+    loader = make_loader(local_files_document_root=str(doc_root))
     assert loader.load(str(path))[0, 0].tolist() == [5, 6, 7]
     assert loader.load(path.as_uri())[0, 0].tolist() == [5, 6, 7]
-    with pytest.raises(ImageError, match="not found"):
-        loader.load(str(doc_root / "nope.png"))
+    assert loader.load("sub/img.png")[0, 0].tolist() == [5, 6, 7]  # relative to the root
+    # outside the root, missing, a directory, a device, a FIFO, a NUL: one message for all
+    fifo = doc_root / "sub" / "fifo.png"
+    os.mkfifo(fifo)
+    (doc_root / "sub" / "dev.png").symlink_to("/dev/zero")
+    messages = set()
+    for url in (str(secret), secret.as_uri(), "../secret.png", str(doc_root / "nope.png"),
+                str(doc_root / "sub"), "/dev/zero", str(fifo), "sub/dev.png", "sub/img\x00.png",
+                "/etc/passwd"):
+        with pytest.raises(ImageError, match="is not available") as err:
+            loader.load(url)
+        messages.add(str(err.value).replace(url, "<url>").replace(redact_url(url), "<url>"))
+    assert len(messages) == 1, messages
+    assert "bytes" not in messages.pop()
+
+
+def test_local_files_are_read_with_the_download_limit(make_loader, doc_root):
+    big = doc_root / "sub" / "big.png"
+    big.write_bytes(rgb_png() + b"\0" * 5000)
+    loader = make_loader(local_files_document_root=str(doc_root), max_download_bytes=4000)
+    with pytest.raises(ImageError, match="larger than 4,000 bytes"):
+        loader.load(str(big))
+    with pytest.raises(ImageError, match="larger than 4,000 bytes"):
+        loader.load("/data/local-files/?d=sub/big.png")
 
 
 def test_source_key(ls, make_loader, doc_root):
