@@ -34,6 +34,9 @@ setup(
         "ujson",
         "tqdm",
         "gunicorn",
+        # SAM 3 (model_name=sam3): one code path on CPU and GPU; hub downloads
+        "transformers==5.23.0",
+        "huggingface_hub",
     ],
     extras_require={"test": ["pytest", "pytest-timeout", "playwright"]},
     entry_points={"console_scripts": ["sam-backend=sam_backend.cli:main"]},

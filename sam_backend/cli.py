@@ -14,7 +14,8 @@ from typing import List, Optional
 from .errors import SamBackendError
 
 # module -> the feature it adds to the command line
-COMMAND_MODULES = ["sam_backend.server", "sam_backend.weights", "sam_backend.coco"]
+COMMAND_MODULES = ["sam_backend.server", "sam_backend.weights", "sam_backend.coco",
+                   "sam_backend.annotate"]
 
 
 def build_parser() -> argparse.ArgumentParser:
