@@ -72,3 +72,14 @@ def synthetic_image(height: int, width: int, seed: int = 0) -> np.ndarray:
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         cv2.circle(image, centre, radius, colour, -1)
     return image
+
+
+def cached_random_sam3(reduced: bool = True) -> Path:
+    """The seeded random-weight SAM 3 checkpoint directory (official layout), made once into
+    ``CACHE_DIR``; ``reduced``: the small configuration of the same classes (fast tests)."""
+    from .sam3_runtime import make_random_checkpoint_dir
+
+    path = CACHE_DIR / f"seed{CACHE_SEED}" / ("sam3-reduced" if reduced else "sam3")
+    if not (path / "config.json").is_file():
+        make_random_checkpoint_dir(path, seed=CACHE_SEED, reduced=reduced)
+    return path

@@ -33,6 +33,9 @@ class Variant:
     family: str
     builder: Callable[[], torch.nn.Module]
     sha256_prefix: Optional[str] = None
+    # Families with their own runtime module (sam2, sam3) build their model here:
+    # ``factory(variant, checkpoint, device, runtime) -> SegmentationModel``.
+    factory: Optional[Callable[..., object]] = None
 
     @property
     def key(self) -> str:
@@ -130,7 +133,28 @@ VARIANTS: Dict[Tuple[str, str], Variant] = {
     ]
 }
 
+
+def _build_sam3_click_model() -> torch.nn.Module:
+    # SAM 3's click model at its published size (~458M parameters), uninitialised weights.
+    from transformers import Sam3TrackerConfig, Sam3TrackerModel
+
+    return Sam3TrackerModel(Sam3TrackerConfig())
+
+
+def _sam3_factory(variant, checkpoint, device, runtime):
+    from .sam3_runtime import create_sam3_model
+
+    return create_sam3_model(variant, checkpoint, device, runtime)
+
+
+# SAM 3 (transformers): its checkpoint is a hub-format directory, fetched from the hub repository
+# its url names (sam_backend/hub.py), not a single file.
+SAM3 = Variant("sam3", "default", "sam3", "https://huggingface.co/facebook/sam3", "sam3",
+               _build_sam3_click_model, factory=_sam3_factory)
+VARIANTS[(SAM3.model_name, SAM3.sam_config)] = SAM3
+
 DEFAULT_CONFIG: Dict[str, str] = {"sam": "vit_b", "sam_hq": "vit_b", "mobile_sam": "vit_t"}
+DEFAULT_CONFIG["sam3"] = "default"
 
 
 def model_names() -> list:

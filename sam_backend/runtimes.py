@@ -80,6 +80,8 @@ def create_model(variant: Variant, checkpoint: Union[str, Path, None], device: s
     runtime=onnx falls back to torch (with a logged warning) when onnxruntime is not installed
     or the checkpoint cannot be exported faithfully; it is a ConfigError on a device onnxruntime
     cannot use."""
+    if variant.factory is not None:
+        return variant.factory(variant, checkpoint, device, runtime)
     chosen = default_runtime(variant, device) if runtime == "auto" else runtime
     if chosen not in RUNTIMES:
         raise ConfigError(f"runtime={runtime!r}: use auto, torch or onnx")

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Tuple, Union
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from . import registry
+from . import hub, registry
 from .errors import CheckpointError, ConfigError, SamBackendError
 from .registry import VARIANTS, Variant
 
@@ -470,6 +470,18 @@ def download(variant: Variant, dest_dir: Union[str, Path, None] = None,
     interrupted (the ``.part`` is kept for resuming) or when a check fails (the download is
     removed).
     """
+    if hub.hub_repo(variant):
+        if sha256:
+            raise ConfigError(f"--sha256 names one file's digest; {variant.key}'s checkpoint is a "
+                              f"directory fetched from the model hub, verified by loading it")
+        if offline_from_env() and not hub.is_checkpoint_dir(
+                (Path(dest_dir).expanduser() if dest_dir else registry.weights_dir())
+                / variant.checkpoint_name):
+            raise CheckpointError(hub.missing_message(
+                variant, (Path(dest_dir).expanduser() if dest_dir else registry.weights_dir())
+                / variant.checkpoint_name))
+        return hub.download(variant, dest_dir or registry.weights_dir(), force=force,
+                            progress=progress)
     dest = (Path(dest_dir).expanduser() if dest_dir else registry.weights_dir()) \
         / variant.checkpoint_name
     given = _normalise_sha256(sha256, "--sha256") if sha256 else None
@@ -510,6 +522,8 @@ def ensure_checkpoint(variant: Variant, checkpoint: Union[str, Path, None] = Non
     """
     default = registry.default_checkpoint(variant)
     path = Path(checkpoint).expanduser() if not _blank(checkpoint) else default
+    if hub.hub_repo(variant):
+        return _ensure_hub_checkpoint(variant, path, default, offline)
     if path.is_file():
         return path
     if path.exists():
@@ -534,6 +548,27 @@ def ensure_checkpoint(variant: Variant, checkpoint: Union[str, Path, None] = Non
     return download(variant, dest_dir=path.parent, progress=True)
 
 
+def _ensure_hub_checkpoint(variant: Variant, path: Path, default: Path,
+                           offline: Optional[bool]) -> Path:
+    """A hub-format checkpoint directory, downloaded first when missing (see ensure_checkpoint)."""
+    if hub.is_checkpoint_dir(path):
+        return path
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} for {variant.key} is a file: {variant.key} loads "
+                              f"from a hub-format directory (config.json + model.safetensors)")
+    if path.name != variant.checkpoint_name and path.absolute() != default.absolute():
+        raise CheckpointError(
+            f"checkpoint directory {path} not found (or without config.json). It is not named like "
+            f"{variant.key}'s checkpoint ({variant.checkpoint_name}), so it is not downloaded: fix "
+            f"sam_checkpoint_file, or leave it empty to use {default}")
+    if offline is None:
+        offline = offline_from_env()
+    if offline:
+        raise CheckpointError(hub.missing_message(variant, path))
+    log.info("checkpoint directory %s for %s is missing: downloading it", path, variant.key)
+    return hub.download(variant, path.parent, progress=True)
+
+
 # -- random stand-ins ----------------------------------------------------------------------------
 RANDOM_WARNING = ("RANDOM WEIGHTS: {path} is a random-weight {key} checkpoint (seed {seed}) under "
                   "the official file name. Its masks are MEANINGLESS: use it only for tests, "
@@ -549,7 +584,12 @@ def write_random(variant: Variant, dest_dir: Union[str, Path, None] = None, seed
     if dest.exists() and not force:
         raise CheckpointError(f"{dest} already exists: not replacing it with random weights "
                               f"(use --force, or --dir to write elsewhere)")
-    make_random_checkpoint(variant, dest, seed=seed)
+    if hub.hub_repo(variant):
+        from .sam3_runtime import make_random_checkpoint_dir
+
+        make_random_checkpoint_dir(dest, seed=seed)
+    else:
+        make_random_checkpoint(variant, dest, seed=seed)
     log.warning(RANDOM_WARNING.format(path=dest, key=variant.key, seed=seed))
     return dest
 
@@ -565,8 +605,10 @@ def _cmd_list(args) -> int:
     for variant in VARIANTS.values():
         path = directory / variant.checkpoint_name
         part = _part_path(path)
-        if path.is_file():
-            present = f"yes, {_human(path.stat().st_size)}"
+        if path.is_file() or hub.is_checkpoint_dir(path):
+            size = path.stat().st_size if path.is_file() else \
+                sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+            present = f"yes, {_human(size)}"
         elif part.is_file():
             present = f"partial, {_human(part.stat().st_size)}"
         else:

@@ -360,7 +360,7 @@ def test_infer_variant_errors():
     with pytest.raises(ConfigError, match="does not match"):
         weights.infer_variant(checkpoint="sam_vit_h_4b8939.pth", sam_config="vit_b")
     with pytest.raises(ConfigError, match="unknown model_name"):
-        weights.infer_variant(model_name="sam3")
+        weights.infer_variant(model_name="sam4")
 
 
 # -- command line --------------------------------------------------------------------------------
