@@ -66,6 +66,9 @@ class SegmentationService:
         self.concepts: Optional[ConceptAnnotator] = None
         if settings.concept_model != "none":
             self.model_version += f"+{settings.concept_model}"
+            if settings.concept_model == "sam3" and hasattr(segmenter.model, "keep_vision_state"):
+                # the concept model runs on the click model's backbone output: cache it too
+                segmenter.model.keep_vision_state = True
             self.concepts = ConceptAnnotator(
                 self, lambda: create_concept_engine(self.settings, self.segmenter))
         self._projects: Dict[str, str] = {}  # project -> label config sent in /setup

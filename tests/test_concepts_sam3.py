@@ -1,0 +1,64 @@
+"""Concept engine ``sam3`` on a reduced SAM 3 of the real classes (random weights): instances equal
+transformers' own pipeline (Sam3Processor -> Sam3Model -> post_process_instance_segmentation) on the
+same weights and threshold, computed on the image state the click model cached; a click after a
+concept pass encodes nothing."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from sam_backend.concepts import Selection
+from sam_backend.images import ImageAccessSettings, ImageLoader
+from sam_backend.model import Prompt
+from sam_backend.random_weights import cached_random_sam3, synthetic_image
+from sam_backend.sam3_concepts import write_test_tokenizer
+from sam_backend.service import SegmentationService, segmenter_for
+from sam_backend.settings import Settings
+
+THRESHOLD = 0.25  # random weights: low enough to give instances
+
+
+@pytest.fixture(scope="module")
+def sam3_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("sam3") / "sam3"
+    shutil.copytree(cached_random_sam3(reduced=True), directory)
+    return write_test_tokenizer(directory)
+
+
+def test_sam3_instances_equal_the_libraries_pipeline_and_share_the_click_cache(sam3_dir,
+                                                                               tmp_path):
+    from transformers import Sam3Model, Sam3Processor
+
+    settings = Settings.load({"model_name": "sam3", "sam_checkpoint_file": str(sam3_dir),
+                              "device": "cpu", "embedding_dtype": "float32",
+                              "concept_model": "sam3", "concept_threshold": str(THRESHOLD)},
+                             environ={})
+    service = SegmentationService(settings, segmenter_for(settings), ImageLoader(
+        ImageAccessSettings.from_env(cache_dir=str(tmp_path / "cache"))))
+    image = synthetic_image(180, 260, seed=2)
+    engine = service.concept_annotator().engine
+    found = engine.detect("sam3-fidelity", lambda: image, ["red car"], THRESHOLD,
+                          Selection(1.0, 1000))[0]
+
+    model = Sam3Model.from_pretrained(str(sam3_dir)).eval()
+    processor = Sam3Processor.from_pretrained(str(sam3_dir))
+    inputs = processor(images=image, text="red car", return_tensors="pt")
+    with torch.no_grad():
+        outputs = model(**inputs)
+    ref = processor.post_process_instance_segmentation(
+        outputs, threshold=THRESHOLD, mask_threshold=0.5,
+        target_sizes=inputs["original_sizes"].tolist())[0]
+    order = torch.argsort(ref["scores"], descending=True, stable=True)
+    assert len(ref["scores"]) > 0 and len(found) == len(ref["scores"])
+    np.testing.assert_allclose(found.scores, ref["scores"][order].numpy(), atol=1e-4)
+    np.testing.assert_allclose(found.boxes, ref["boxes"][order].numpy(), atol=1e-2)
+    same = (found.masks == ref["masks"][order].numpy().astype(bool)).mean(axis=(1, 2))
+    assert same.min() > 0.999
+
+    misses = service.segmenter.cache.misses
+    service.segmenter.segment("sam3-fidelity", lambda: image,
+                              Prompt(np.array([[50.0, 60.0]], np.float32), np.array([1])))
+    assert service.segmenter.cache.misses == misses  # the click reused the concept pass's state
