@@ -329,7 +329,14 @@ class ConceptAnnotator:
         self.engine  # a missing concept model is reported now, before anything is queued
         futures = []
         for task in tasks:
-            futures.append(self._submit(self._key(task, config, concepts), task, config, concepts))
+            try:
+                key = self._key(task, config, concepts)
+            except Exception as exc:  # e.g. a task without an image: the others still get theirs
+                failed: concurrent.futures.Future = concurrent.futures.Future()
+                failed.set_exception(exc)
+                futures.append(failed)
+                continue
+            futures.append(self._submit(key, task, config, concepts))
         concurrent.futures.wait(futures, timeout=self.settings.concept_timeout)
         answers: List[Any] = []
         for task, future in zip(tasks, futures):

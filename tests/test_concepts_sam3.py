@@ -62,3 +62,41 @@ def test_sam3_instances_equal_the_libraries_pipeline_and_share_the_click_cache(s
     service.segmenter.segment("sam3-fidelity", lambda: image,
                               Prompt(np.array([[50.0, 60.0]], np.float32), np.array([1])))
     assert service.segmenter.cache.misses == misses  # the click reused the concept pass's state
+
+
+@pytest.mark.slow
+def test_full_size_sam3_concept_pass_on_the_cached_click_state(tmp_path):
+    """SAM 3 at its published size (random weights, ~3.4 GB directory, built once): a concept
+    pass through the service gives instances above the threshold as regions, and a click after it
+    encodes nothing."""
+    source = cached_random_sam3(reduced=False)
+    directory = tmp_path / "sam3"
+    directory.mkdir()
+    for item in source.iterdir():  # linked, not copied
+        (directory / item.name).symlink_to(item)
+    write_test_tokenizer(directory)
+    settings = Settings.load({"model_name": "sam3", "sam_checkpoint_file": str(directory),
+                              "device": "cpu", "concept_model": "sam3",
+                              "concept_threshold": str(THRESHOLD), "max_instances": "5"},
+                             environ={})
+    service = SegmentationService(settings, segmenter_for(settings), ImageLoader(
+        ImageAccessSettings.from_env(cache_dir=str(tmp_path / "cache"))))
+    path = tmp_path / "scene.png"
+    import cv2
+
+    cv2.imwrite(str(path), synthetic_image(360, 480, seed=4))
+    config = """<View><Image name="image" value="$image"/>
+      <BrushLabels name="brush" toName="image"><Label value="car" hint="red car"/></BrushLabels>
+      <RectangleLabels name="boxes" toName="image"><Label value="car"/></RectangleLabels></View>"""
+    textarea = {"result": [{"type": "textarea", "from_name": "t", "to_name": "image",
+                            "value": {"text": ["car"]}}]}
+    (prediction,) = service.predict([{"id": 1, "data": {"image": str(path)}}], config, textarea)
+    kinds = [r["type"] for r in prediction["result"]]
+    assert kinds.count("brushlabels") == kinds.count("rectanglelabels") <= 5
+    assert all(r["score"] > THRESHOLD for r in prediction["result"])
+    misses = service.segmenter.cache.misses
+    click = {"result": [{"type": "rectanglelabels", "from_name": "boxes", "to_name": "image",
+                         "value": {"x": 10, "y": 10, "width": 40, "height": 50,
+                                   "rectanglelabels": ["car"]}}]}
+    service.predict([{"id": 1, "data": {"image": str(path)}}], config, click)
+    assert service.segmenter.cache.misses == misses
