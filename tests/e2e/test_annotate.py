@@ -17,8 +17,25 @@ CONFIG = """<View>
 </View>"""
 
 
-def test_annotate_a_project_then_resume_adds_nothing(label_studio, checkpoint_factory,
-                                                     tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def annotate_argv(label_studio, checkpoint_factory, tmp_path, monkeypatch):
+    """``sam-backend annotate --project ID`` arguments with Label Studio's address and token in
+    the environment, as the backend takes them."""
+    dino = make_random_grounding_dino(tmp_path / "gd", "tiny", seed=7)
+    monkeypatch.setenv("LABEL_STUDIO_URL", label_studio.url)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", label_studio.token)
+    monkeypatch.setenv("SAM_BACKEND_IMAGE_CACHE_DIR", str(tmp_path / "image-cache"))
+
+    def argv(project_id, *options):
+        return ["annotate", "--project", str(project_id), "--no-progress", "--with",
+                "model_name=mobile_sam", f"sam_checkpoint_file={checkpoint_factory('mobile_sam')}",
+                "device=cpu", f"concept_checkpoint={dino}", "concept_threshold=0.3", *options]
+
+    return argv
+
+
+def test_annotate_a_project_then_resume_adds_nothing(label_studio, annotate_argv, tmp_path,
+                                                     capsys):
     api = label_studio.api
     project = api.create_project("label by concept", CONFIG)
     assert 'hint="red car"' in api.get_project(project["id"])["label_config"]
@@ -27,14 +44,7 @@ def test_annotate_a_project_then_resume_adds_nothing(label_studio, checkpoint_fa
         cv2.imwrite(str(path), synthetic_image(180 + 20 * seed, 240, seed=seed))
         api.import_image(project["id"], path)
     tasks = api.list_tasks(project["id"])
-    dino = make_random_grounding_dino(tmp_path / "gd", "tiny", seed=7)
-    monkeypatch.setenv("LABEL_STUDIO_URL", label_studio.url)
-    monkeypatch.setenv("LABEL_STUDIO_API_KEY", label_studio.token)
-    monkeypatch.setenv("SAM_BACKEND_IMAGE_CACHE_DIR", str(tmp_path / "image-cache"))
-    argv = ["annotate", "--project", str(project["id"]), "--no-progress", "--with",
-            "model_name=mobile_sam", f"sam_checkpoint_file={checkpoint_factory('mobile_sam')}",
-            "device=cpu", "concept_model=grounding_dino", f"concept_checkpoint={dino}",
-            "concept_threshold=0.3", "max_instances=3"]
+    argv = annotate_argv(project["id"], "concept_model=grounding_dino", "max_instances=3")
 
     assert cli.main(argv) == 0
     first = capsys.readouterr().out
@@ -53,22 +63,16 @@ def test_annotate_a_project_then_resume_adds_nothing(label_studio, checkpoint_fa
     assert len(api.get("/api/predictions", params={"project": project["id"]})) == 3
 
 
-def test_a_failing_task_is_reported_and_the_run_goes_on(label_studio, checkpoint_factory,
-                                                        tmp_path, monkeypatch, capsys):
+def test_a_failing_task_is_reported_and_the_run_goes_on(label_studio, annotate_argv, tmp_path,
+                                                        capsys):
     api = label_studio.api
     project = api.create_project("label by concept, a broken task", CONFIG)
     path = tmp_path / "ok.png"
     cv2.imwrite(str(path), synthetic_image(160, 200, seed=1))
     api.import_image(project["id"], path)
     api.import_tasks(project["id"], [{"data": {"image": "http://127.0.0.1:9/missing.png"}}])
-    dino = make_random_grounding_dino(tmp_path / "gd", "tiny", seed=7)
-    monkeypatch.setenv("LABEL_STUDIO_URL", label_studio.url)
-    monkeypatch.setenv("LABEL_STUDIO_API_KEY", label_studio.token)
-    monkeypatch.setenv("SAM_BACKEND_IMAGE_CACHE_DIR", str(tmp_path / "image-cache"))
-    code = cli.main(["annotate", "--project", str(project["id"]), "--no-progress", "--with",
-                     "model_name=mobile_sam",
-                     f"sam_checkpoint_file={checkpoint_factory('mobile_sam')}", "device=cpu",
-                     f"concept_checkpoint={dino}", "concept_threshold=0.3", "max_instances=2"])
+    # concept_model defaults to grounding_dino for this command
+    code = cli.main(annotate_argv(project["id"], "max_instances=2"))
     out = capsys.readouterr().out
     assert code == 1
     assert "1 task(s) annotated" in out and "1 failed" in out and "missing.png" in out
