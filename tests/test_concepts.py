@@ -250,4 +250,5 @@ def test_task_open_gives_a_prediction_and_a_click_after_it_encodes_nothing(backe
 def test_bad_text_prompt_is_a_400_and_the_server_keeps_serving(backend, image_path):
     response = post(backend, [{"id": 3, "data": {"image": str(image_path)}}], textarea("tree"))
     assert response.status_code == 400 and "which label" in response.json()["errors"][0]
-    assert requests.get(f"{backend.url}/health", timeout=10).status_code == 200
+    health = requests.get(f"{backend.url}/health", timeout=10)
+    assert health.status_code == 200 and health.json()["concept_model"] == "grounding_dino"
