@@ -15,7 +15,7 @@ from .errors import SamBackendError
 
 # module -> the feature it adds to the command line
 COMMAND_MODULES = ["sam_backend.server", "sam_backend.weights", "sam_backend.coco",
-                   "sam_backend.yolo", "sam_backend.precompute"]
+                   "sam_backend.yolo", "sam_backend.precompute", "sam_backend.annotate"]
 
 
 def build_parser() -> argparse.ArgumentParser:

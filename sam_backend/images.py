@@ -97,7 +97,7 @@ import time
 from dataclasses import dataclass, field, fields
 from http.cookiejar import DefaultCookiePolicy
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 from urllib.parse import parse_qs, unquote, unquote_to_bytes, urljoin, urlsplit, urlunsplit
 from urllib.request import url2pathname
 
@@ -1201,6 +1201,12 @@ class ImageLoader:
             if stale:
                 self._refresh(token, source)
             return f"Bearer {self._access}", kind, source
+
+    def label_studio_headers(self, force_refresh: bool = False) -> Dict[str, str]:
+        """``Authorization`` for Label Studio's API with the configured token (legacy or personal
+        access token, refreshed as needed); empty when no token is configured."""
+        header, _kind, _source = self._auth_header(force_refresh)
+        return {"Authorization": header} if header else {}
 
     def _skew(self) -> float:
         if self._access_life and self._access_life > 0:

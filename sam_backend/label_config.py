@@ -35,15 +35,29 @@ class Control:
     to_name: str
     labels: Tuple[str, ...]
     smart: bool
+    hints: Tuple[Tuple[str, str], ...] = ()  # (label, its ``hint`` attribute), where given
 
     def has_label(self, label: str) -> bool:
         return label in self.labels
+
+    def hint(self, label: str) -> Optional[str]:
+        """The label's ``hint`` attribute (``<Label value="Car" hint="red car"/>``), if any."""
+        return dict(self.hints).get(label)
+
+
+@dataclass(frozen=True)
+class TextInput:
+    """A ``TextArea`` on an image: where an annotator can type a concept phrase."""
+
+    name: str
+    to_name: str
 
 
 @dataclass(frozen=True)
 class LabelConfig:
     controls: Tuple[Control, ...]
     images: Dict[str, str]  # Image tag name -> task data key ($image -> "image")
+    text_inputs: Tuple[TextInput, ...] = ()
 
     def control(self, name: str) -> Optional[Control]:
         for control in self.controls:
@@ -96,6 +110,7 @@ def parse_label_config(text: str) -> LabelConfig:
         raise RequestError("the label_config is not valid XML: nested too deeply") from None
     controls: List[Control] = []
     images: Dict[str, str] = {}
+    text_inputs: List[TextInput] = []
     for element in root.iter():
         tag = element.tag.lower() if isinstance(element.tag, str) else ""
         if tag == "image":
@@ -103,15 +118,18 @@ def parse_label_config(text: str) -> LabelConfig:
             if element.get("name"):
                 images[element.get("name")] = value.lstrip("$")
         elif tag in CONTROL_TYPES:
-            labels = tuple(
-                child.get("value") for child in element
-                if isinstance(child.tag, str) and child.tag.lower() == "label"
-                and child.get("value") is not None
-            )
+            label_tags = [child for child in element
+                          if isinstance(child.tag, str) and child.tag.lower() == "label"
+                          and child.get("value") is not None]
+            labels = tuple(child.get("value") for child in label_tags)
+            hints = tuple((child.get("value"), child.get("hint").strip()) for child in label_tags
+                          if (child.get("hint") or "").strip())
             controls.append(Control(tag, element.get("name", ""), element.get("toName", ""),
                                     labels, _truthy(element.get("smart"))
-                                    or _truthy(element.get("smartOnly"))))
-    return LabelConfig(tuple(controls), images)
+                                    or _truthy(element.get("smartOnly")), hints))
+        elif tag == "textarea":
+            text_inputs.append(TextInput(element.get("name", ""), element.get("toName", "")))
+    return LabelConfig(tuple(controls), images, tuple(text_inputs))
 
 
 def all_labels(config: LabelConfig) -> FrozenSet[str]:

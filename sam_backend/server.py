@@ -170,6 +170,7 @@ def create_app(service: SegmentationService) -> Flask:
             "runtime": model.runtime,
             "device": model.device,
             "model_version": service.model_version,
+            "concept_model": service.settings.concept_model,
             "embedding_cache": {"images": len(service.segmenter.cache),
                                 "bytes": service.segmenter.cache.nbytes,
                                 "max_bytes": service.segmenter.cache.max_bytes},

@@ -18,6 +18,7 @@ import numpy as np
 
 from . import __version__
 from .cache import EmbeddingCache
+from .concepts import ConceptAnnotator, create_concept_engine, parse_text_prompt
 from .engine import Segmenter, get_segmenter
 from .errors import ImageError, RequestError
 from .images import ImageAccessSettings, ImageLoader
@@ -71,6 +72,14 @@ class SegmentationService:
         self.segmenter = segmenter
         self.images = images
         self.model_version = f"sam_backend-{__version__}:{segmenter.model.variant.key}"
+        self.concepts: Optional[ConceptAnnotator] = None
+        if settings.concept_model != "none":
+            self.model_version += f"+{settings.concept_model}"
+            if settings.concept_model == "sam3" and hasattr(segmenter.model, "keep_vision_state"):
+                # the concept model runs on the click model's backbone output: cache it too
+                segmenter.model.keep_vision_state = True
+            self.concepts = ConceptAnnotator(
+                self, lambda: create_concept_engine(self.settings, self.segmenter))
         # project -> label config sent in /setup, least recently used first out
         self._projects: "OrderedDict[str, str]" = OrderedDict()
         self._projects_chars = 0
@@ -145,13 +154,24 @@ class SegmentationService:
                     or isinstance(task_id, int) and abs(task_id) < 2 ** 63)):
                 raise RequestError(f"tasks[{index}].id must be an integer, got {shown(task_id)}")
         config = self.label_config_for(project, label_config)
+        typed = parse_text_prompt(context, config)
+        if typed is not None:
+            return [self.concept_annotator().annotate_task(task, config, typed) for task in tasks]
         prompt = parse_context(context, config, self.settings.max_points)
         if prompt is None:
+            if self.settings.auto_annotate:
+                return self.concept_annotator().auto_annotate(tasks, config)
             if self.settings.precompute:
                 for task in tasks:
                     self.precompute(task, config)
             return []
         return [self.predict_task(task, config, prompt) for task in tasks]
+
+    def concept_annotator(self) -> ConceptAnnotator:
+        """The concept side; a clear error when the backend runs without one."""
+        if self.concepts is None:
+            create_concept_engine(self.settings, self.segmenter)  # raises: what to start with
+        return self.concepts
 
     def image_of(self, task: Dict[str, Any], config: LabelConfig, to_name: str,
                  item_index: Optional[int] = None) -> Tuple[str, Optional[int]]:
@@ -195,14 +215,27 @@ class SegmentationService:
 
     def regions(self, mask: np.ndarray, score: float, config: LabelConfig,
                 prompt: PromptRequest) -> List[Dict[str, Any]]:
-        """Label Studio regions for ``mask`` (HxW bool): brush, polygons and box, each under the
-        control of its type on the same image that has the prompt's label."""
-        label, to_name, rotation = prompt.label, prompt.to_name, prompt.image_rotation
+        """Label Studio regions for a click's ``mask`` (HxW bool), under the prompt's label."""
+        skip = prompt.from_name if prompt.kind == "rectanglelabels" else None
+        return self.mask_regions(mask, score, config, prompt.label, prompt.to_name,
+                                 prompt.image_rotation, skip_box_control=skip)
+
+    def mask_regions(self, mask: np.ndarray, score: float, config: LabelConfig, label: str,
+                     to_name: str, rotation: float = 0, skip_box_control: Optional[str] = None,
+                     bbox: Optional[Tuple[float, float, float, float]] = None
+                     ) -> List[Dict[str, Any]]:
+        """Regions for ``mask`` (HxW bool, image frame): brush, polygons and box as the output
+        options say, each under the control of its type on ``to_name`` that has ``label``.
+
+        ``skip_box_control``: a rectangle control that gets no box (the annotator's own box is
+        already there). ``bbox``: (x0, y0, x1, y1) pixels for the box output instead of the
+        mask's tight box (a detector's box)."""
         height, width = mask.shape
-        bbox = mask_bbox(mask)
-        if bbox is None:
+        mask_box = mask_bbox(mask)
+        if mask_box is None:
             log.info("the mask for %r is empty: nothing to return", label)
             return []
+        bbox = mask_box if bbox is None else bbox
         wanted = [("brushlabels", self.settings.out_mask), ("polygonlabels", self.settings.out_poly),
                   ("rectanglelabels", self.settings.out_bbox)]
         regions: List[Dict[str, Any]] = []
@@ -214,9 +247,8 @@ class SegmentationService:
                 log.info("no %s control on %r with label %r: %s output skipped", kind, to_name,
                          label, kind)
                 continue
-            if kind == "rectanglelabels" and prompt.kind == "rectanglelabels" \
-                    and control.name == prompt.from_name:
-                continue  # the annotator's own box is already there
+            if kind == "rectanglelabels" and control.name == skip_box_control:
+                continue
             if kind == "brushlabels":
                 regions.append(brush_region(mask, label, control.name, to_name, rotation, score))
             elif kind == "polygonlabels":

@@ -123,6 +123,28 @@ class Settings:
         "help": "sam-backend serve: seconds to receive a request's headers and body; a slower "
                 "client is disconnected"})
 
+    concept_model: str = field(default="none", metadata={
+        "help": "label by concept (text -> every instance): none, grounding_dino (an "
+                "open-vocabulary detector's boxes -> the click model's masks), sam3"})
+    concept_checkpoint: Optional[str] = field(default=None, metadata={
+        "help": "the concept model's directory (transformers format: config, weights, "
+                "processor/tokenizer); default weights/<engine's default directory>"})
+    concept_threshold: float = field(default=0.5, metadata={
+        "help": "keep instances whose score is above this (0..1)"})
+    concept_nms_iou: float = field(default=0.7, metadata={
+        "help": "of two instances of one label whose boxes overlap with IoU above this, the "
+                "lower-scored one is dropped (1 = keep all)"})
+    max_instances: int = field(default=50, metadata={
+        "help": "at most this many instances per label, highest scores first"})
+    concept_labels: Optional[str] = field(default=None, metadata={
+        "help": "comma-separated labels that take part in auto-annotation (default: all)"})
+    auto_annotate: bool = field(default=False, metadata={
+        "help": "a task opened / 'Retrieve predictions' gets every instance of every label as "
+                "its prediction (needs concept_model)"})
+    concept_timeout: float = field(default=20.0, metadata={
+        "help": "seconds an auto-annotation /predict waits for the concept pass; later it "
+                "finishes in the background and the next ask is answered from its result"})
+
     @classmethod
     def option_names(cls):
         return [f.name for f in fields(cls)]
@@ -181,6 +203,16 @@ class Settings:
             value = getattr(self, name)
             if not (value > 0 and value < float("inf")):
                 raise ConfigError(f"{name}={value!r} must be a positive number")
+        if self.concept_model not in ("none", "grounding_dino", "sam3"):
+            raise ConfigError(f"concept_model={self.concept_model!r}: use none, grounding_dino "
+                              f"or sam3")
+        if not 0 <= self.concept_threshold <= 1 or not 0 <= self.concept_nms_iou <= 1:
+            raise ConfigError("concept_threshold and concept_nms_iou must be between 0 and 1")
+        if self.max_instances <= 0 or self.concept_timeout <= 0:
+            raise ConfigError("max_instances and concept_timeout must be positive")
+        if self.auto_annotate and self.concept_model == "none":
+            raise ConfigError("auto_annotate=true needs a concept model: add "
+                              "concept_model=grounding_dino (or sam3)")
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)

@@ -146,6 +146,7 @@ EXPECTED = {  # template -> (prompt kind, region types a keypoint / rectangle pr
     "point_to_brush": {"keypoint": {"brushlabels"}},
     "box_to_brush": {"rectangle": {"brushlabels"}},
     "point_to_polygon": {"keypoint": {"polygonlabels"}},
+    "concepts": {"keypoint": {"brushlabels", "rectanglelabels"}},
 }
 
 
