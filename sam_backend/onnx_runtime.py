@@ -144,12 +144,31 @@ def upscale_mask(low_res: np.ndarray, input_size: Tuple[int, int],
 
 
 # -- checkpoint digest ------------------------------------------------------------------------
+def _files(directory: Path) -> List[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file())
+
+
 def file_sha256(path: Union[str, Path], chunk: int = 8 << 20) -> str:
+    """SHA-256 of a file; of a hub-format checkpoint directory (SAM 3), over each file's relative
+    name and digest."""
+    path = Path(path)
     hasher = hashlib.sha256()
+    if path.is_dir():
+        for file in _files(path):
+            hasher.update(f"{file.relative_to(path).as_posix()}\0{file_sha256(file)}\n".encode())
+        return hasher.hexdigest()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
             hasher.update(block)
     return hasher.hexdigest()
+
+
+def _stamp(path: Path) -> Dict[str, int]:
+    """What tells a checkpoint changed without reading it: size and mtime (of a directory: its
+    files' total size and newest mtime)."""
+    stats = [p.stat() for p in _files(path)] if path.is_dir() else [path.stat()]
+    return {"size": sum(s.st_size for s in stats),
+            "mtime_ns": max((s.st_mtime_ns for s in stats), default=0)}
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
@@ -171,9 +190,8 @@ def _write_text_atomic(path: Path, text: str) -> None:
 def checkpoint_sha256(path: Union[str, Path], sidecar: Optional[Path] = None) -> str:
     """SHA-256 of the checkpoint, remembered in the json ``sidecar`` by (path, size, mtime)."""
     path = Path(path)
-    st = path.stat()
     key = str(path.resolve())
-    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    stamp = _stamp(path)
     known: Dict[str, Any] = {}
     if sidecar is not None and sidecar.is_file():
         try:

@@ -59,7 +59,11 @@ def identity_for(settings: Settings, model=None) -> str:
         runtime = default_runtime(variant, settings.device)
     else:
         runtime = settings.runtime
-    return model_identity(variant.key, sha, runtime, settings.embedding_dtype)
+    identity = model_identity(variant.key, sha, runtime, settings.embedding_dtype)
+    from .service import keeps_vision_state
+
+    # entries with SAM 3's backbone output (concept_model=sam3) are not mixed with click-only ones
+    return identity + ":vision" if keeps_vision_state(settings) else identity
 
 
 def store_for(settings: Settings, identity: str) -> EmbeddingStore:

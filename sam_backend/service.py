@@ -43,6 +43,11 @@ def build_model(settings: Settings):
     return create_model(variant, checkpoint, settings.device, settings.runtime)
 
 
+def keeps_vision_state(settings: Settings) -> bool:
+    """Whether embeddings carry SAM 3's backbone output too (``concept_model=sam3``)."""
+    return settings.concept_model == "sam3"
+
+
 def segmenter_for(settings: Settings) -> Segmenter:
     """The process-wide segmenter for these settings (loaded on first use)."""
     key = (settings.model_name, settings.sam_config, settings.sam_checkpoint_file,
@@ -52,6 +57,10 @@ def segmenter_for(settings: Settings) -> Segmenter:
     def build() -> Segmenter:
         started = time.perf_counter()
         model = build_model(settings)
+        if keeps_vision_state(settings) and hasattr(model, "keep_vision_state"):
+            # SAM 3's concept model runs on the click model's backbone output: every process
+            # that encodes (web replicas and precompute workers alike) keeps it in the embedding
+            model.keep_vision_state = True
         log.info("model %s ready in %.1f s", model.describe(), time.perf_counter() - started)
         store = None
         if settings.embedding_store:
@@ -75,9 +84,6 @@ class SegmentationService:
         self.concepts: Optional[ConceptAnnotator] = None
         if settings.concept_model != "none":
             self.model_version += f"+{settings.concept_model}"
-            if settings.concept_model == "sam3" and hasattr(segmenter.model, "keep_vision_state"):
-                # the concept model runs on the click model's backbone output: cache it too
-                segmenter.model.keep_vision_state = True
             self.concepts = ConceptAnnotator(
                 self, lambda: create_concept_engine(self.settings, self.segmenter))
         # project -> label config sent in /setup, least recently used first out

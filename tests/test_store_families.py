@@ -67,3 +67,22 @@ def test_a_family_embedding_round_trips_through_redis(family, redis_server):  # 
             assert np.array_equal(got.mask, want.mask) and got.score == want.score
     # the float32 entry decodes to the very mask of the embedding as the encoder made it
     assert np.array_equal(model.decode(back, click).mask, model.decode(embedding, click).mask)
+
+
+def test_concept_model_sam3_keeps_the_backbone_output_in_every_encoding_process(official_dir):  # noqa: F811
+    """Web replicas and precompute workers both build their model through ``segmenter_for``: with
+    ``concept_model=sam3`` it keeps SAM 3's backbone output, and the store's model identity says
+    so, so a worker's entries serve concept passes and never mix with click-only entries."""
+    from sam_backend.precompute import identity_for
+    from sam_backend.service import segmenter_for
+    from sam_backend.settings import Settings
+
+    options = dict(model_name="sam3", sam_checkpoint_file=str(official_dir), device="cpu",
+                   runtime="torch", offline=True)
+    with_concepts = Settings.load(dict(options, concept_model="sam3"), environ={})
+    clicks_only = Settings.load(options, environ={})
+    model = segmenter_for(with_concepts).model
+    assert model.keep_vision_state is True
+    assert 1 + len(model.embed(synthetic_image(64, 96, seed=1)).extra) == 4
+    assert identity_for(with_concepts, model).endswith(":vision")
+    assert identity_for(clicks_only) == identity_for(with_concepts, model)[:-len(":vision")]
