@@ -38,3 +38,22 @@ def release_memory():
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+@pytest.fixture(scope="module", autouse=True)
+def drop_process_wide_models():
+    """After each test module, forget the process-wide segmenters (``segmenter_for`` keeps each
+    loaded model for the life of the process, as a server should) and give their memory back:
+    in one pytest process, every module's models would otherwise stay loaded until the end
+    (a full run was killed for lack of memory at 17.7 GB)."""
+    yield
+    from sam_backend import engine
+
+    with engine._SEGMENTERS_LOCK:
+        engine._SEGMENTERS.clear()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+

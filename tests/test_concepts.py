@@ -5,6 +5,8 @@ Random weights of the real architectures: Grounding DINO in a reduced configurat
 classes with a small word-level tokenizer (no download), MobileSAM for the masks."""
 from __future__ import annotations
 
+import tempfile
+
 import cv2
 import numpy as np
 import pytest
@@ -92,7 +94,8 @@ def make_service(checkpoint_factory, tmp_path, **options):
     settings = Settings.load({"model_name": "mobile_sam", "device": "cpu", "runtime": "torch",
                               "sam_checkpoint_file": str(checkpoint_factory("mobile_sam")),
                               "embedding_dtype": "float32", **options}, environ={})
-    images = ImageLoader(ImageAccessSettings.from_env(cache_dir=str(tmp_path / "cache")))
+    images = ImageLoader(ImageAccessSettings.from_env(
+        cache_dir=str(tmp_path / "cache"), local_files_document_root=tempfile.gettempdir()))
     return SegmentationService(settings, segmenter_for(settings), images)
 
 
@@ -191,7 +194,8 @@ def backend(checkpoint_factory, dino_dir, image_path, tmp_path_factory):
          f"concept_threshold={LOW}", "auto_annotate=true", "max_instances=5",
          "concept_timeout=90",  # a shared 2-core machine: the bound itself is tested in-process
          "-p", str(port), "--host", "127.0.0.1"], port,
-        {"SAM_BACKEND_IMAGE_CACHE_DIR": str(tmp_path_factory.mktemp("imgcache"))},
+        {"SAM_BACKEND_IMAGE_CACHE_DIR": str(tmp_path_factory.mktemp("imgcache")),
+         "LOCAL_FILES_DOCUMENT_ROOT": str(image_path.parent)},
         tmp_path_factory.mktemp("logs") / "backend.log")
     process.start()
     yield process
@@ -227,8 +231,8 @@ def test_typed_phrase_gives_every_instance_in_each_output_control(backend, image
     assert prediction["model_version"].endswith("+grounding_dino")
 
 
-def test_task_open_gives_a_prediction_and_a_click_after_it_encodes_nothing(backend, tmp_path):
-    path = tmp_path / "other.png"
+def test_task_open_gives_a_prediction_and_a_click_after_it_encodes_nothing(backend, image_path):
+    path = image_path.parent / "other.png"  # inside the backend's LOCAL_FILES_DOCUMENT_ROOT
     cv2.imwrite(str(path), synthetic_image(200, 260, seed=11))
     task = {"id": 9, "data": {"image": str(path)}}
     response = post(backend, [task])
