@@ -139,9 +139,10 @@ def backend_process(request, tmp_path_factory):
     _stop_backends(request, started)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def session_backend_process(request, tmp_path_factory):
-    """Same as ``backend_process`` but the processes live for the whole session."""
+    """Same as ``backend_process`` but the processes live for the whole test module (not the
+    session: a full-size SAM 3 backend holds ~3 GB, which the rest of the suite needs)."""
     start, started = _backend_factory(request, tmp_path_factory)
     yield start
     _stop_backends(request, started)
