@@ -418,7 +418,9 @@ def test_backend_start_downloads_the_missing_default_checkpoint(mirror, mobile_f
     port = free_port()
     backend = BackendProcess(
         ["sam-backend", "serve", "--port", str(port), "--host", "127.0.0.1", "--threads", "4",
-         "--with", "model_name=mobile_sam", "device=cpu"], port, log_path=tmp_path / "serve.log")
+         "--with", "model_name=mobile_sam", "device=cpu"], port,
+        env={"LOCAL_FILES_DOCUMENT_ROOT": str(tmp_path)},  # the click's image is a local file
+        log_path=tmp_path / "serve.log")
     backend.start()
     try:
         assert (tmp_path / "weights" / "mobile_sam.pt").read_bytes() == mobile_file.read_bytes()
