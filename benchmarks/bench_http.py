@@ -262,11 +262,12 @@ class BackendProcess:
         self.env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + self.env.get("PATH", "")
         self.process: Optional[subprocess.Popen] = None
         self.cleanup: List[Path] = []  # directories removed at stop
+        self.cwd = ROOT  # the tree whose code runs (``python -m`` imports from there first)
 
     def start(self, timeout: float) -> "BackendProcess":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=log,
+            self.process = subprocess.Popen(self.cmd, cwd=self.cwd, env=self.env, stdout=log,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             start_new_session=True)
         deadline = time.monotonic() + timeout
