@@ -43,6 +43,7 @@ setup(
         "requests",
         "ujson",
         "tqdm",
+        "filelock",
         "gunicorn",
         "PyYAML",  # export-yolo's data.yaml
         # SAM 3 (model_name=sam3): one code path on CPU and GPU; hub downloads

@@ -31,11 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from sam_backend.concepts import concepts_of  # noqa: E402
-from sam_backend.images import ImageAccessSettings, ImageLoader  # noqa: E402
-from sam_backend.label_config import parse_label_config  # noqa: E402
-from sam_backend.random_weights import CACHE_DIR, cached_random_checkpoint, synthetic_image  # noqa: E402
-from sam_backend.service import SegmentationService, segmenter_for  # noqa: E402
+from sam_backend.concepts.base import concepts_of  # noqa: E402
+from sam_backend.images.loader import ImageAccessSettings, ImageLoader  # noqa: E402
+from sam_backend.labelstudio.label_config import parse_label_config  # noqa: E402
+from random_weights import CACHE_DIR, cached_random_checkpoint, synthetic_image  # noqa: E402
+from sam_backend.labelstudio.service import SegmentationService, segmenter_for  # noqa: E402
 from sam_backend.settings import Settings  # noqa: E402
 
 CONFIG = """<View>
@@ -47,7 +47,7 @@ CONFIG = """<View>
 
 def engine_options(engine: str) -> Dict[str, str]:
     if engine == "grounding_dino":
-        from sam_backend.grounding_dino import make_random_grounding_dino
+        from sam_backend.concepts.grounding_dino import make_random_grounding_dino
 
         directory = CACHE_DIR / "grounding-dino-full-seed0"
         if not (directory / "config.json").is_file():
@@ -56,8 +56,8 @@ def engine_options(engine: str) -> Dict[str, str]:
                 "sam_checkpoint_file": str(cached_random_checkpoint("mobile_sam")),
                 "concept_model": "grounding_dino", "concept_checkpoint": str(directory)}
     if engine == "sam3":
-        from sam_backend.random_weights import cached_random_sam3
-        from sam_backend.sam3_concepts import write_test_tokenizer
+        from random_weights import cached_random_sam3
+        from sam_backend.concepts.sam3_engine import write_test_tokenizer
 
         source = cached_random_sam3(reduced=False)  # 3.4 GB, built once (~5 GB of memory)
         directory = CACHE_DIR / "sam3-full-with-tokenizer"
@@ -117,7 +117,7 @@ def concept_pass(service: SegmentationService, image_path: Path, runs: int) -> D
 def project_run(service: SegmentationService, images: List[Path], labels: str) -> Dict[str, Any]:
     from e2e.ls_harness import LabelStudio
 
-    from sam_backend.annotate import LabelStudioAPI, annotate_project
+    from sam_backend.concepts.annotate import LabelStudioAPI, annotate_project
 
     ls = LabelStudio().start(legacy_tokens=True)
     try:

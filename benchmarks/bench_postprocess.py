@@ -1,4 +1,4 @@
-"""Time the mask -> Label Studio regions layer (sam_backend.rle / sam_backend.regions).
+"""Time the mask -> Label Studio regions layer (sam_backend.labelstudio.rle / sam_backend.labelstudio.regions).
 
 Usage: python benchmarks/bench_postprocess.py [--runs 20]
 
@@ -24,8 +24,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sam_backend.regions import mask_bbox, mask_polygons  # noqa: E402
-from sam_backend.rle import mask_to_rle  # noqa: E402
+from sam_backend.labelstudio.regions import mask_bbox, mask_polygons  # noqa: E402
+from sam_backend.labelstudio.rle import mask_to_rle  # noqa: E402
 
 
 def blob_mask(width: int, height: int) -> np.ndarray:

@@ -30,21 +30,22 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
-from sam_backend.model import Prompt  # noqa: E402
-from sam_backend.random_weights import cached_random_checkpoint, synthetic_image  # noqa: E402
-from sam_backend.registry import get_variant  # noqa: E402
+from sam_backend.models.base import Prompt  # noqa: E402
+from random_weights import cached_random_checkpoint, synthetic_image  # noqa: E402
+from sam_backend.models.registry import get_variant  # noqa: E402
 
 
 def load(variant, runtime: str, int8: bool):
     path = cached_random_checkpoint(variant.model_name, variant.sam_config)
     started = time.perf_counter()
     if runtime == "torch":
-        from sam_backend.torch_runtime import TorchSamModel
+        from sam_backend.models.torch_runtime import TorchSamModel
 
         model = TorchSamModel(variant, str(path), "cpu")
     else:
-        from sam_backend.onnx_runtime import OnnxSamModel
+        from sam_backend.models.onnx_runtime import OnnxSamModel
 
         model = OnnxSamModel(variant, path, "cpu", int8_encoder=int8)
     return model, (time.perf_counter() - started) * 1e3
@@ -68,7 +69,7 @@ def parts(model, embedding, prompt):
                                                  embedding.original_size)
                 return (up[0, 0] > model.sam.mask_threshold).cpu().numpy()
     else:
-        from sam_backend.onnx_runtime import upscale_mask
+        from sam_backend.models.onnx_runtime import upscale_mask
 
         def decoder():
             return model.decode_low_res(embedding, prompt)[0]

@@ -6,7 +6,7 @@
 Each variant's model is loaded from ``--weights-dir`` (``sam-backend weights random`` files with
 seeded random weights, made there when missing; embedding shapes do not depend on the weights),
 one 1920x1080 image is encoded, and its float16 embedding (the backend's default
-``embedding_dtype``) is saved with :class:`~sam_backend.store.EmbeddingStore` into a real
+``embedding_dtype``) is saved with :class:`~sam_backend.embeddings.store.EmbeddingStore` into a real
 ``redis-server`` started on a loopback port; the figure is Redis's ``MEMORY USAGE`` of that key.
 For ``sam3`` the image is encoded once with ``keep_vision_state`` (what ``concept_model=sam3``
 sets) and stored twice: with the backbone output, and without it (exactly the embedding a
@@ -29,10 +29,10 @@ from redis_utils import RedisServer  # noqa: E402
 
 
 def main(argv=None) -> int:
-    from sam_backend.model import Embedding
-    from sam_backend.registry import get_variant
-    from sam_backend.runtimes import create_model
-    from sam_backend.store import EmbeddingStore, encode_embedding
+    from sam_backend.models.base import Embedding
+    from sam_backend.models.registry import get_variant
+    from sam_backend.models.runtimes import create_model
+    from sam_backend.embeddings.store import EmbeddingStore, encode_embedding
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default="sam2/hiera_tiny,sam3")

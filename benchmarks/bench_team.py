@@ -172,9 +172,9 @@ def store_bytes(variants: List[str], runtimes: List[str], weights_dir: Path,
     """Bytes of one stored float16 entry per variant and runtime, as Redis accounts them."""
     import redis
 
-    from sam_backend.runtimes import create_model
-    from sam_backend.store import encode_embedding
-    from sam_backend.registry import get_variant
+    from sam_backend.models.runtimes import create_model
+    from sam_backend.embeddings.store import encode_embedding
+    from sam_backend.models.registry import get_variant
 
     client = redis.Redis.from_url(redis_url)
     image = bench_http.draw_image(1920, 1080, 7)[:, :, ::-1].copy()

@@ -12,7 +12,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sam_backend.errors import SamBackendError  # noqa: E402
-from sam_backend.server import build_app, parse_with  # noqa: E402
+from sam_backend.server.app import build_app, parse_with  # noqa: E402
 from sam_backend.settings import Settings  # noqa: E402
 
 

@@ -11,11 +11,11 @@ import logging
 import sys
 from typing import List, Optional
 
-from .errors import SamBackendError
+from sam_backend.errors import SamBackendError
 
 # module -> the feature it adds to the command line
-COMMAND_MODULES = ["sam_backend.server", "sam_backend.weights", "sam_backend.coco",
-                   "sam_backend.yolo", "sam_backend.precompute", "sam_backend.annotate"]
+COMMAND_MODULES = ["sam_backend.server.app", "sam_backend.models.weights", "sam_backend.export.coco",
+                   "sam_backend.export.yolo", "sam_backend.embeddings.precompute", "sam_backend.concepts.annotate"]
 
 
 def build_parser() -> argparse.ArgumentParser:

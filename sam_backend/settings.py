@@ -10,9 +10,9 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Mapping, Optional
 
-from .auth import BasicAuth
-from .errors import ConfigError
-from .netpolicy import parse_image_hosts
+from sam_backend.server.auth import BasicAuth
+from sam_backend.errors import ConfigError
+from sam_backend.images.netpolicy import parse_image_hosts
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -190,7 +190,7 @@ class Settings:
         BasicAuth(self.basic_auth_user, self.basic_auth_pass)  # both or neither
         parse_image_hosts(self.image_hosts)
         if self.embedding_store:
-            from .store import check_store_url
+            from sam_backend.embeddings.store import check_store_url
 
             check_store_url(self.embedding_store)
         if self.embedding_store_ttl < 0 or self.embedding_store_wait < 0 \

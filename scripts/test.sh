@@ -14,7 +14,7 @@ fi
 # The whole suite. The vit_b ONNX export and fidelity checks need most of the machine's memory
 # on their own (~17 GB), so each of their files runs in a fresh pytest process of its own, after
 # the rest; the closing line adds up all three runs.
-heavy=(tests/test_onnx_runtime.py tests/test_model_fidelity.py)
+heavy=(tests/models/test_onnx_runtime.py tests/models/test_model_fidelity.py)
 status=0 passed=0 failed=0 log=$(mktemp)
 for group in "${heavy[*]/#/--ignore=}" "${heavy[0]}" "${heavy[1]}"; do
   # shellcheck disable=SC2086  # a group is one or more words

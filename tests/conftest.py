@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # test helpers
 
-from sam_backend.random_weights import cached_random_checkpoint, synthetic_image
+from random_weights import cached_random_checkpoint, synthetic_image
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +47,7 @@ def drop_process_wide_models():
     in one pytest process, every module's models would otherwise stay loaded until the end
     (a full run was killed for lack of memory at 17.7 GB)."""
     yield
-    from sam_backend import engine
+    from sam_backend.embeddings import engine
 
     with engine._SEGMENTERS_LOCK:
         engine._SEGMENTERS.clear()

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sam_backend.regions import (brush_region, mask_bbox, mask_polygons, polygon_region,
+from sam_backend.labelstudio.regions import (brush_region, mask_bbox, mask_polygons, polygon_region,
                                  rectangle_region)
 
 

@@ -7,8 +7,8 @@ import cv2
 import pytest
 
 from sam_backend import cli
-from sam_backend.grounding_dino import make_random_grounding_dino
-from sam_backend.random_weights import synthetic_image
+from sam_backend.concepts.grounding_dino import make_random_grounding_dino
+from random_weights import synthetic_image
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>

@@ -21,7 +21,7 @@ import requests
 from PIL import Image
 
 from sam_backend import cli
-from sam_backend.rle import rle_to_mask
+from sam_backend.labelstudio.rle import rle_to_mask
 from server_utils import REPO, free_port
 
 TEMPLATES = sorted((REPO / "xml_templates").glob("*.xml"))
@@ -84,7 +84,7 @@ def projects(label_studio, backend, images):
 
 
 def controls(config: str):
-    from sam_backend.label_config import parse_label_config
+    from sam_backend.labelstudio.label_config import parse_label_config
 
     return parse_label_config(config)
 

@@ -8,8 +8,8 @@ import requests
 from test_backend_with_label_studio import (EXPECTED, H, W, check_answer, click, images,  # noqa: F401
                                             keypoint_region, rectangle_region, scene,
                                             start_backend)
-from sam_backend.rle import rle_to_mask
-from sam_backend.onnx_runtime import mask_iou as iou
+from sam_backend.labelstudio.rle import rle_to_mask
+from sam_backend.models.onnx_runtime import mask_iou as iou
 from server_utils import REPO
 
 

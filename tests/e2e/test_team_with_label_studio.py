@@ -66,7 +66,7 @@ def test_precompute_a_project_then_clicks_through_label_studio_run_no_encoder(
                                            + os.pathsep + os.environ["PATH"]),
                                   cwd=REPO, name="replica", timeout=300)
         ml = api.add_ml_backend(project["id"], replica.url, is_interactive=True)
-        from sam_backend.label_config import parse_label_config
+        from sam_backend.labelstudio.label_config import parse_label_config
 
         control = next(c for c in parse_label_config(config).controls
                        if c.type == "keypointlabels")

@@ -1,0 +1,169 @@
+"""``sam-backend annotate --project ID``: pre-annotate every task of a Label Studio project.
+
+Each task's image gets every instance of every label (label by concept, see
+:mod:`sam_backend.concepts.base`), posted as a prediction (``POST /api/predictions``) under the
+backend's ``model_version``. Label Studio's address and token are the backend's own
+(``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``, or ``--url`` / ``--token``). Tasks that already
+have a prediction of this model_version are skipped, so an interrupted run resumes where it
+stopped; a task that fails is reported at the end and never stops the run.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
+
+import requests
+
+from sam_backend.errors import ConfigError, SamBackendError
+from sam_backend.images.loader import ImageAccessSettings, ImageLoader
+from sam_backend.labelstudio.label_config import parse_label_config
+
+log = logging.getLogger(__name__)
+
+
+class LabelStudioAPI:
+    """The few calls ``annotate`` makes, authenticated like the image loader."""
+
+    def __init__(self, images: ImageLoader, timeout: float = 60.0):
+        if not images.label_studio_url:
+            raise ConfigError("Label Studio's address is unknown: set LABEL_STUDIO_URL or pass "
+                              "--url http://host:8080")
+        self.images = images
+        self.base = images.label_studio_url.rstrip("/")
+        self.session = requests.Session()
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, **kwargs) -> Any:
+        for attempt in (0, 1):
+            headers = self.images.label_studio_headers(force_refresh=attempt == 1)
+            response = self.session.request(method, self.base + path, headers=headers,
+                                            timeout=self.timeout, **kwargs)
+            if response.status_code != 401 or attempt == 1:
+                break
+        if response.status_code >= 400:
+            raise SamBackendError(f"Label Studio answered {response.status_code} to {method} "
+                                  f"{path}: {response.text[:300]}")
+        return response.json() if response.content else None
+
+    def project(self, project_id: int) -> Dict[str, Any]:
+        return self.request("GET", f"/api/projects/{project_id}")
+
+    def tasks(self, project_id: int, page_size: int = 100) -> List[Dict[str, Any]]:
+        """Every task of the project (the data manager's paginated ``/api/tasks``)."""
+        tasks: List[Dict[str, Any]] = []
+        page = 1
+        while True:
+            data = self.request("GET", "/api/tasks", params={"project": project_id, "page": page,
+                                                            "page_size": page_size})
+            tasks.extend(data["tasks"])
+            if not data["tasks"] or len(tasks) >= data.get("total", 0):
+                return tasks
+            page += 1
+
+    def predicted_tasks(self, project_id: int, model_version: str) -> Set[int]:
+        """Ids of the tasks that already have a prediction of ``model_version``."""
+        predictions = self.request("GET", "/api/predictions", params={"project": project_id})
+        return {p["task"] for p in predictions if p.get("model_version") == model_version}
+
+    def add_prediction(self, task_id: int, prediction: Dict[str, Any]) -> None:
+        self.request("POST", "/api/predictions", json={"task": task_id, **prediction})
+
+
+@dataclass
+class Report:
+    done: List[int] = field(default_factory=list)
+    skipped: List[int] = field(default_factory=list)
+    failed: List[Tuple[int, str]] = field(default_factory=list)
+    instances: int = 0
+    seconds: float = 0.0
+
+
+def annotate_project(service, api: LabelStudioAPI, project_id: int,
+                     task_ids: Optional[Iterable[int]] = None, limit: Optional[int] = None,
+                     progress: bool = True) -> Report:
+    """Pre-annotate the project's tasks (those in ``task_ids`` if given, at most ``limit`` new
+    ones) as predictions of ``service.model_version``."""
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    annotator = service.concept_annotator()
+    project = api.project(project_id)
+    config = parse_label_config(project.get("label_config") or "")
+    concepts = annotator.configured_concepts(config)
+    if not concepts:
+        raise ConfigError(f"project {project_id}'s labeling config has no labels to annotate "
+                          f"(BrushLabels/PolygonLabels/RectangleLabels on an Image; "
+                          f"concept_labels={service.settings.concept_labels!r})")
+    tasks = api.tasks(project_id)
+    if task_ids is not None:
+        wanted = set(task_ids)
+        tasks = [t for t in tasks if t["id"] in wanted]
+    done_before = api.predicted_tasks(project_id, service.model_version)
+    report = Report(skipped=[t["id"] for t in tasks if t["id"] in done_before])
+    todo = [t for t in tasks if t["id"] not in done_before][:limit]
+    log.info("project %s: %d task(s) to annotate, %d already have %s; labels: %s", project_id,
+             len(todo), len(report.skipped), service.model_version,
+             ", ".join(f"{c.label} ({c.phrase!r})" for c in concepts))
+    for task in tqdm(todo, desc=f"project {project_id}", unit="task", disable=not progress):
+        try:
+            prediction = annotator.annotate_task(task, config, concepts)
+            api.add_prediction(task["id"], prediction)
+        except Exception as exc:  # reported at the end; the run goes on
+            log.debug("task %s failed", task["id"], exc_info=True)
+            report.failed.append((task["id"], f"{type(exc).__name__}: {exc}"
+                                  if not isinstance(exc, SamBackendError) else str(exc)))
+            continue
+        report.done.append(task["id"])
+        kinds = Counter(region["type"] for region in prediction["result"])
+        report.instances += (kinds.get("brushlabels") or kinds.get("rectanglelabels")
+                             or kinds.get("polygonlabels", 0))
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def run(args) -> int:
+    from sam_backend.server.app import parse_with
+    from sam_backend.labelstudio.service import SegmentationService, segmenter_for
+    from sam_backend.settings import Settings
+
+    options = parse_with(args.kwargs)
+    options.setdefault("concept_model", "grounding_dino")
+    settings = Settings.load(options)
+    images = ImageLoader(ImageAccessSettings.from_env(label_studio_url=args.url,
+                                                      api_key=args.token))
+    api = LabelStudioAPI(images)
+    service = SegmentationService(settings, segmenter_for(settings), images)
+    task_ids = [int(t) for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    report = annotate_project(service, api, args.project, task_ids, args.limit,
+                              progress=not args.no_progress)
+    out = sys.stdout
+    out.write(f"project {args.project} ({service.model_version}): {len(report.done)} task(s) "
+              f"annotated, {report.instances} instance(s), {len(report.skipped)} skipped (already "
+              f"predicted), {len(report.failed)} failed, {report.seconds:.1f} s\n")
+    for task_id, message in report.failed:
+        out.write(f"  task {task_id}: {message}\n")
+    return 1 if report.failed else 0
+
+
+def register_cli(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "annotate", help="pre-annotate a Label Studio project: every instance of every label, "
+                         "as predictions")
+    parser.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    parser.add_argument("--url", default=None,
+                        help="Label Studio's address (default: LABEL_STUDIO_URL)")
+    parser.add_argument("--token", default=None,
+                        help="a legacy or personal access token (default: LABEL_STUDIO_API_KEY; "
+                             "prefer the variable: a flag shows in the process list)")
+    parser.add_argument("--tasks", default=None, help="only these task ids (comma-separated)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="annotate at most this many tasks (those not done yet)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--with", "--kwargs", dest="kwargs", nargs="+", metavar="KEY=VALUE",
+                        help="backend options (model_name=..., concept_model=grounding_dino, "
+                             "concept_checkpoint=..., concept_threshold=...)")
+    parser.set_defaults(func=run)

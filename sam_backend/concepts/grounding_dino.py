@@ -1,0 +1,159 @@
+"""Concept engine ``grounding_dino``: an open-vocabulary detector gives boxes, the click model
+turns each box into a mask.
+
+Grounding DINO (``transformers``' ``GroundingDinoForObjectDetection`` and its processor) finds the
+boxes of a phrase; the backend's configured click model (MobileSAM by default) decodes each box
+into a mask on the image's cached embedding — the same embedding clicks use, so a click after a
+concept pass encodes nothing. This is the CPU-friendly path: the detector is ~170 M parameters
+(Swin-T + BERT-base for ``grounding-dino-tiny``) and the masks cost one click decode each.
+
+The checkpoint is a directory in ``transformers``' format (``config.json``, weights, the
+processor's ``preprocessor_config.json`` and tokenizer files), e.g. the hub's
+``IDEA-Research/grounding-dino-tiny`` downloaded with
+``huggingface-cli download IDEA-Research/grounding-dino-tiny --local-dir weights/grounding-dino-tiny``.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from sam_backend.concepts.base import ConceptEngine, ImageLoaderFn, Instances, Selection
+from sam_backend.errors import ConfigError
+from sam_backend.models.base import Prompt
+from sam_backend.models.registry import weights_dir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DIRECTORY = "grounding-dino-tiny"
+HUB_ID = "IDEA-Research/grounding-dino-tiny"
+
+
+def query_text(phrase: str) -> str:
+    """Grounding DINO's query form: lower case, ending with a period (``"red car."``)."""
+    return " ".join(phrase.lower().split()).rstrip(".") + "."
+
+
+class GroundingDinoEngine(ConceptEngine):
+    name = "grounding_dino"
+
+    def __init__(self, model, processor, segmenter):
+        self.model = model
+        self.processor = processor
+        self.segmenter = segmenter
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def load(cls, directory: Optional[Union[str, Path]], segmenter) -> "GroundingDinoEngine":
+        """Load the detector from ``directory`` (default ``weights/grounding-dino-tiny``) onto the
+        click model's device."""
+        path = Path(directory).expanduser() if directory else weights_dir() / DEFAULT_DIRECTORY
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"the Grounding DINO checkpoint directory {path} is missing (no config.json): "
+                f"download it with `huggingface-cli download {HUB_ID} --local-dir {path}` or pass "
+                f"concept_checkpoint=<directory>; clicks keep working meanwhile")
+        from transformers import GroundingDinoForObjectDetection, GroundingDinoProcessor
+
+        try:
+            processor = GroundingDinoProcessor.from_pretrained(str(path), local_files_only=True)
+            model = GroundingDinoForObjectDetection.from_pretrained(str(path),
+                                                                    local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load Grounding DINO from {path}: {exc}") from None
+        device = getattr(segmenter.model, "device", "cpu")
+        model = model.to(device).eval()
+        log.info("Grounding DINO loaded from %s on %s", path, device)
+        return cls(model, processor, segmenter)
+
+    def boxes(self, image: np.ndarray, phrase: str, threshold: float
+              ) -> Tuple[np.ndarray, np.ndarray]:
+        """The detector's boxes for ``phrase`` on ``image`` (HxWx3 uint8 RGB): (N, 4) float32
+        (x0, y0, x1, y1) pixels, unclipped, and (N,) float32 scores above ``threshold``, exactly
+        as the processor's ``post_process_grounded_object_detection`` returns them."""
+        import torch
+
+        inputs = self.processor(images=image, text=query_text(phrase), return_tensors="pt")
+        inputs = inputs.to(self.device)
+        with torch.inference_mode():
+            outputs = self.model(**inputs)
+        result = self.processor.post_process_grounded_object_detection(
+            outputs, inputs["input_ids"], threshold=threshold, text_threshold=threshold,
+            target_sizes=[image.shape[:2]])[0]
+        return (result["boxes"].float().cpu().numpy().reshape(-1, 4),
+                result["scores"].float().cpu().numpy())
+
+    def detect(self, image_key: str, load_image: ImageLoaderFn, phrases: Sequence[str],
+               threshold: float, selection: Selection) -> List[Instances]:
+        image = load_image()
+        height, width = image.shape[:2]
+        embedding = self.segmenter.embedding(image_key, lambda: image)
+        found: List[Instances] = []
+        for phrase in phrases:
+            boxes, scores = self.boxes(image, phrase, threshold)
+            boxes = np.clip(boxes, 0, [width, height, width, height]).astype(np.float32)
+            keep = selection.keep(boxes, scores)
+            keep = keep[(boxes[keep, 2] > boxes[keep, 0]) & (boxes[keep, 3] > boxes[keep, 1])]
+            masks = [self.segmenter.decode(image_key, embedding, Prompt(box=boxes[i])).mask
+                     for i in keep]
+            found.append(Instances(
+                np.stack(masks) if masks else np.zeros((0, height, width), bool),
+                boxes[keep], scores[keep].astype(np.float32)))
+        return found
+
+
+# -- random weights of the real architecture (tests, benchmarks, demos) ------------------------------
+
+_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "a", "an", "the", "of",
+          "red", "blue", "green", "big", "small", "car", "cat", "dog", "person", "tree", "house",
+          "disc", "square", "bird", "bike", "boat", "road", "sky", "window"]
+
+
+def make_random_grounding_dino(directory: Union[str, Path], size: str = "tiny",
+                               seed: int = 0) -> Path:
+    """Write a Grounding DINO directory with seeded random weights and a small word-level BERT
+    tokenizer (no download): ``size="tiny"`` is a reduced configuration of the same classes (for
+    the fast tests), ``size="full"`` the architecture of ``grounding-dino-tiny`` (Swin-T + a
+    BERT-base text encoder, ~172 M parameters). Masks from it are meaningless; the computation is
+    the real one."""
+    import torch
+    from transformers import (BertConfig, BertTokenizerFast, GroundingDinoConfig,
+                              GroundingDinoForObjectDetection, GroundingDinoImageProcessor,
+                              GroundingDinoProcessor, SwinConfig)
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = directory / "vocab.txt"
+    vocab.write_text("\n".join(_WORDS) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    processor = GroundingDinoProcessor(GroundingDinoImageProcessor(), tokenizer)
+    if size == "tiny":
+        config = GroundingDinoConfig(
+            backbone_config=SwinConfig(embed_dim=24, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
+                                       window_size=7, out_features=["stage2", "stage3", "stage4"]),
+            text_config=BertConfig(vocab_size=len(_WORDS), hidden_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, intermediate_size=37,
+                                   max_position_embeddings=64),
+            d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32,
+            decoder_ffn_dim=32, encoder_attention_heads=2, decoder_attention_heads=2,
+            num_queries=30, max_text_len=32)
+    elif size == "full":
+        config = GroundingDinoConfig(
+            backbone_config=SwinConfig(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
+                                       window_size=7, out_features=["stage2", "stage3", "stage4"]),
+            text_config=BertConfig())
+    else:
+        raise ValueError(f"size must be tiny or full, got {size!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GroundingDinoForObjectDetection(config).eval()
+        with torch.no_grad():  # every weight matters, as in trained weights
+            for tensor in model.state_dict().values():
+                if tensor.is_floating_point():
+                    tensor.add_(torch.randn_like(tensor) * 0.02)
+    model.save_pretrained(str(directory))
+    processor.save_pretrained(str(directory))
+    log.info("wrote random-weight Grounding DINO (%s, seed %d) to %s", size, seed, directory)
+    return directory

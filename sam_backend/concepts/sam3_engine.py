@@ -1,0 +1,166 @@
+"""Concept engine ``sam3``: SAM 3's concept model gives a mask, a box and a score for every
+instance of a phrase, on the image state the click model already cached.
+
+SAM 3's checkpoint holds one ViT backbone that two heads share: the click model
+(``Sam3TrackerModel``, :mod:`sam_backend.models.sam3_runtime`) and the concept model (``Sam3Model``: its
+own FPN neck, a CLIP text encoder, a DETR encoder/decoder and a mask decoder). With
+``concept_model=sam3`` the click model keeps the backbone's output in each cached embedding
+(``extra[2]``, 1x5184x1024, +10.6 MB per image in float16); a concept pass runs only the concept
+model's neck and heads on it — the expensive backbone runs once per image for both clicks and
+concepts. The concept model's weights are read from the same checkpoint directory
+(``detector_model.*`` of the official layout; its backbone tensors are not loaded twice: the
+click model's backbone module is shared), and its tokenizer from the directory's tokenizer files.
+
+The steps are transformers' own pipeline (``Sam3Processor`` -> ``Sam3Model`` ->
+``post_process_instance_segmentation``) with ``vision_embeds`` computed from the cached backbone
+output instead of ``pixel_values``.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+from sam_backend.concepts.base import ConceptEngine, ImageLoaderFn, Instances, Selection
+from sam_backend.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+DETECTOR_PREFIX = "detector_model."
+BACKBONE_PREFIX = "vision_encoder.backbone."
+
+
+def concept_model_state(directory: Path) -> Dict[str, "object"]:
+    """The concept model's tensors (``Sam3Model`` names) except the shared backbone."""
+    from safetensors import safe_open
+
+    from sam_backend.models.sam3_runtime import safetensors_files
+
+    state = {}
+    for path in safetensors_files(directory):
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            for key in handle.keys():
+                if key.startswith(DETECTOR_PREFIX):
+                    name = key[len(DETECTOR_PREFIX):]
+                    if not name.startswith(BACKBONE_PREFIX):
+                        state[name] = handle.get_tensor(key)
+    return state
+
+
+class Sam3ConceptEngine(ConceptEngine):
+    name = "sam3"
+
+    def __init__(self, detector, processor, segmenter):
+        self.detector = detector
+        self.processor = processor
+        self.segmenter = segmenter
+        self.click_model = segmenter.model
+
+    @classmethod
+    def load(cls, settings, segmenter) -> "Sam3ConceptEngine":
+        click_model = segmenter.model
+        if getattr(click_model.variant, "model_name", None) != "sam3":
+            raise ConfigError("concept_model=sam3 needs model_name=sam3 (the concept model runs on "
+                              "SAM 3's image encoder, shared with clicks); with another click model "
+                              "use concept_model=grounding_dino")
+        from transformers import Sam3Model, Sam3Processor, Sam3VideoConfig
+
+        from sam_backend.models.sam3_runtime import read_config
+
+        directory = Path(settings.concept_checkpoint or click_model.checkpoint)
+        config = read_config(directory)
+        if config.get("model_type") != "sam3_video":
+            raise CheckpointError(
+                f"{directory} holds SAM 3's click model only (model_type "
+                f"{config.get('model_type')!r}): the concept model is in the full facebook/sam3 "
+                f"checkpoint (`sam-backend weights download sam3`)")
+        try:
+            processor = Sam3Processor.from_pretrained(str(directory), local_files_only=True)
+        except (OSError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{directory} has no usable SAM 3 processor/tokenizer files "
+                                  f"(tokenizer.json, processor_config.json): {exc}") from None
+        detector = Sam3Model(Sam3VideoConfig.from_dict(config).detector_config)
+        state = concept_model_state(directory)
+        missing, unexpected = detector.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(BACKBONE_PREFIX)]
+        if missing or unexpected:
+            raise CheckpointError(f"SAM 3 concept model in {directory}: missing "
+                                  f"{missing[:5]}, unexpected {unexpected[:5]}")
+        # one backbone for both heads: the click model's module (same tensors in the file)
+        detector.vision_encoder.backbone = click_model.model.vision_encoder.backbone
+        detector = detector.to(click_model.model.device).eval()
+        click_model.keep_vision_state = True
+        log.info("SAM 3 concept model loaded from %s (backbone shared with clicks)", directory)
+        return cls(detector, processor, segmenter)
+
+    def vision_embeds(self, image_key: str, load_image: ImageLoaderFn):
+        """``Sam3VisionEncoderOutput`` of the image from the cached backbone output (the image is
+        encoded only when no embedding with the backbone output is cached)."""
+        import torch
+        from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
+
+        embedding = self.segmenter.embedding(image_key, load_image)
+        if embedding.extra is None or len(embedding.extra) < 3:
+            # cached by a click before the concept model was loaded: encode again, keeping it
+            image = load_image()
+            with self.segmenter.gate.slot(True):
+                embedding = self.click_model.embed(image)
+            self.segmenter.cache.put(self.segmenter.embedding_key(image_key),
+                                     embedding.to_float16() if self.segmenter.store_float16
+                                     else embedding)
+        device = self.detector.device
+        hidden = torch.as_tensor(embedding.extra[2]).to(device=device, dtype=torch.float32)
+        patch = self.detector.config.vision_config.backbone_config.patch_size
+        height, width = (s // patch for s in embedding.input_size)
+        spatial = hidden.view(hidden.shape[0], height, width, -1).permute(0, 3, 1, 2)
+        with torch.inference_mode():
+            fpn, positions = self.detector.vision_encoder.neck(spatial)
+        return (Sam3VisionEncoderOutput(last_hidden_state=hidden, fpn_hidden_states=fpn,
+                                        fpn_position_encoding=positions),
+                embedding.original_size)
+
+    def detect(self, image_key: str, load_image: ImageLoaderFn, phrases: Sequence[str],
+               threshold: float, selection: Selection) -> List[Instances]:
+        import torch
+
+        vision, (height, width) = self.vision_embeds(image_key, load_image)
+        found: List[Instances] = []
+        for phrase in phrases:
+            text = self.processor(text=" ".join(phrase.split()), return_tensors="pt")
+            with torch.inference_mode():
+                outputs = self.detector(vision_embeds=vision,
+                                        input_ids=text["input_ids"].to(self.detector.device),
+                                        attention_mask=text["attention_mask"].to(
+                                            self.detector.device))
+            result = self.processor.post_process_instance_segmentation(
+                outputs, threshold=threshold, mask_threshold=0.5,
+                target_sizes=[(height, width)])[0]
+            boxes = result["boxes"].float().cpu().numpy().reshape(-1, 4)
+            scores = result["scores"].float().cpu().numpy()
+            masks = result["masks"].cpu().numpy().astype(bool).reshape(-1, height, width)
+            keep = selection.keep(boxes, scores)
+            found.append(Instances(masks[keep], boxes[keep].astype(np.float32),
+                                   scores[keep].astype(np.float32)))
+        return found
+
+
+def write_test_tokenizer(directory: Path) -> Path:
+    """Save a small word-level tokenizer with SAM 3's processor into a checkpoint directory
+    (random-weight directories for tests and benchmarks have none; no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, Sam3ImageProcessor, Sam3Processor
+
+    words = ["<|startoftext|>", "<|endoftext|>", "[UNK]", ".", "a", "the", "red", "blue", "big",
+             "small", "car", "cat", "dog", "person", "tree", "house", "disc", "square"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>",
+        special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|startoftext|>",
+                                   eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   unk_token="[UNK]", model_max_length=32)
+    Sam3Processor(Sam3ImageProcessor(), fast).save_pretrained(str(directory))
+    return Path(directory)

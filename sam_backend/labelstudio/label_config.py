@@ -1,0 +1,174 @@
+"""The parts of a Label Studio labeling config this backend needs: its controls, by type.
+
+Controls are always found by their tag type (``KeyPointLabels``, ``RectangleLabels``,
+``BrushLabels``, ``PolygonLabels``), never by their ``name``: every project names them freely.
+Parsed configs are memoised by their text (:class:`LabelConfigCache`, bounded in bytes), so a
+config arriving with every click costs nothing after the first. DTDs and entities are refused
+(Label Studio configs have none; entity expansion would let a small config grow large).
+"""
+from __future__ import annotations
+
+import threading
+import xml.etree.ElementTree as ET
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Dict, FrozenSet, List, Optional, Tuple
+
+from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import fromstring as defused_fromstring
+
+from sam_backend.errors import RequestError
+from sam_backend.common.limits import shown
+
+PROMPT_TYPES = ("keypointlabels", "rectanglelabels")
+OUTPUT_TYPES = ("brushlabels", "polygonlabels", "rectanglelabels")
+CONTROL_TYPES = frozenset(PROMPT_TYPES + OUTPUT_TYPES)
+
+
+@dataclass(frozen=True)
+class Control:
+    """A labels control: ``type`` is the lower-case tag (e.g. ``brushlabels``), ``name`` its
+    ``name``, ``to_name`` the object (image) it labels, ``labels`` its label values."""
+
+    type: str
+    name: str
+    to_name: str
+    labels: Tuple[str, ...]
+    smart: bool
+    hints: Tuple[Tuple[str, str], ...] = ()  # (label, its ``hint`` attribute), where given
+
+    def has_label(self, label: str) -> bool:
+        return label in self.labels
+
+    def hint(self, label: str) -> Optional[str]:
+        """The label's ``hint`` attribute (``<Label value="Car" hint="red car"/>``), if any."""
+        return dict(self.hints).get(label)
+
+
+@dataclass(frozen=True)
+class TextInput:
+    """A ``TextArea`` on an image: where an annotator can type a concept phrase."""
+
+    name: str
+    to_name: str
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    controls: Tuple[Control, ...]
+    images: Dict[str, str]  # Image tag name -> task data key ($image -> "image")
+    text_inputs: Tuple[TextInput, ...] = ()
+
+    def control(self, name: str) -> Optional[Control]:
+        for control in self.controls:
+            if control.name == name:
+                return control
+        return None
+
+    def outputs_for(self, kind: str, to_name: str) -> List[Control]:
+        """Controls of type ``kind`` that label the object ``to_name``."""
+        return [c for c in self.controls if c.type == kind and c.to_name == to_name]
+
+    def output_for(self, kind: str, to_name: str, label: str) -> Optional[Control]:
+        """The control of type ``kind`` on ``to_name`` that has ``label`` (the first, if
+        several). Prefers a non-smart control (a smart one is a prompt tool)."""
+        candidates = [c for c in self.outputs_for(kind, to_name) if c.has_label(label)]
+        candidates.sort(key=lambda c: c.smart)
+        return candidates[0] if candidates else None
+
+    def data_key(self, to_name: str) -> str:
+        try:
+            return self.images[to_name]
+        except KeyError:
+            raise RequestError(
+                f"the labeling config has no <Image name=... value=\"$...\"> for the "
+                f"prompt's to_name {shown(to_name)}") from None
+
+
+def _truthy(value: Optional[str]) -> bool:
+    return str(value).lower() in ("true", "1", "yes")
+
+
+def parse_label_config(text: str) -> LabelConfig:
+    """Parse the labeling-config XML. Raises RequestError on XML that does not parse, or that
+    has a DTD or entities."""
+    if not isinstance(text, str):
+        raise RequestError(f"label_config must be the labeling config XML (a string), got "
+                           f"{type(text).__name__}")
+    if not text or not text.strip():
+        raise RequestError("the request has no label_config: Label Studio sends the project's "
+                           "labeling config with every /predict; is the backend attached to a "
+                           "project?")
+    try:
+        root = defused_fromstring(text, forbid_dtd=True)
+    except ET.ParseError as exc:
+        raise RequestError(f"the label_config is not valid XML: {exc}") from None
+    except DefusedXmlException:
+        raise RequestError("the label_config has a DTD or entities, which labeling configs "
+                           "never need: remove the <!DOCTYPE ...>") from None
+    except RecursionError:
+        raise RequestError("the label_config is not valid XML: nested too deeply") from None
+    controls: List[Control] = []
+    images: Dict[str, str] = {}
+    text_inputs: List[TextInput] = []
+    for element in root.iter():
+        tag = element.tag.lower() if isinstance(element.tag, str) else ""
+        if tag == "image":
+            value = element.get("value") or element.get("valueList") or ""
+            if element.get("name"):
+                images[element.get("name")] = value.lstrip("$")
+        elif tag in CONTROL_TYPES:
+            label_tags = [child for child in element
+                          if isinstance(child.tag, str) and child.tag.lower() == "label"
+                          and child.get("value") is not None]
+            labels = tuple(child.get("value") for child in label_tags)
+            hints = tuple((child.get("value"), child.get("hint").strip()) for child in label_tags
+                          if (child.get("hint") or "").strip())
+            controls.append(Control(tag, element.get("name", ""), element.get("toName", ""),
+                                    labels, _truthy(element.get("smart"))
+                                    or _truthy(element.get("smartOnly")), hints))
+        elif tag == "textarea":
+            text_inputs.append(TextInput(element.get("name", ""), element.get("toName", "")))
+    return LabelConfig(tuple(controls), images, tuple(text_inputs))
+
+
+def all_labels(config: LabelConfig) -> FrozenSet[str]:
+    return frozenset(label for c in config.controls for label in c.labels)
+
+
+class LabelConfigCache:
+    """Parsed configs by text, least recently used first out, bounded by the configs' text size
+    (a parsed config holds a subset of its text's strings, so it is counted twice)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+        self._items: "OrderedDict[str, LabelConfig]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def cost(text: str) -> int:
+        return 3 * len(text) + 1024
+
+    def parse(self, text: str) -> LabelConfig:
+        with self._lock:
+            config = self._items.get(text) if isinstance(text, str) else None
+            if config is not None:
+                self._items.move_to_end(text)
+                return config
+        config = parse_label_config(text)
+        cost = self.cost(text)
+        if cost > self.max_bytes:
+            return config
+        with self._lock:
+            if text not in self._items:
+                self._items[text] = config
+                self.nbytes += cost
+            while self.nbytes > self.max_bytes:
+                old, _ = self._items.popitem(last=False)
+                self.nbytes -= self.cost(old)
+        return config
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)

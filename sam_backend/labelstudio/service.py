@@ -1,0 +1,312 @@
+"""A /predict request, from parsed JSON to Label Studio results.
+
+    label config -> prompt -> image -> embedding -> mask -> regions
+
+This layer knows Label Studio's shapes and the project's options; it does not know which SAM
+variant or runtime runs (that is the :class:`~sam_backend.embeddings.engine.Segmenter`'s business), nor how
+images are fetched (the :class:`~sam_backend.images.ImageLoader`'s).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from sam_backend import __version__
+from sam_backend.embeddings.memory import EmbeddingCache
+from sam_backend.concepts.base import ConceptAnnotator, create_concept_engine, parse_text_prompt
+from sam_backend.embeddings.engine import Segmenter, get_segmenter
+from sam_backend.errors import ImageError, RequestError
+from sam_backend.images.loader import ImageAccessSettings, ImageLoader
+from sam_backend.labelstudio.label_config import LabelConfig, LabelConfigCache
+from sam_backend.common.limits import MIB, LoadGate, MemoryBudget, shown
+from sam_backend.labelstudio.prompts import PromptRequest, parse_context
+from sam_backend.labelstudio.regions import brush_region, mask_bbox, mask_polygons, polygon_region, rectangle_region
+from sam_backend.settings import Settings
+from sam_backend.embeddings.store import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def build_model(settings: Settings):
+    """Load the variant the settings ask for, on the runtime they ask for."""
+    from sam_backend.models.runtimes import create_model
+    from sam_backend.models.weights import ensure_checkpoint, infer_variant
+
+    variant = infer_variant(settings.model_name, settings.sam_config,
+                            settings.sam_checkpoint_file)
+    checkpoint = ensure_checkpoint(variant, settings.sam_checkpoint_file, offline=settings.offline)
+    return create_model(variant, checkpoint, settings.device, settings.runtime)
+
+
+def keeps_vision_state(settings: Settings) -> bool:
+    """Whether embeddings carry SAM 3's backbone output too (``concept_model=sam3``)."""
+    return settings.concept_model == "sam3"
+
+
+def segmenter_for(settings: Settings) -> Segmenter:
+    """The process-wide segmenter for these settings (loaded on first use)."""
+    key = (settings.model_name, settings.sam_config, settings.sam_checkpoint_file,
+           settings.device, settings.runtime, settings.embedding_dtype, settings.embedding_cache_mb,
+           settings.embedding_store, settings.embedding_store_ttl, settings.embedding_store_wait)
+
+    def build() -> Segmenter:
+        started = time.perf_counter()
+        model = build_model(settings)
+        if keeps_vision_state(settings) and hasattr(model, "keep_vision_state"):
+            # SAM 3's concept model runs on the click model's backbone output: every process
+            # that encodes (web replicas and precompute workers alike) keeps it in the embedding
+            model.keep_vision_state = True
+        log.info("model %s ready in %.1f s", model.describe(), time.perf_counter() - started)
+        store = None
+        if settings.embedding_store:
+            from sam_backend.embeddings.precompute import identity_for, store_for
+
+            store = store_for(settings, identity_for(settings, model))
+        return Segmenter(model, EmbeddingCache(settings.embedding_cache_mb * 1024 * 1024, store),
+                         store_float16=settings.embedding_dtype == "float16")
+
+    return get_segmenter(key, build)
+
+
+class SegmentationService:
+    """Answers /predict for any number of projects with one segmenter and one image loader."""
+
+    def __init__(self, settings: Settings, segmenter: Segmenter, images: ImageLoader):
+        self.settings = settings
+        self.segmenter = segmenter
+        self.images = images
+        self.model_version = f"sam_backend-{__version__}:{segmenter.model.variant.key}"
+        self.concepts: Optional[ConceptAnnotator] = None
+        if settings.concept_model != "none":
+            self.model_version += f"+{settings.concept_model}"
+            self.concepts = ConceptAnnotator(
+                self, lambda: create_concept_engine(self.settings, self.segmenter))
+        # project -> label config sent in /setup, least recently used first out
+        self._projects: "OrderedDict[str, str]" = OrderedDict()
+        self._projects_chars = 0
+        self._projects_lock = threading.Lock()
+        self.store = segmenter.cache.tier  # the shared embedding store, or None
+        self.queue = None  # with a store, opened tasks go to the workers' queue
+        if self.store is not None:
+            from sam_backend.embeddings.precompute import EncodeQueue
+
+            self.queue = EncodeQueue(self.store, settings.precompute_job_timeout)
+        self.label_configs = LabelConfigCache(int(settings.label_config_cache_mb * MIB))
+        # new images loading at once; their bytes and pixels, and the masks of clicks
+        self.loads = LoadGate(settings.max_concurrent_loads)
+        self.memory = images.budget or MemoryBudget(settings.image_memory_mb * MIB)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "SegmentationService":
+        budget = MemoryBudget(settings.image_memory_mb * MIB)
+        access = ImageAccessSettings.from_env(
+            image_hosts=settings.image_hosts, allow_link_local=settings.allow_link_local_images,
+            local_files_document_root=settings.local_files_document_root)
+        return cls(settings, segmenter_for(settings), ImageLoader(access, budget=budget))
+
+    # -- /setup --------------------------------------------------------------------------------
+    def setup(self, project: Optional[str], schema: Optional[str], hostname: Optional[str],
+              access_token: Optional[str], authenticated: bool = False) -> None:
+        """``authenticated``: the request came with valid basic auth (see ImageLoader)."""
+        if schema:
+            self.parse_config(schema)  # a bad config is reported at setup already
+            key = str(project)
+            with self._projects_lock:
+                self._projects_chars -= len(self._projects.pop(key, ""))
+                self._projects[key] = schema
+                self._projects_chars += len(schema)
+                # bounded in count and in size (the parsed-config budget counts the texts too)
+                while len(self._projects) > self.settings.max_projects or (
+                        len(self._projects) > 1 and self._projects_chars > self.label_configs.max_bytes):
+                    _, old = self._projects.popitem(last=False)
+                    self._projects_chars -= len(old)
+        self.images.update_from_setup(hostname or None, access_token or None, authenticated)
+
+    def parse_config(self, text: Any) -> LabelConfig:
+        limit = self.settings.max_label_config_kb * 1024
+        if isinstance(text, str) and len(text) > limit:
+            raise RequestError(f"the labeling config has {len(text):,} characters, more than the "
+                               f"limit of {limit:,} (max_label_config_kb)")
+        return self.label_configs.parse(text)
+
+    def label_config_for(self, project: Any, label_config: Optional[str]) -> LabelConfig:
+        if not label_config:
+            with self._projects_lock:
+                label_config = self._projects.get(str(project))
+        return self.parse_config(label_config or "")
+
+    # -- /predict ------------------------------------------------------------------------------
+    def predict(self, tasks: Any, label_config: Optional[str], context: Any,
+                project: Any = None) -> List[Dict[str, Any]]:
+        """One result per task (Label Studio uses the first), or [] when there is no prompt."""
+        if not isinstance(tasks, list) or not tasks:
+            raise RequestError("the request has no tasks: /predict expects {\"tasks\": [{...}], "
+                               "\"label_config\": \"<View>...</View>\", \"params\": {\"context\": "
+                               "{...}}}")
+        if len(tasks) > self.settings.max_tasks:
+            raise RequestError(f"the request has {len(tasks)} tasks, more than the limit of "
+                               f"{self.settings.max_tasks} (max_tasks)")
+        for index, task in enumerate(tasks):
+            if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+                raise RequestError(f"tasks[{index}] is not a task object with 'data'")
+            task_id = task.get("id")
+            if task_id is not None and (isinstance(task_id, bool) or not (
+                    isinstance(task_id, str) and len(task_id) <= 100
+                    or isinstance(task_id, int) and abs(task_id) < 2 ** 63)):
+                raise RequestError(f"tasks[{index}].id must be an integer, got {shown(task_id)}")
+        config = self.label_config_for(project, label_config)
+        typed = parse_text_prompt(context, config)
+        if typed is not None:
+            return [self.concept_annotator().annotate_task(task, config, typed) for task in tasks]
+        prompt = parse_context(context, config, self.settings.max_points)
+        if prompt is None:
+            if self.settings.auto_annotate:
+                return self.concept_annotator().auto_annotate(tasks, config)
+            if self.settings.precompute:
+                for task in tasks:
+                    self.precompute(task, config)
+            return []
+        return [self.predict_task(task, config, prompt) for task in tasks]
+
+    def concept_annotator(self) -> ConceptAnnotator:
+        """The concept side; a clear error when the backend runs without one."""
+        if self.concepts is None:
+            create_concept_engine(self.settings, self.segmenter)  # raises: what to start with
+        return self.concepts
+
+    def image_of(self, task: Dict[str, Any], config: LabelConfig, to_name: str,
+                 item_index: Optional[int] = None) -> Tuple[str, Optional[int]]:
+        key = config.data_key(to_name)
+        url = task["data"].get(key)
+        if isinstance(url, list):
+            if not url:
+                raise RequestError(f"task {shown(task.get('id'))}: data.{shown(key)} is an "
+                                   f"empty list")
+            url = url[item_index or 0] if (item_index or 0) < len(url) else None
+        if not isinstance(url, str) or not url.strip():
+            raise ImageError(f"task {shown(task.get('id'))} has no image in data.{shown(key)}: "
+                             f"the labeling config's Image tag reads ${shown(key)}")
+        return url, task.get("id")
+
+    def predict_task(self, task: Dict[str, Any], config: LabelConfig,
+                     prompt_request: PromptRequest) -> Dict[str, Any]:
+        url, task_id = self.image_of(task, config, prompt_request.to_name,
+                                     prompt_request.item_index)
+        image_key = self.images.source_key(url, task_id)
+        if self.segmenter.is_embedded(image_key):
+            embedding = self.segmenter.embedding(image_key, lambda: self.images.load(url, task_id))
+        else:  # a new image: hold one of the few load slots (503 when all are taken)
+            with self.loads.admit():
+                embedding = self.segmenter.embedding(image_key,
+                                                     lambda: self.images.load(url, task_id))
+        height, width = embedding.original_size
+        if prompt_request.original_width and prompt_request.original_height and \
+                (prompt_request.original_width, prompt_request.original_height) != (width, height):
+            log.warning("task %s: Label Studio reports the image as %dx%d, the decoded image is "
+                        "%dx%d; using the decoded size", task_id, prompt_request.original_width,
+                        prompt_request.original_height, width, height)
+        # the full-size logits, mask and RLE of a click: ~24 bytes per image pixel at the peak
+        with self.memory.reservation(self.images.settings.timeout) as held:
+            held.grow(width * height * 24, f"a mask of {width}x{height} pixels")
+            prediction = self.segmenter.decode(
+                image_key, embedding, prompt_request.to_prompt(width, height),
+                memory_scope=(prompt_request.from_name, prompt_request.label))
+            regions = self.regions(prediction.mask, prediction.score, config, prompt_request)
+        return {"result": regions, "score": prediction.score, "model_version": self.model_version}
+
+    def regions(self, mask: np.ndarray, score: float, config: LabelConfig,
+                prompt: PromptRequest) -> List[Dict[str, Any]]:
+        """Label Studio regions for a click's ``mask`` (HxW bool), under the prompt's label."""
+        skip = prompt.from_name if prompt.kind == "rectanglelabels" else None
+        return self.mask_regions(mask, score, config, prompt.label, prompt.to_name,
+                                 prompt.image_rotation, skip_box_control=skip)
+
+    def mask_regions(self, mask: np.ndarray, score: float, config: LabelConfig, label: str,
+                     to_name: str, rotation: float = 0, skip_box_control: Optional[str] = None,
+                     bbox: Optional[Tuple[float, float, float, float]] = None
+                     ) -> List[Dict[str, Any]]:
+        """Regions for ``mask`` (HxW bool, image frame): brush, polygons and box as the output
+        options say, each under the control of its type on ``to_name`` that has ``label``.
+
+        ``skip_box_control``: a rectangle control that gets no box (the annotator's own box is
+        already there). ``bbox``: (x0, y0, x1, y1) pixels for the box output instead of the
+        mask's tight box (a detector's box)."""
+        height, width = mask.shape
+        mask_box = mask_bbox(mask)
+        if mask_box is None:
+            log.info("the mask for %r is empty: nothing to return", label)
+            return []
+        bbox = mask_box if bbox is None else bbox
+        wanted = [("brushlabels", self.settings.out_mask), ("polygonlabels", self.settings.out_poly),
+                  ("rectanglelabels", self.settings.out_bbox)]
+        regions: List[Dict[str, Any]] = []
+        for kind, enabled in wanted:
+            if not enabled:
+                continue
+            control = config.output_for(kind, to_name, label)
+            if control is None:
+                log.info("no %s control on %r with label %r: %s output skipped", kind, to_name,
+                         label, kind)
+                continue
+            if kind == "rectanglelabels" and control.name == skip_box_control:
+                continue
+            if kind == "brushlabels":
+                regions.append(brush_region(mask, label, control.name, to_name, rotation, score))
+            elif kind == "polygonlabels":
+                for polygon in mask_polygons(mask, self.settings.poly_min_area,
+                                             self.settings.poly_tolerance):
+                    regions.append(polygon_region(polygon, label, control.name, to_name, width,
+                                                  height, rotation, score))
+            else:
+                regions.append(rectangle_region(bbox, label, control.name, to_name, width,
+                                                height, rotation, score))
+        return regions
+
+    # -- precompute ----------------------------------------------------------------------------
+    def precompute(self, task: Dict[str, Any], config: LabelConfig) -> None:
+        """Start encoding the task's image(s) in the background (newest first, behind any
+        interactive encode), unless cached or queued."""
+        for to_name in config.images:
+            if not any(c.to_name == to_name for c in config.controls):
+                continue
+            try:
+                url, task_id = self.image_of(task, config, to_name)
+                image_key = self.images.source_key(url, task_id)
+            except Exception as exc:  # an opened task must never fail because of this
+                log.info("task %s: no precompute (%s)", task.get("id"), exc)
+                continue
+            if self.queue is not None and self._enqueue(image_key, url, task_id):
+                continue
+            self.segmenter.precompute(image_key,
+                                      lambda url=url, task_id=task_id: self.images.load(url, task_id))
+
+    def _enqueue(self, image_key: str, url: str, task_id: Any) -> bool:
+        """Hand the image to the workers (at the front: an annotator is looking at it); False
+        when Redis is unreachable (the caller encodes in this process instead)."""
+        if self.segmenter.is_embedded(image_key):
+            return True
+        try:
+            outcome = self.queue.submit(image_key, url, task_id, self.images.label_studio_url,
+                                        at_front=True)
+        except StoreUnavailable:
+            return False
+        log.debug("precompute of %s: %s", image_key, outcome)
+        return True
+
+    # -- the shared store, for /health and /metrics --------------------------------------------
+    def store_status(self) -> Dict[str, Any]:
+        if self.store is None:
+            return {"state": "off"}
+        self.store.check()  # a down store is retried at most every few seconds
+        return self.store.status()
+
+    def store_metrics(self) -> Dict[str, Any]:
+        if self.store is None:
+            return {}
+        return {**self.store.counters(), "queue_length": self.queue.length(),
+                "queue_enqueued": self.queue.enqueued}

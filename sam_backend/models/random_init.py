@@ -1,0 +1,43 @@
+"""Seeded random-weight checkpoints of the real architectures, behind
+``sam-backend weights random`` (tests, benchmarks and offline demos).
+
+No pretrained weights can be fetched on every machine (CI, air-gapped sites). A random-weight
+checkpoint has the exact layout and compute cost of the official file, so the whole pipeline can
+be exercised and timed; its masks are meaningless. Files made here are saved with
+``torch.save(model.state_dict(), path)`` — the official files' format — and loaded through the
+normal loading path; SAM 2's official files wrap theirs as ``{"model": state_dict}``, and so do
+the files made here for ``family == "sam2"``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Union
+
+import torch
+
+from sam_backend.models.registry import Variant
+
+log = logging.getLogger(__name__)
+
+
+def make_random_checkpoint(variant: Variant, path: Union[str, Path], seed: int = 0) -> Path:
+    """Build ``variant`` with weights drawn from ``seed`` and save its state dict to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = variant.builder()
+        # Upstream initialises some parameters to constants (zeros/ones); perturb every
+        # floating-point tensor so that each weight matters, the way trained weights do.
+        with torch.no_grad():
+            for name, tensor in model.state_dict().items():
+                if tensor.is_floating_point():
+                    tensor.add_(torch.randn_like(tensor) * 0.02)
+    tmp = path.with_name(path.name + ".tmp")
+    state = model.state_dict()
+    torch.save({"model": state} if variant.family == "sam2" else state, tmp)
+    os.replace(tmp, path)
+    log.info("wrote random-weight %s checkpoint (seed %d) to %s", variant.key, seed, path)
+    return path
