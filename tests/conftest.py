@@ -3,20 +3,52 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import os
+import subprocess
 import sys
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # test helpers
 
-from random_weights import cached_random_checkpoint, synthetic_image
+from random_weights import CACHE_DIR, CACHE_SEED, cached_random_checkpoint, cached_random_sam3, synthetic_image  # noqa: E402
+from server_utils import REPO  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def checkpoint_factory():
     """``checkpoint_factory(model_name, sam_config=None) -> Path`` of a seeded random-weight file."""
     return cached_random_checkpoint
+
+
+@pytest.fixture(scope="module")
+def sam2_file(checkpoint_factory):
+    """The seeded random-weight SAM 2.1 hiera_tiny checkpoint."""
+    return checkpoint_factory("sam2", "hiera_tiny")
+
+
+@pytest.fixture(scope="module")
+def official_dir():
+    """A reduced random SAM 3 in the official layout (Sam3VideoModel.save_pretrained)."""
+    return cached_random_sam3(reduced=True)
+
+
+@pytest.fixture(scope="module")
+def sam3_full_root():
+    """``sam-backend weights random sam3`` (full size) into a weights directory, once: the seeded
+    directory is kept in the test-weights cache between runs."""
+    root = CACHE_DIR / f"seed{CACHE_SEED}-full"
+    if not (root / "sam3" / "config.json").is_file():
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        done = subprocess.run([sys.executable, "-m", "sam_backend.cli", "weights", "random", "sam3",
+                               "--dir", str(root), "--seed", str(CACHE_SEED), "--force"],
+                              env=env, capture_output=True, text=True, timeout=3600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    config = json.loads((root / "sam3" / "config.json").read_text())
+    assert config["model_type"] == "sam3_video"
+    assert config["detector_config"]["vision_config"]["backbone_config"]["num_hidden_layers"] == 32
+    return root
 
 
 @pytest.fixture

@@ -19,13 +19,12 @@ import requests
 from server_utils import REPO, free_port
 from test_backend_with_label_studio import (check_answer, click, images,  # noqa: F401 (fixture)
                                             keypoint_region, rectangle_region)
-from test_sam3_full import weights_root  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def sam3_backend(session_backend_process, weights_root, label_studio,  # noqa: F811
+def sam3_backend(session_backend_process, sam3_full_root, label_studio,  # noqa: F811
                  tmp_path_factory):
     port = free_port()
     env = {**os.environ, "LABEL_STUDIO_URL": label_studio.url,
@@ -34,7 +33,7 @@ def sam3_backend(session_backend_process, weights_root, label_studio,  # noqa: F
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
     return session_backend_process(
         ["label-studio-ml", "start", "sam", "--with", "model_name=sam3",
-         f"sam_checkpoint_file={weights_root / 'sam3'}", "device=cpu", "out_poly=true",
+         f"sam_checkpoint_file={sam3_full_root / 'sam3'}", "device=cpu", "out_poly=true",
          "-p", str(port), "--host", "127.0.0.1"], port, env=env, cwd=REPO, name="sam-backend")
 
 

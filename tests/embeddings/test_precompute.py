@@ -9,7 +9,7 @@ from sam_backend.images.loader import ImageAccessSettings, ImageLoader
 from sam_backend.embeddings.precompute import precompute_project, project_tasks
 from sam_backend.settings import Settings
 from team_utils import API_TOKEN, FakeLabelStudioAPI
-from test_server import FULL_CONFIG
+from payloads import FULL_CONFIG
 
 
 @pytest.fixture

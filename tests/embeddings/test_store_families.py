@@ -13,8 +13,6 @@ from random_weights import synthetic_image
 from sam_backend.models.registry import get_variant
 from sam_backend.models.runtimes import create_model
 from sam_backend.embeddings.store import EmbeddingStore
-from test_sam2 import sam2_file  # noqa: F401  (fixture)
-from test_sam3 import official_dir  # noqa: F401  (fixture)
 from test_store import same
 
 # (name, variant args, keep_vision_state, arrays in the embedding: features + extra)

@@ -21,7 +21,7 @@ from sam_backend.models.torch_runtime import TorchSamModel
 from server_utils import REPO
 from team_utils import (API_TOKEN, CLI, FakeLabelStudioAPI, WorkerProcess, model_options,
                         process_env, start_replica)
-from test_server import FULL_CONFIG, H, W, decode_brush, keypoint, payload
+from payloads import FULL_CONFIG, H, W, decode_brush, keypoint, payload
 
 PROJECT_IMAGES = ["p1.png", "p2.png", "p3.png"]
 OTHER_IMAGES = ["n1.png", "n2.png", "n3.png", "n4.png", "n5.png"]

@@ -17,16 +17,12 @@ from sam_backend.images.netpolicy import (
     blocked_reason,
     parse_image_hosts,
 )
+from loopback_hosts import LEGACY_TOKEN, FakeLabelStudio, Redirector, _Handler, rgb_png  # noqa: F401
 from test_images import (  # noqa: F401  (fixtures: the loopback hosts, a loader factory)
-    LEGACY_TOKEN,
-    FakeLabelStudio,
     _clean_env,
-    _Handler,
-    _LoopbackHost,
     clock,
     ls,
     make_loader,
-    rgb_png,
     storage,
 )
 
@@ -61,25 +57,6 @@ def _link_local(address) -> bool:
     except (ValueError, TypeError, IndexError):
         return False
     return blocked_reason(ip) is not None
-
-
-class Redirector(_LoopbackHost):
-    """A loopback host that answers every GET with a redirect to ``target`` and counts them."""
-
-    def __init__(self, target: str):
-        self.target = target
-        self.paths = []
-        self._start()
-
-    def _handler(self):
-        state = self
-
-        class Handler(_Handler):
-            def do_GET(self):
-                state.paths.append(self.path)
-                self.reply(302, headers={"Location": state.target})
-
-        return Handler
 
 
 @pytest.fixture

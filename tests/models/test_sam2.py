@@ -16,18 +16,13 @@ from sam_backend.models.base import Prompt
 from sam_backend.models.registry import VARIANTS, get_variant
 from sam_backend.models.runtimes import create_model
 from server_utils import BackendProcess, free_port
-from test_server import decode_brush, payload
-from test_server import keypoint as server_keypoint
-from test_server import rectangle as server_rectangle
+from payloads import decode_brush, payload
+from payloads import keypoint as server_keypoint
+from payloads import rectangle as server_rectangle
 from test_weights import leftovers, mirror, sha256_of, weights_dir  # noqa: F401 (fixture)
 
 TINY = get_variant("sam2", "hiera_tiny")
 SIZES = {"wide": (360, 540), "tall": (480, 300)}  # two aspect ratios (H, W)
-
-
-@pytest.fixture(scope="module")
-def sam2_file(checkpoint_factory):
-    return checkpoint_factory("sam2", "hiera_tiny")
 
 
 @pytest.fixture(scope="module")

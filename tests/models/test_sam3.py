@@ -26,19 +26,13 @@ from fake_hub import FakeHub
 from random_weights import cached_random_sam3, synthetic_image
 from sam_backend.models.registry import get_variant
 from server_utils import REPO, BackendProcess, free_port
-from test_server import FULL_CONFIG, decode_brush, keypoint, payload, rectangle
+from payloads import FULL_CONFIG, decode_brush, keypoint, payload, rectangle
 
 # two aspect ratios: landscape and portrait (the processor squashes both to 1008x1008)
 SIZES = {"landscape": (360, 540), "portrait": (500, 300)}
 
 
 # -- fixtures ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def official_dir():
-    """A reduced random SAM 3 in the official layout (Sam3VideoModel.save_pretrained)."""
-    return cached_random_sam3(reduced=True)
-
-
 @pytest.fixture(scope="module")
 def weights_root(official_dir, tmp_path_factory):
     """A weights directory whose ``sam3/`` is the click model alone, as the library saves it

@@ -67,25 +67,6 @@ json.dump(answers, open(out + ".json", "w"))
 
 
 @pytest.fixture(scope="module")
-def weights_root(tmp_path_factory):
-    """``sam-backend weights random sam3`` (full size) into a weights directory, once: the seeded
-    directory is kept in the test-weights cache between runs."""
-    from random_weights import CACHE_DIR, CACHE_SEED
-
-    root = CACHE_DIR / f"seed{CACHE_SEED}-full"
-    if not (root / "sam3" / "config.json").is_file():
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        done = subprocess.run([sys.executable, "-m", "sam_backend.cli", "weights", "random", "sam3",
-                               "--dir", str(root), "--seed", str(CACHE_SEED), "--force"],
-                              env=env, capture_output=True, text=True, timeout=3600)
-        assert done.returncode == 0, done.stderr[-3000:]
-    config = json.loads((root / "sam3" / "config.json").read_text())
-    assert config["model_type"] == "sam3_video"
-    assert config["detector_config"]["vision_config"]["backbone_config"]["num_hidden_layers"] == 32
-    return root
-
-
-@pytest.fixture(scope="module")
 def image(tmp_path_factory):
     from random_weights import synthetic_image
 
@@ -95,9 +76,9 @@ def image(tmp_path_factory):
     return root
 
 
-def test_full_size_sam3_click_and_box_match_the_library(weights_root, image, tmp_path):
+def test_full_size_sam3_click_and_box_match_the_library(sam3_full_root, image, tmp_path):
     out = tmp_path / "reference"
-    reference = subprocess.Popen([sys.executable, "-c", REFERENCE, str(weights_root / "sam3"),
+    reference = subprocess.Popen([sys.executable, "-c", REFERENCE, str(sam3_full_root / "sam3"),
                                   str(image / "full.png"), str(out)],
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -112,7 +93,7 @@ def test_full_size_sam3_click_and_box_match_the_library(weights_root, image, tmp
     backend = BackendProcess(
         ["label-studio-ml", "start", "sam", "--with", "model_name=sam3", "device=cpu",
          "embedding_dtype=float32", "-p", str(port), "--host", "127.0.0.1"], port,
-        {"LOCAL_FILES_DOCUMENT_ROOT": str(image), "SAM_BACKEND_WEIGHTS_DIR": str(weights_root),
+        {"LOCAL_FILES_DOCUMENT_ROOT": str(image), "SAM_BACKEND_WEIGHTS_DIR": str(sam3_full_root),
          "SAM_BACKEND_OFFLINE": "1", "SAM_BACKEND_IMAGE_CACHE_DIR": str(tmp_path / "imgcache")},
         tmp_path / "backend.log")
     backend.start()

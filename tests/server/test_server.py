@@ -10,33 +10,19 @@ import cv2
 import numpy as np
 import pytest
 import requests
-from label_studio_converter.brush import decode_rle
 
 from sam_backend.models.base import Prompt
 from sam_backend.models.registry import get_variant
 from sam_backend.models.torch_runtime import TorchSamModel
+from payloads import FULL_CONFIG, H, W, decode_brush, keypoint, payload, rectangle
 from server_utils import BackendProcess, free_port
 
-FULL_CONFIG = """<View>
-  <Image name="image" value="$image" zoom="true"/>
-  <KeyPointLabels name="KeyPointLabels" toName="image" smart="true">
-    <Label value="cat" smart="true"/><Label value="dog" smart="true"/>
-  </KeyPointLabels>
-  <RectangleLabels name="RectangleLabels" toName="image" smart="true">
-    <Label value="cat"/><Label value="dog"/>
-  </RectangleLabels>
-  <PolygonLabels name="PolygonLabels" toName="image"><Label value="cat"/><Label value="dog"/></PolygonLabels>
-  <BrushLabels name="BrushLabels" toName="image"><Label value="cat"/><Label value="dog"/></BrushLabels>
-</View>"""
-
-# Another project: other control names, another data key, and no polygon control.
 OTHER_CONFIG = """<View>
   <Image name="photo" value="$img"/>
   <KeyPointLabels name="clicks" toName="photo" smart="true"><Label value="car" smart="true"/></KeyPointLabels>
   <BrushLabels name="masks" toName="photo"><Label value="car"/></BrushLabels>
 </View>"""
 
-H, W = 360, 540
 
 
 @pytest.fixture(scope="module")
@@ -78,36 +64,6 @@ def backend(checkpoint_factory, image_file, tmp_path_factory):
 def reference(checkpoint_factory, image_file):
     model = TorchSamModel(get_variant("mobile_sam"), str(checkpoint_factory("mobile_sam")), "cpu")
     return model, model.embed(image_file[2])
-
-
-def keypoint(x, y, label="cat", positive=True, from_name="KeyPointLabels", to_name="image"):
-    return {"original_width": W, "original_height": H, "image_rotation": 0,
-            "value": {"x": x, "y": y, "width": 0.5, "keypointlabels": [label]},
-            "is_positive": positive, "id": f"kp{x}{y}", "from_name": from_name,
-            "to_name": to_name, "type": "keypointlabels", "origin": "manual"}
-
-
-def rectangle(x, y, w, h, label="cat"):
-    return {"original_width": W, "original_height": H, "image_rotation": 0,
-            "value": {"x": x, "y": y, "width": w, "height": h, "rotation": 0,
-                      "rectanglelabels": [label]},
-            "id": "rect1", "from_name": "RectangleLabels", "to_name": "image",
-            "type": "rectanglelabels", "origin": "manual"}
-
-
-def payload(regions, config=FULL_CONFIG, data=None, project="1.1700000000", task_id=1):
-    return {"tasks": [{"id": task_id, "data": data or {"image": "/data/local-files/?d=pics/scene.png"},
-                       "annotations": [], "drafts": [], "predictions": [], "project": 1}],
-            "project": project, "label_config": config,
-            "params": {"login": None, "password": None, "context": {"result": regions}}}
-
-
-def decode_brush(region):
-    value = region["value"]
-    height, width = region["original_height"], region["original_width"]
-    flat = decode_rle(value["rle"])
-    assert flat.size == width * height * 4
-    return flat.reshape(height, width, 4)[:, :, 3] > 0
 
 
 def expected_mask(reference, points, labels, box=None, previous=None):
