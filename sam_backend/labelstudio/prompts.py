@@ -1,4 +1,4 @@
-"""Label Studio's interactive context -> one prompt (points and/or a box) on one image.
+"""Label Studio layer: the interactive context -> one prompt (points and/or a box) on one image.
 
 The frontend sends the regions of one smart control, one label and one image together. Every
 click on an object re-sends all of its points, positive and negative (``is_positive``); a smart

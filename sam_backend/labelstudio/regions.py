@@ -1,4 +1,4 @@
-"""Masks -> Label Studio result regions (pure functions on numpy arrays).
+"""Label Studio layer: masks -> result regions (pure functions on numpy arrays).
 
 Coordinate frames:
 
