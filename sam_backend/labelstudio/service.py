@@ -25,7 +25,7 @@ from sam_backend.embeddings.engine import Segmenter, get_segmenter
 from sam_backend.errors import RequestError
 from sam_backend.images.loader import ImageAccessSettings, ImageLoader
 from sam_backend.labelstudio.label_config import LabelConfig, LabelConfigCache
-from sam_backend.common.limits import MIB, LoadGate, MemoryBudget, shown
+from sam_backend.common.limits import MIB, LoadGate, MemoryBudget, check_count, shown
 from sam_backend.labelstudio.prompts import PromptRequest, parse_context
 from sam_backend.labelstudio.regions import brush_region, mask_bbox, mask_polygons, polygon_region, rectangle_region
 from sam_backend.settings import Settings
@@ -151,9 +151,7 @@ class PredictionService:
             raise RequestError("the request has no tasks: /predict expects {\"tasks\": [{...}], "
                                "\"label_config\": \"<View>...</View>\", \"params\": {\"context\": "
                                "{...}}}")
-        if len(tasks) > self.settings.max_tasks:
-            raise RequestError(f"the request has {len(tasks)} tasks, more than the limit of "
-                               f"{self.settings.max_tasks} (max_tasks)")
+        check_count(tasks, self.settings.max_tasks, "the request", "tasks", "max_tasks")
         for index, task in enumerate(tasks):
             if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
                 raise RequestError(f"tasks[{index}] is not a task object with 'data'")

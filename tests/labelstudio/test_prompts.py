@@ -124,8 +124,8 @@ def test_a_label_or_control_the_config_does_not_have_is_refused():
 
 def test_too_many_regions_are_refused_with_the_option_to_raise():
     regions = [keypoint(i % 100, 1) for i in range(5)]
-    with pytest.raises(RequestError, match=r"5 regions, more than the limit of 4 per prompt "
-                                           r"\(max_points\)"):
+    with pytest.raises(RequestError, match=r"context\.result has 5 regions, more than the limit "
+                                           r"of 4 \(max_points\)"):
         parse_context(context(*regions), CONFIG, max_points=4)
     assert len(parse_context(context(*regions), CONFIG, max_points=5).points) == 5
 

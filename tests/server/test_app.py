@@ -150,6 +150,8 @@ def test_setup_remembers_the_projects_config_for_predict_without_one(client, ref
     ("/predict", dict(payload([keypoint(1, 1)]), label_config=FULL_CONFIG + " " * 5000),
      "more than the limit of 4,096 (max_label_config_kb)"),
     ("/predict", payload([keypoint(150, 1)]), "context.result[0]: value.x=150.0 is outside"),
+    ("/predict", dict(payload([keypoint(1, 1)]), tasks=[{"data": {}}] * 65),
+     "the request has 65 tasks, more than the limit of 64 (max_tasks)"),
     ("/setup", {"project": 1, "schema": "<View"}, "the label_config is not valid XML"),
     ("/setup", {"project": [1]}, "project must be a string or an integer, got list"),
 ])
