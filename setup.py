@@ -26,7 +26,7 @@ setup(
         "onnxruntime",
         "onnxscript",
         # The web stack, maintained releases (constraints.txt pins them). label-studio-ml 1.0.9
-        # (its `start` command and LabelStudioMLBase) pins Flask 1.1.2 / Werkzeug 2.0.2, which
+        # (its `start` command) pins Flask 1.1.2 / Werkzeug 2.0.2, which
         # have published vulnerabilities, so it is not a requirement here: scripts/setup.sh
         # installs it with --no-deps, and these are what it really imports.
         "flask",

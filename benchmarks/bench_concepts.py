@@ -15,6 +15,7 @@ The project row starts Label Studio 1.23.2 (tests/e2e/ls_harness.py), imports th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -35,7 +36,7 @@ from sam_backend.concepts.base import concepts_of  # noqa: E402
 from sam_backend.images.loader import ImageAccessSettings, ImageLoader  # noqa: E402
 from sam_backend.labelstudio.label_config import parse_label_config  # noqa: E402
 from random_weights import CACHE_DIR, cached_random_checkpoint, synthetic_image  # noqa: E402
-from sam_backend.labelstudio.service import SegmentationService, segmenter_for  # noqa: E402
+from sam_backend.labelstudio.service import PredictionService, segmenter_for  # noqa: E402
 from sam_backend.settings import Settings  # noqa: E402
 
 CONFIG = """<View>
@@ -72,22 +73,22 @@ def engine_options(engine: str) -> Dict[str, str]:
     raise SystemExit(f"engine {engine!r} is not available in this version")
 
 
-def make_service(engine: str, cache_dir: Path, labels: str = "") -> SegmentationService:
+def make_service(engine: str, cache_dir: Path, labels: str = "") -> PredictionService:
     options = {"device": "cpu", **engine_options(engine)}
     if labels:
         options["concept_labels"] = labels
     settings = Settings.load(options, environ={})
     images = ImageLoader(ImageAccessSettings.from_env(cache_dir=str(cache_dir)))
-    service = SegmentationService(settings, segmenter_for(settings), images)
+    service = PredictionService(settings, segmenter_for(settings), images)
     service.concept_annotator().engine  # loaded before timing
     return service
 
 
-def concept_pass(service: SegmentationService, image_path: Path, runs: int) -> Dict[str, Any]:
+def concept_pass(service: PredictionService, image_path: Path, runs: int) -> Dict[str, Any]:
     config = parse_label_config(CONFIG)
     concepts = concepts_of(config)
     task = {"id": 1, "data": {"image": str(image_path)}}
-    url, _ = service.image_of(task, config, "image")
+    url = config.image_url(task, "image")
     key = service.images.source_key(url, 1)
     started = time.perf_counter()
     service.segmenter.embedding(key, lambda: service.images.load(url, 1))
@@ -114,7 +115,7 @@ def concept_pass(service: SegmentationService, image_path: Path, runs: int) -> D
             "regions_ms_per_instance": regions_ms}
 
 
-def project_run(service: SegmentationService, images: List[Path], labels: str) -> Dict[str, Any]:
+def project_run(service: PredictionService, images: List[Path], labels: str) -> Dict[str, Any]:
     from e2e.ls_harness import LabelStudio
 
     from sam_backend.concepts.annotate import LabelStudioAPI, annotate_project
@@ -128,7 +129,7 @@ def project_run(service: SegmentationService, images: List[Path], labels: str) -
             label_studio_url=ls.url, api_key=ls.token,
             cache_dir=tempfile.mkdtemp(prefix="bench-concepts-")))
         service.images = loader
-        service.settings = service.settings.replace(concept_labels=labels or None)
+        service.settings = dataclasses.replace(service.settings, concept_labels=labels or None)
         service.concepts.settings = service.settings
         report = annotate_project(service, LabelStudioAPI(loader), project["id"], progress=False)
         predictions = ls.api.get("/api/predictions", params={"project": project["id"]})

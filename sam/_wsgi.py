@@ -12,19 +12,18 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sam_backend.errors import SamBackendError  # noqa: E402
-from sam_backend.server.app import build_app, parse_with  # noqa: E402
-from sam_backend.settings import Settings  # noqa: E402
+from sam_backend.server.app import build_app  # noqa: E402
+from sam_backend.settings import add_listen_arguments, from_environment, settings_from_args  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description="sam_backend for Label Studio")
-    parser.add_argument("-p", "--port", type=int, default=int(os.environ.get("PORT", 9090)))
-    parser.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
+    add_listen_arguments(parser)
     parser.add_argument("--kwargs", "--with", dest="kwargs", metavar="KEY=VAL", nargs="+",
                         help="backend options, e.g. model_name=mobile_sam device=cpu")
     parser.add_argument("-d", "--debug", action="store_true",
                         help="debug logging (the Werkzeug debugger is never enabled)")
-    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"),
+    parser.add_argument("--log-level", default=from_environment("LOG_LEVEL", "INFO"),
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--model-dir", default=None, help="accepted for compatibility; unused")
     parser.add_argument("--check", action="store_true",
@@ -35,7 +34,7 @@ def main() -> int:
                         format="[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s")
     log = logging.getLogger("sam_backend")
     try:
-        settings = Settings.load(parse_with(args.kwargs))
+        settings = settings_from_args(args)
         app = build_app(settings)
     except SamBackendError as exc:
         log.error("%s", exc)

@@ -23,9 +23,9 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Sized
 
-from sam_backend.errors import BusyError, ImageError
+from sam_backend.errors import BusyError, ImageError, RequestError
 
 MIB = 1024 * 1024
 # after a load that reserved this much, freed memory is handed back to the system at once
@@ -62,6 +62,14 @@ def printable(text: str, limit: int) -> str:
     text = " ".join(str(text).split())
     text = "".join(c if c.isprintable() else "?" for c in text[:limit + 1])
     return text if len(text) <= limit else text[:max(0, limit - 3)] + "..."
+
+
+def check_count(items: Sized, limit: int, holder: str, unit: str, option: str) -> None:
+    """A RequestError (400) when ``items`` holds more than ``limit`` entries, e.g. "the request
+    has 70 tasks, more than the limit of 64 (max_tasks)"; ``option`` is the setting to raise."""
+    if len(items) > limit:
+        raise RequestError(f"{holder} has {len(items)} {unit}, more than the limit of {limit} "
+                           f"({option})")
 
 
 def shown(value: Any, limit: int = 60) -> str:

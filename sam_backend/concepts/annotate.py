@@ -126,9 +126,8 @@ def annotate_project(service, api: LabelStudioAPI, project_id: int,
 
 
 def run(args) -> int:
-    from sam_backend.server.app import parse_with
-    from sam_backend.labelstudio.service import SegmentationService, segmenter_for
-    from sam_backend.settings import Settings
+    from sam_backend.labelstudio.service import PredictionService, segmenter_for
+    from sam_backend.settings import Settings, parse_with
 
     options = parse_with(args.kwargs)
     options.setdefault("concept_model", "grounding_dino")
@@ -136,7 +135,7 @@ def run(args) -> int:
     images = ImageLoader(ImageAccessSettings.from_env(label_studio_url=args.url,
                                                       api_key=args.token))
     api = LabelStudioAPI(images)
-    service = SegmentationService(settings, segmenter_for(settings), images)
+    service = PredictionService(settings, segmenter_for(settings), images)
     task_ids = [int(t) for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     report = annotate_project(service, api, args.project, task_ids, args.limit,
                               progress=not args.no_progress)

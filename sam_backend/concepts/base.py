@@ -7,7 +7,7 @@ an image; the text sent to the model is the label's ``hint`` attribute when the 
 (``<Label value="Car" hint="red car"/>``: Label Studio 1.23 accepts it and shows it as the label's
 tooltip), else the label's value. A *concept engine* turns phrases into instances on one image;
 this module does not know which engine runs (see :func:`create_concept_engine`). Instances become
-regions through the same code as clicks (:meth:`SegmentationService.mask_regions`).
+regions through the same code as clicks (:meth:`PredictionService.mask_regions`).
 
 Three ways to ask, all answered here:
 
@@ -260,7 +260,7 @@ class ConceptAnnotator:
         for concept in concepts:
             by_image.setdefault(concept.to_name, []).append(concept)
         for to_name, group in by_image.items():
-            url, task_id = self.service.image_of(task, config, to_name)
+            url, task_id = config.image_url(task, to_name), task.get("id")
             image_key = self.service.images.source_key(url, task_id)
             found = engine.detect(image_key,
                                   lambda url=url, task_id=task_id: self.service.images.load(
@@ -283,7 +283,7 @@ class ConceptAnnotator:
              concepts: Sequence[Concept]) -> Hashable:
         images = []
         for to_name in sorted({c.to_name for c in concepts}):
-            url, task_id = self.service.image_of(task, config, to_name)
+            url, task_id = config.image_url(task, to_name), task.get("id")
             images.append(self.service.images.source_key(url, task_id))
         return (tuple(images), tuple(concepts), self.settings.concept_threshold,
                 self.selection, self.settings.out_mask, self.settings.out_poly,

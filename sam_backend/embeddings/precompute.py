@@ -24,7 +24,7 @@ import hashlib
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional
 
 from sam_backend.errors import ConfigError, SamBackendError
@@ -170,13 +170,13 @@ def run_worker(args) -> int:
     from rq.serializers import JSONSerializer
 
     from sam_backend.images.loader import ImageAccessSettings, ImageLoader
-    from sam_backend.server.app import settings_from_args
+    from sam_backend.settings import settings_from_args
     from sam_backend.labelstudio.service import segmenter_for
 
     global _CONTEXT
     settings = settings_from_args(args)
     # the worker writes to the store and rarely reads an image twice: a small memory tier
-    settings = settings.replace(embedding_cache_mb=min(settings.embedding_cache_mb, 256))
+    settings = replace(settings, embedding_cache_mb=min(settings.embedding_cache_mb, 256))
     if not settings.embedding_store:
         raise ConfigError("the worker needs embedding_store=redis://host:port/db (the store the "
                           "backend replicas use)")
@@ -275,7 +275,7 @@ def run_precompute(args) -> int:
     import json
 
     from sam_backend.images.loader import ImageAccessSettings, ImageLoader
-    from sam_backend.server.app import settings_from_args
+    from sam_backend.settings import settings_from_args
 
     settings = settings_from_args(args)
     overrides = {}
@@ -289,7 +289,7 @@ def run_precompute(args) -> int:
 
 
 def register_cli(subparsers) -> None:
-    from sam_backend.server.app import add_option_arguments
+    from sam_backend.settings import add_option_arguments
 
     worker = subparsers.add_parser(
         "worker", help="encode queued images into the shared embedding store (RQ worker)")

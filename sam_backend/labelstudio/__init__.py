@@ -1,6 +1,9 @@
-"""Label Studio's side of a request: the labeling config (which controls exist), prompts from
-/predict's context, the /predict service that joins image, embedding and mask, and the regions
-(brush RLE, polygons, boxes) sent back.
+"""The Label Studio layer: everything that knows Label Studio's shapes. The labeling config
+(which controls exist, where a task's image is), prompts from /predict's context, the
+:class:`~.service.PredictionService` that answers /setup and /predict by joining image, embedding
+and mask, and the regions (brush RLE, polygons, boxes) sent back.
 
+Below it: the engine layer (:class:`~sam_backend.embeddings.engine.Segmenter`) and the model layer
+(:class:`~sam_backend.models.base.SegmentationModel`); above it: the HTTP layer (server/).
 A new output format for Label Studio goes in :mod:`.regions` / :mod:`.rle`.
 """

@@ -1,4 +1,5 @@
-"""The parts of a Label Studio labeling config this backend needs: its controls, by type.
+"""Label Studio layer: the parts of a labeling config this backend needs, its controls by type,
+and where a task's image URL is (:meth:`LabelConfig.image_url`).
 
 Controls are always found by their tag type (``KeyPointLabels``, ``RectangleLabels``,
 ``BrushLabels``, ``PolygonLabels``), never by their ``name``: every project names them freely.
@@ -12,13 +13,14 @@ import threading
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import fromstring as defused_fromstring
 
-from sam_backend.errors import RequestError
 from sam_backend.common.limits import shown
+from sam_backend.common.text import is_true
+from sam_backend.errors import ImageError, RequestError
 
 PROMPT_TYPES = ("keypointlabels", "rectanglelabels")
 OUTPUT_TYPES = ("brushlabels", "polygonlabels", "rectanglelabels")
@@ -84,9 +86,21 @@ class LabelConfig:
                 f"the labeling config has no <Image name=... value=\"$...\"> for the "
                 f"prompt's to_name {shown(to_name)}") from None
 
-
-def _truthy(value: Optional[str]) -> bool:
-    return str(value).lower() in ("true", "1", "yes")
+    def image_url(self, task: Dict[str, Any], to_name: str,
+                  item_index: Optional[int] = None) -> str:
+        """The URL (or path) of the image ``to_name`` in ``task["data"]``: the value under the
+        Image tag's ``$key``, or its ``item_index``-th entry when the task holds a list."""
+        key = self.data_key(to_name)
+        url = task["data"].get(key)
+        if isinstance(url, list):
+            if not url:
+                raise RequestError(f"task {shown(task.get('id'))}: data.{shown(key)} is an "
+                                   f"empty list")
+            url = url[item_index or 0] if (item_index or 0) < len(url) else None
+        if not isinstance(url, str) or not url.strip():
+            raise ImageError(f"task {shown(task.get('id'))} has no image in data.{shown(key)}: "
+                             f"the labeling config's Image tag reads ${shown(key)}")
+        return url
 
 
 def parse_label_config(text: str) -> LabelConfig:
@@ -125,15 +139,11 @@ def parse_label_config(text: str) -> LabelConfig:
             hints = tuple((child.get("value"), child.get("hint").strip()) for child in label_tags
                           if (child.get("hint") or "").strip())
             controls.append(Control(tag, element.get("name", ""), element.get("toName", ""),
-                                    labels, _truthy(element.get("smart"))
-                                    or _truthy(element.get("smartOnly")), hints))
+                                    labels, is_true(element.get("smart"))
+                                    or is_true(element.get("smartOnly")), hints))
         elif tag == "textarea":
             text_inputs.append(TextInput(element.get("name", ""), element.get("toName", "")))
     return LabelConfig(tuple(controls), images, tuple(text_inputs))
-
-
-def all_labels(config: LabelConfig) -> FrozenSet[str]:
-    return frozenset(label for c in config.controls for label in c.labels)
 
 
 class LabelConfigCache:

@@ -1,4 +1,4 @@
-"""Label Studio's interactive context -> one prompt (points and/or a box) on one image.
+"""Label Studio layer: the interactive context -> one prompt (points and/or a box) on one image.
 
 The frontend sends the regions of one smart control, one label and one image together. Every
 click on an object re-sends all of its points, positive and negative (``is_positive``); a smart
@@ -18,7 +18,7 @@ import numpy as np
 
 from sam_backend.errors import RequestError
 from sam_backend.labelstudio.label_config import PROMPT_TYPES, Control, LabelConfig
-from sam_backend.common.limits import shown
+from sam_backend.common.limits import check_count, shown
 from sam_backend.models.base import Prompt
 
 # Label Studio rounds percent values; a hair outside 0..100 is an edge click, not an error.
@@ -165,9 +165,7 @@ def parse_context(context: Any, config: LabelConfig,
         return None
     if not isinstance(items, list):
         raise RequestError("context.result must be a list of regions")
-    if len(items) > max_points:
-        raise RequestError(f"context.result has {len(items)} regions, more than the limit of "
-                           f"{max_points} per prompt (max_points)")
+    check_count(items, max_points, "context.result", "regions", "max_points")
     for index, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("value"), dict):
             raise RequestError(f"context.result[{index}] is not a region object with a 'value'")

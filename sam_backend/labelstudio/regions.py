@@ -1,4 +1,4 @@
-"""Masks -> Label Studio result regions (pure functions on numpy arrays).
+"""Label Studio layer: masks -> result regions (pure functions on numpy arrays).
 
 Coordinate frames:
 
@@ -152,14 +152,8 @@ def _rotation(image_rotation: float) -> float:
     return int(rot) if rot.is_integer() else rot
 
 
-def brush_region(
-    mask: np.ndarray,
-    label: str,
-    from_name: str,
-    to_name: str,
-    image_rotation: float = 0,
-    score: Optional[float] = None,
-) -> Dict[str, Any]:
+def brush_region(mask: np.ndarray, label: str, from_name: str, to_name: str,
+                 image_rotation: float = 0, score: Optional[float] = None) -> Dict[str, Any]:
     """A ``brushlabels`` region for ``mask``.
 
     ``mask``: (H, W) array (on = non-zero) of the image's natural size; ``original_width`` /
@@ -174,16 +168,9 @@ def brush_region(
     )
 
 
-def polygon_region(
-    points_px: np.ndarray,
-    label: str,
-    from_name: str,
-    to_name: str,
-    width: int,
-    height: int,
-    image_rotation: float = 0,
-    score: Optional[float] = None,
-) -> Dict[str, Any]:
+def polygon_region(points_px: np.ndarray, label: str, from_name: str, to_name: str,
+                   width: int, height: int, image_rotation: float = 0,
+                   score: Optional[float] = None) -> Dict[str, Any]:
     """A closed ``polygonlabels`` region.
 
     ``points_px``: (K, 2) array-like of (x, y) pixel coordinates in the natural image frame, K >= 3
@@ -201,16 +188,9 @@ def polygon_region(
     )
 
 
-def rectangle_region(
-    bbox_px: Sequence[float],
-    label: str,
-    from_name: str,
-    to_name: str,
-    width: int,
-    height: int,
-    image_rotation: float = 0,
-    score: Optional[float] = None,
-) -> Dict[str, Any]:
+def rectangle_region(bbox_px: Sequence[float], label: str, from_name: str, to_name: str,
+                     width: int, height: int, image_rotation: float = 0,
+                     score: Optional[float] = None) -> Dict[str, Any]:
     """An axis-aligned ``rectanglelabels`` region.
 
     ``bbox_px``: (x0, y0, x1, y1) in pixels of the natural image frame, x1/y1 exclusive (as from

@@ -1,4 +1,4 @@
-"""Label Studio brush RLE: HxW mask <-> the bit-packed ``@thi.ng/rle-pack`` byte list.
+"""Label Studio layer: brush RLE, HxW mask <-> the bit-packed ``@thi.ng/rle-pack`` byte list.
 
 Label Studio decodes ``value.rle`` of a ``brushlabels`` region into a row-major RGBA image of the
 image's natural size; a pixel is on where alpha != 0. The stream (the format of @thi.ng/rle-pack):

@@ -1,10 +1,12 @@
-"""A /predict request, from parsed JSON to Label Studio results.
+"""The Label Studio layer's service: /setup and /predict, from parsed JSON to Label Studio
+results (:class:`PredictionService`, one per process; the HTTP routes call it directly).
 
     label config -> prompt -> image -> embedding -> mask -> regions
 
 This layer knows Label Studio's shapes and the project's options; it does not know which SAM
-variant or runtime runs (that is the :class:`~sam_backend.embeddings.engine.Segmenter`'s business), nor how
-images are fetched (the :class:`~sam_backend.images.ImageLoader`'s).
+variant or runtime runs (that is the engine layer's business, the
+:class:`~sam_backend.embeddings.engine.Segmenter`), nor how images are fetched (the
+:class:`~sam_backend.images.loader.ImageLoader`'s).
 """
 from __future__ import annotations
 
@@ -20,10 +22,10 @@ from sam_backend import __version__
 from sam_backend.embeddings.memory import EmbeddingCache
 from sam_backend.concepts.base import ConceptAnnotator, create_concept_engine, parse_text_prompt
 from sam_backend.embeddings.engine import Segmenter, get_segmenter
-from sam_backend.errors import ImageError, RequestError
+from sam_backend.errors import RequestError
 from sam_backend.images.loader import ImageAccessSettings, ImageLoader
 from sam_backend.labelstudio.label_config import LabelConfig, LabelConfigCache
-from sam_backend.common.limits import MIB, LoadGate, MemoryBudget, shown
+from sam_backend.common.limits import MIB, LoadGate, MemoryBudget, check_count, shown
 from sam_backend.labelstudio.prompts import PromptRequest, parse_context
 from sam_backend.labelstudio.regions import brush_region, mask_bbox, mask_polygons, polygon_region, rectangle_region
 from sam_backend.settings import Settings
@@ -73,8 +75,9 @@ def segmenter_for(settings: Settings) -> Segmenter:
     return get_segmenter(key, build)
 
 
-class SegmentationService:
-    """Answers /predict for any number of projects with one segmenter and one image loader."""
+class PredictionService:
+    """Answers Label Studio's /setup and /predict (clicks, opened tasks, concept prompts) for any
+    number of projects with one segmenter and one image loader: the Label Studio layer."""
 
     def __init__(self, settings: Settings, segmenter: Segmenter, images: ImageLoader):
         self.settings = settings
@@ -102,7 +105,7 @@ class SegmentationService:
         self.memory = images.budget or MemoryBudget(settings.image_memory_mb * MIB)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "SegmentationService":
+    def from_settings(cls, settings: Settings) -> "PredictionService":
         budget = MemoryBudget(settings.image_memory_mb * MIB)
         access = ImageAccessSettings.from_env(
             image_hosts=settings.image_hosts, allow_link_local=settings.allow_link_local_images,
@@ -148,9 +151,7 @@ class SegmentationService:
             raise RequestError("the request has no tasks: /predict expects {\"tasks\": [{...}], "
                                "\"label_config\": \"<View>...</View>\", \"params\": {\"context\": "
                                "{...}}}")
-        if len(tasks) > self.settings.max_tasks:
-            raise RequestError(f"the request has {len(tasks)} tasks, more than the limit of "
-                               f"{self.settings.max_tasks} (max_tasks)")
+        check_count(tasks, self.settings.max_tasks, "the request", "tasks", "max_tasks")
         for index, task in enumerate(tasks):
             if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
                 raise RequestError(f"tasks[{index}] is not a task object with 'data'")
@@ -179,24 +180,10 @@ class SegmentationService:
             create_concept_engine(self.settings, self.segmenter)  # raises: what to start with
         return self.concepts
 
-    def image_of(self, task: Dict[str, Any], config: LabelConfig, to_name: str,
-                 item_index: Optional[int] = None) -> Tuple[str, Optional[int]]:
-        key = config.data_key(to_name)
-        url = task["data"].get(key)
-        if isinstance(url, list):
-            if not url:
-                raise RequestError(f"task {shown(task.get('id'))}: data.{shown(key)} is an "
-                                   f"empty list")
-            url = url[item_index or 0] if (item_index or 0) < len(url) else None
-        if not isinstance(url, str) or not url.strip():
-            raise ImageError(f"task {shown(task.get('id'))} has no image in data.{shown(key)}: "
-                             f"the labeling config's Image tag reads ${shown(key)}")
-        return url, task.get("id")
-
     def predict_task(self, task: Dict[str, Any], config: LabelConfig,
                      prompt_request: PromptRequest) -> Dict[str, Any]:
-        url, task_id = self.image_of(task, config, prompt_request.to_name,
-                                     prompt_request.item_index)
+        url, task_id = config.image_url(task, prompt_request.to_name,
+                                        prompt_request.item_index), task.get("id")
         image_key = self.images.source_key(url, task_id)
         if self.segmenter.is_embedded(image_key):
             embedding = self.segmenter.embedding(image_key, lambda: self.images.load(url, task_id))
@@ -275,7 +262,7 @@ class SegmentationService:
             if not any(c.to_name == to_name for c in config.controls):
                 continue
             try:
-                url, task_id = self.image_of(task, config, to_name)
+                url, task_id = config.image_url(task, to_name), task.get("id")
                 image_key = self.images.source_key(url, task_id)
             except Exception as exc:  # an opened task must never fail because of this
                 log.info("task %s: no precompute (%s)", task.get("id"), exc)

@@ -1,4 +1,8 @@
-"""The HTTP side: the routes Label Studio calls, and the ``sam-backend serve`` command.
+"""The HTTP layer: the routes Label Studio calls, and the ``sam-backend serve`` command.
+
+Thin: each route parses the request, calls the :class:`PredictionService` (the Label Studio
+layer) and formats its answer. ``label-studio-ml start sam`` (``sam/_wsgi.py``) and
+``sam-backend serve`` both serve :func:`build_app`.
 
 Routes (what Label Studio 1.23 calls, and how long it waits):
 - ``GET /health`` and ``GET /`` (1 s): answers once the model is loaded; names variant, runtime
@@ -21,22 +25,25 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import ujson
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, RequestTimeout
 
-from sam_backend.server import auth as basic_auth
-from sam_backend.labelstudio.backend import SamBackend
-from sam_backend.errors import BusyError, RequestError, SamBackendError
 from sam_backend.common.limits import MIB, printable, release_memory_if_due
-from sam_backend.labelstudio.service import SegmentationService
-from sam_backend.settings import Settings
+from sam_backend.errors import BusyError, RequestError, SamBackendError
+from sam_backend.labelstudio.service import PredictionService
+from sam_backend.server import auth as basic_auth
+from sam_backend.settings import Settings, add_listen_arguments, add_option_arguments, \
+    settings_from_args
 
 log = logging.getLogger(__name__)
+
+# /health's ``model_class``: label-studio-ml backends name their model class there; this backend
+# has always answered "SamBackend" (Label Studio does not read it; monitoring may).
+MODEL_CLASS = "SamBackend"
 
 
 def _reason_phrase(message: str) -> str:
@@ -58,8 +65,8 @@ def _error(message: str, status: int):
 
 def _json_response(body: Any) -> Response:
     """JSON for the hot path. A brush mask is a list of up to millions of small ints; ujson
-    encodes it about 5x faster than the standard library (4 ms vs 21 ms for a 290 000-value RLE
-    measured here), which is a large part of a click's time."""
+    encodes it several times faster than the standard library (README "Speed" has the figures),
+    and that is a large part of a click's time."""
     try:
         text = ujson.dumps(body, ensure_ascii=False, escape_forward_slashes=False)
     except (OverflowError, TypeError, ValueError):  # NaN/inf or an unexpected type
@@ -115,7 +122,7 @@ def _optional(body: Dict[str, Any], name: str, types, what: str):
     return value
 
 
-def create_app(service: SegmentationService) -> Flask:
+def create_app(service: PredictionService) -> Flask:
     """The Flask app around a ready service (its model is already loaded)."""
     app = Flask("sam_backend")
     # Keep the order the routes build. Flask >= 2.2 reads app.json (constraints.txt pins 3.x);
@@ -165,7 +172,7 @@ def create_app(service: SegmentationService) -> Flask:
             return jsonify({"status": "UP"})
         return jsonify({
             "status": "UP",
-            "model_class": SamBackend.__name__,
+            "model_class": MODEL_CLASS,
             "model": model.variant.key,
             "runtime": model.runtime,
             "device": model.device,
@@ -193,11 +200,10 @@ def create_app(service: SegmentationService) -> Flask:
         body = _json_body(body_limit)
         params = _optional(body, "params", dict, "an object") or {}
         context = params.get("context", body.get("context"))
-        backend = SamBackend(
-            label_config=_optional(body, "label_config", str, "the labeling config XML (a string)"),
-            service=service, project=_optional(body, "project", (str, int),
-                                               "a string or an integer"))
-        results = backend.predict(body.get("tasks"), context=context)
+        results = service.predict(
+            body.get("tasks"),
+            _optional(body, "label_config", str, "the labeling config XML (a string)"),
+            context, _optional(body, "project", (str, int), "a string or an integer"))
         log.info("predict: %d result(s) in %.0f ms", len(results),
                  (time.perf_counter() - started) * 1000)
         return _json_response({"results": results, "model_version": service.model_version})
@@ -232,46 +238,16 @@ def create_app(service: SegmentationService) -> Flask:
 
 def build_app(settings: Settings) -> Flask:
     """Load the model (and download its checkpoint if allowed), then return the app."""
-    app = create_app(SegmentationService.from_settings(settings))
+    app = create_app(PredictionService.from_settings(settings))
     # After loading, the process tracks a few hundred thousand long-lived objects (torch, timm,
-    # segment_anything); a full collection over them takes ~200 ms and lands in the middle of a
-    # click. Freezing moves them out of the collector's generations for good.
+    # segment_anything); a full collection over them is slow (README "Speed") and lands in the
+    # middle of a click. Freezing moves them out of the collector's generations for good.
     gc.collect()
     gc.freeze()
     return app
 
 
 # -- the command line -----------------------------------------------------------------------------
-
-def parse_with(pairs: Optional[List[str]]) -> Dict[str, str]:
-    """``["k=v", ...]`` -> dict; values stay strings and Settings types them."""
-    options: Dict[str, str] = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise SamBackendError(f"--with expects key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        options[key.strip()] = value
-    return options
-
-
-def settings_from_args(args) -> Settings:
-    """Settings from a command's ``--with k=v`` pairs and ``--option value`` flags."""
-    options = parse_with(args.kwargs)
-    for name in Settings.option_names():
-        value = getattr(args, name, None)
-        if value is not None:
-            options[name] = value
-    return Settings.load(options)
-
-
-def add_option_arguments(parser) -> None:
-    """``--with k=v ...`` and one ``--option value`` flag per setting."""
-    parser.add_argument("--with", "--kwargs", dest="kwargs", nargs="+", metavar="KEY=VALUE",
-                        help="options as label-studio-ml's --with takes them")
-    for name in Settings.option_names():
-        field = Settings.__dataclass_fields__[name]
-        parser.add_argument(f"--{name}", default=None, help=field.metadata.get("help"))
-
 
 def serve(args) -> int:
     """Run the app on gunicorn: one process (the model is loaded once), many threads."""
@@ -311,8 +287,7 @@ def serve(args) -> int:
 def register_cli(subparsers) -> None:
     parser = subparsers.add_parser(
         "serve", help="run the backend on a production WSGI server (gunicorn, threaded)")
-    parser.add_argument("-p", "--port", type=int, default=int(os.environ.get("PORT", 9090)))
-    parser.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
+    add_listen_arguments(parser)
     parser.add_argument("--threads", type=int, default=32,
                         help="request threads (default 32; at most max_concurrent_loads of them "
                              "load new images, the rest stay free for clicks and /health)")

@@ -1,4 +1,4 @@
-"""HTTP basic auth for the backend's routes, the way Label Studio's "Connect Model" dialog sends it.
+"""HTTP layer: basic auth for the routes, the way Label Studio's "Connect Model" dialog sends it.
 
 Label Studio 1.23 stores a user and password with an ML backend (Settings -> Model -> Connect
 Model -> "Use basic auth") and adds them as ``Authorization: Basic ...`` to every request it makes

@@ -1,4 +1,4 @@
-"""gunicorn's threaded worker with a deadline for receiving each request.
+"""HTTP layer: gunicorn's threaded worker with a deadline for receiving each request.
 
 gunicorn's ``gthread`` worker hands a connection to a thread once it becomes readable and then
 reads the request with a blocking socket that has no timeout: a client that sends half a header,

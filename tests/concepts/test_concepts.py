@@ -20,7 +20,7 @@ from sam_backend.images.loader import ImageAccessSettings, ImageLoader
 from sam_backend.labelstudio.label_config import parse_label_config
 from random_weights import synthetic_image
 from sam_backend.models.registry import get_variant
-from sam_backend.labelstudio.service import SegmentationService, segmenter_for
+from sam_backend.labelstudio.service import PredictionService, segmenter_for
 from sam_backend.settings import Settings
 from server_utils import BackendProcess, free_port
 
@@ -96,7 +96,7 @@ def make_service(checkpoint_factory, tmp_path, **options):
                               "embedding_dtype": "float32", **options}, environ={})
     images = ImageLoader(ImageAccessSettings.from_env(
         cache_dir=str(tmp_path / "cache"), local_files_document_root=tempfile.gettempdir()))
-    return SegmentationService(settings, segmenter_for(settings), images)
+    return PredictionService(settings, segmenter_for(settings), images)
 
 
 def test_instances_equal_the_libraries_own_pipeline(checkpoint_factory, dino_dir, image_path,

@@ -146,7 +146,7 @@ def test_the_server_does_not_import_the_exporters():
     import subprocess
     import sys
 
-    code = ("import sys, sam_backend.server.app, sam_backend.labelstudio.backend; "
+    code = ("import sys, sam_backend.server.app, sam_backend.labelstudio.service; "
             "print(sorted(m for m in sys.modules if m.split('.')[-1] in "
             "('coco', 'yolo', 'export_objects', 'mmdet_config', 'mmengine')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
