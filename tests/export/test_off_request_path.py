@@ -62,7 +62,6 @@ def test_a_fresh_server_process_holds_no_exporter_module():
     code = """
 import importlib, json, pkgutil, sys
 import sam_backend.server.app
-import sam_backend.labelstudio.backend
 for name in %r:
     package = importlib.import_module("sam_backend." + name)
     for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
