@@ -88,13 +88,15 @@ class WorkerProcess:
 
 
 class FakeLabelStudioAPI:
-    """The two API calls `sam-backend precompute` makes, on a loopback port:
-    ``GET /api/projects/<id>`` and ``GET /api/tasks?project=&page=&page_size=`` (Label Studio's
-    shapes: ``{"tasks": [...], "total": n}``; 404 past the last page), legacy token auth."""
+    """The API calls `sam-backend precompute` and `sam-backend annotate` make, on a loopback
+    port: ``GET /api/projects/<id>``, ``GET /api/tasks?project=&page=&page_size=`` (Label
+    Studio's shapes: ``{"tasks": [...], "total": n}``; 404 past the last page), and
+    ``GET``/``POST /api/predictions`` (kept in ``predictions``), legacy token auth."""
 
     def __init__(self, label_config: str, tasks: List[dict], project: int = 1):
         self.label_config, self.tasks, self.project = label_config, tasks, project
         self.requests: List[str] = []
+        self.predictions: List[dict] = []
         state = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -109,11 +111,16 @@ class FakeLabelStudioAPI:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def unauthorized(self) -> bool:
+                if self.headers.get("Authorization") == f"Token {API_TOKEN}":
+                    return False
+                self.reply(401, {"detail": "Authentication credentials were not provided."})
+                return True
+
             def do_GET(self):
                 state.requests.append(self.path)
-                if self.headers.get("Authorization") != f"Token {API_TOKEN}":
-                    return self.reply(401, {"detail": "Authentication credentials were not "
-                                                      "provided."})
+                if self.unauthorized():
+                    return
                 parts = urlsplit(self.path)
                 query = {k: v[0] for k, v in parse_qs(parts.query).items()}
                 if parts.path == f"/api/projects/{state.project}":
@@ -125,7 +132,19 @@ class FakeLabelStudioAPI:
                     if not chunk and page > 1:
                         return self.reply(404, {"detail": "Invalid page."})
                     return self.reply(200, {"tasks": chunk, "total": len(state.tasks)})
+                if parts.path == "/api/predictions" and query.get("project") == str(state.project):
+                    return self.reply(200, state.predictions)
                 self.reply(404, {"detail": "Not found."})
+
+            def do_POST(self):
+                state.requests.append(f"POST {self.path}")
+                if self.unauthorized():
+                    return
+                if urlsplit(self.path).path != "/api/predictions":
+                    return self.reply(404, {"detail": "Not found."})
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                state.predictions.append({"id": len(state.predictions) + 1, **body})
+                self.reply(201, state.predictions[-1])
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True

@@ -2,13 +2,16 @@
 
 Each task's image gets every instance of every label (label by concept, see
 :mod:`sam_backend.concepts.base`), posted as a prediction (``POST /api/predictions``) under the
-backend's ``model_version``. Label Studio's address and token are the backend's own
-(``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``, or ``--url`` / ``--token``). Tasks that already
-have a prediction of this model_version are skipped, so an interrupted run resumes where it
-stopped; a task that fails is reported at the end and never stops the run.
+backend's ``model_version``. The options are the backend's own (``--with key=value``, ``--option
+value``, the environment: :class:`sam_backend.settings.Settings`, read as ``sam-backend serve``
+reads them; ``concept_model`` defaults to ``grounding_dino``), and so are Label Studio's address
+and token (``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``; ``--url`` / ``--token`` first). Tasks
+that already have a prediction of this model_version are skipped, so an interrupted run resumes
+where it stopped; a task that fails is reported at the end and never stops the run.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -19,7 +22,7 @@ from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 import requests
 
 from sam_backend.errors import ConfigError, SamBackendError
-from sam_backend.images.loader import ImageAccessSettings, ImageLoader
+from sam_backend.images.loader import ImageLoader
 from sam_backend.labelstudio.label_config import parse_label_config
 
 log = logging.getLogger(__name__)
@@ -126,16 +129,18 @@ def annotate_project(service, api: LabelStudioAPI, project_id: int,
 
 
 def run(args) -> int:
-    from sam_backend.labelstudio.service import PredictionService, segmenter_for
-    from sam_backend.settings import Settings, parse_with
+    from sam_backend.labelstudio.service import PredictionService
+    from sam_backend.settings import settings_from_args
 
-    options = parse_with(args.kwargs)
-    options.setdefault("concept_model", "grounding_dino")
-    settings = Settings.load(options)
-    images = ImageLoader(ImageAccessSettings.from_env(label_studio_url=args.url,
-                                                      api_key=args.token))
-    api = LabelStudioAPI(images)
-    service = PredictionService(settings, segmenter_for(settings), images)
+    # the backend's own settings: --with / --option flags over the environment over defaults
+    settings = settings_from_args(args)
+    if settings.concept_model == "none":  # this command needs a concept model: the default one
+        settings = dataclasses.replace(settings, concept_model="grounding_dino")
+    # Label Studio's address and token as the backend takes them (LABEL_STUDIO_URL,
+    # LABEL_STUDIO_API_KEY), --url / --token first
+    service = PredictionService.from_settings(settings, label_studio_url=args.url,
+                                              api_key=args.token)
+    api = LabelStudioAPI(service.images)
     task_ids = [int(t) for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     report = annotate_project(service, api, args.project, task_ids, args.limit,
                               progress=not args.no_progress)
@@ -149,6 +154,8 @@ def run(args) -> int:
 
 
 def register_cli(subparsers) -> None:
+    from sam_backend.settings import add_option_arguments
+
     parser = subparsers.add_parser(
         "annotate", help="pre-annotate a Label Studio project: every instance of every label, "
                          "as predictions")
@@ -162,7 +169,7 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--limit", type=int, default=None,
                         help="annotate at most this many tasks (those not done yet)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--with", "--kwargs", dest="kwargs", nargs="+", metavar="KEY=VALUE",
-                        help="backend options (model_name=..., concept_model=grounding_dino, "
-                             "concept_checkpoint=..., concept_threshold=...)")
+    # the backend's options (model_name=..., concept_model=grounding_dino, concept_checkpoint=...,
+    # concept_threshold=...), as `sam-backend serve` takes them
+    add_option_arguments(parser)
     parser.set_defaults(func=run)

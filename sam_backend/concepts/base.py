@@ -14,8 +14,8 @@ Three ways to ask, all answered here:
 * a ``TextArea`` prompt in the task (:func:`parse_text_prompt`);
 * a task opened / "Retrieve predictions" with ``auto_annotate=true``
   (:meth:`ConceptAnnotator.auto_annotate`, bounded by ``concept_timeout``);
-* ``sam-backend annotate`` (:mod:`sam_backend.concepts.annotate`), a whole project through Label Studio's
-  API.
+* ``sam-backend annotate`` (:mod:`sam_backend.concepts.annotate`), a whole project through
+  Label Studio's API.
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple, Type
 
 import numpy as np
 
@@ -181,6 +182,12 @@ class ConceptEngine(ABC):
 
     name: str
 
+    def __init__(self, processor, segmenter):
+        """``processor``: the engine's transformers processor (text and image in, instances
+        out); ``segmenter``: the click model's Segmenter, whose embedding cache it shares."""
+        self.processor = processor
+        self.segmenter = segmenter
+
     @abstractmethod
     def detect(self, image_key: str, load_image: ImageLoaderFn, phrases: Sequence[str],
                threshold: float, selection: Selection) -> List[Instances]:
@@ -188,6 +195,17 @@ class ConceptEngine(ABC):
 
         ``image_key`` identifies the image in the embedding cache; ``load_image`` returns it as
         HxWx3 uint8 RGB and is called only if the engine needs pixels."""
+
+
+def load_pretrained(directory: Path, classes: Sequence[type], error: Type[Exception],
+                    failure: str) -> list:
+    """Each of ``classes`` (transformers classes: model, processor, ...) loaded with
+    ``from_pretrained`` from the local ``directory``, never downloaded. A directory they cannot
+    read raises ``error(f"{failure}: <cause>")``."""
+    try:
+        return [cls.from_pretrained(str(directory), local_files_only=True) for cls in classes]
+    except (OSError, ValueError, TypeError) as exc:
+        raise error(f"{failure}: {exc}") from None
 
 
 def create_concept_engine(settings, segmenter) -> ConceptEngine:

@@ -4,8 +4,9 @@ turns each box into a mask.
 Grounding DINO (``transformers``' ``GroundingDinoForObjectDetection`` and its processor) finds the
 boxes of a phrase; the backend's configured click model (MobileSAM by default) decodes each box
 into a mask on the image's cached embedding — the same embedding clicks use, so a click after a
-concept pass encodes nothing. This is the CPU-friendly path: the detector is ~170 M parameters
-(Swin-T + BERT-base for ``grounding-dino-tiny``) and the masks cost one click decode each.
+concept pass encodes nothing. It works with every click model: the detector is Swin-T + BERT-base
+for ``grounding-dino-tiny``, and each mask costs one click decode (sizes and timings: the README's
+"Engines" table).
 
 The checkpoint is a directory in ``transformers``' format (``config.json``, weights, the
 processor's ``preprocessor_config.json`` and tokenizer files), e.g. the hub's
@@ -21,6 +22,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from sam_backend.concepts.base import ConceptEngine, ImageLoaderFn, Instances, Selection
+from sam_backend.concepts.base import load_pretrained
 from sam_backend.errors import ConfigError
 from sam_backend.models.base import Prompt
 from sam_backend.models.registry import weights_dir
@@ -40,9 +42,8 @@ class GroundingDinoEngine(ConceptEngine):
     name = "grounding_dino"
 
     def __init__(self, model, processor, segmenter):
+        super().__init__(processor, segmenter)
         self.model = model
-        self.processor = processor
-        self.segmenter = segmenter
         self.device = next(model.parameters()).device
 
     @classmethod
@@ -57,12 +58,9 @@ class GroundingDinoEngine(ConceptEngine):
                 f"concept_checkpoint=<directory>; clicks keep working meanwhile")
         from transformers import GroundingDinoForObjectDetection, GroundingDinoProcessor
 
-        try:
-            processor = GroundingDinoProcessor.from_pretrained(str(path), local_files_only=True)
-            model = GroundingDinoForObjectDetection.from_pretrained(str(path),
-                                                                    local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot load Grounding DINO from {path}: {exc}") from None
+        processor, model = load_pretrained(
+            path, (GroundingDinoProcessor, GroundingDinoForObjectDetection), ConfigError,
+            f"cannot load Grounding DINO from {path}")
         device = getattr(segmenter.model, "device", "cpu")
         model = model.to(device).eval()
         log.info("Grounding DINO loaded from %s on %s", path, device)
@@ -104,7 +102,7 @@ class GroundingDinoEngine(ConceptEngine):
         return found
 
 
-# -- random weights of the real architecture (tests, benchmarks, demos) ------------------------------
+# -- random weights of the real architecture (tests, benchmarks, demos) ---------------------------
 
 _WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "a", "an", "the", "of",
           "red", "blue", "green", "big", "small", "car", "cat", "dog", "person", "tree", "house",
@@ -116,8 +114,7 @@ def make_random_grounding_dino(directory: Union[str, Path], size: str = "tiny",
     """Write a Grounding DINO directory with seeded random weights and a small word-level BERT
     tokenizer (no download): ``size="tiny"`` is a reduced configuration of the same classes (for
     the fast tests), ``size="full"`` the architecture of ``grounding-dino-tiny`` (Swin-T + a
-    BERT-base text encoder, ~172 M parameters). Masks from it are meaningless; the computation is
-    the real one."""
+    BERT-base text encoder). Masks from it are meaningless; the computation is the real one."""
     import torch
     from transformers import (BertConfig, BertTokenizerFast, GroundingDinoConfig,
                               GroundingDinoForObjectDetection, GroundingDinoImageProcessor,

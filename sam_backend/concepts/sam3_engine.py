@@ -2,14 +2,15 @@
 instance of a phrase, on the image state the click model already cached.
 
 SAM 3's checkpoint holds one ViT backbone that two heads share: the click model
-(``Sam3TrackerModel``, :mod:`sam_backend.models.sam3_runtime`) and the concept model (``Sam3Model``: its
-own FPN neck, a CLIP text encoder, a DETR encoder/decoder and a mask decoder). With
-``concept_model=sam3`` the click model keeps the backbone's output in each cached embedding
-(``extra[2]``, 1x5184x1024, +10.6 MB per image in float16); a concept pass runs only the concept
-model's neck and heads on it — the expensive backbone runs once per image for both clicks and
-concepts. The concept model's weights are read from the same checkpoint directory
-(``detector_model.*`` of the official layout; its backbone tensors are not loaded twice: the
-click model's backbone module is shared), and its tokenizer from the directory's tokenizer files.
+(``Sam3TrackerModel``, :mod:`sam_backend.models.sam3_runtime`) and the concept model
+(``Sam3Model``: its own FPN neck, a CLIP text encoder, a DETR encoder/decoder and a mask decoder).
+With ``concept_model=sam3`` the click model keeps the backbone's output in each cached embedding
+(``extra[2]``, (1, 5184, 1024) float for a 1008 px input; its memory per image is in the README's
+SAM 3 section); a concept pass runs only the concept model's neck and heads on it — the expensive
+backbone runs once per image for both clicks and concepts. The concept model's weights are read
+from the same checkpoint directory (``detector_model.*`` of the official layout; its backbone
+tensors are not loaded twice: the click model's backbone module is shared), and its tokenizer from
+the directory's tokenizer files.
 
 The steps are transformers' own pipeline (``Sam3Processor`` -> ``Sam3Model`` ->
 ``post_process_instance_segmentation``) with ``vision_embeds`` computed from the cached backbone
@@ -24,6 +25,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from sam_backend.concepts.base import ConceptEngine, ImageLoaderFn, Instances, Selection
+from sam_backend.concepts.base import load_pretrained
 from sam_backend.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -53,18 +55,17 @@ class Sam3ConceptEngine(ConceptEngine):
     name = "sam3"
 
     def __init__(self, detector, processor, segmenter):
+        super().__init__(processor, segmenter)
         self.detector = detector
-        self.processor = processor
-        self.segmenter = segmenter
         self.click_model = segmenter.model
 
     @classmethod
     def load(cls, settings, segmenter) -> "Sam3ConceptEngine":
         click_model = segmenter.model
         if getattr(click_model.variant, "model_name", None) != "sam3":
-            raise ConfigError("concept_model=sam3 needs model_name=sam3 (the concept model runs on "
-                              "SAM 3's image encoder, shared with clicks); with another click model "
-                              "use concept_model=grounding_dino")
+            raise ConfigError("concept_model=sam3 needs model_name=sam3 (the concept model runs "
+                              "on SAM 3's image encoder, shared with clicks); with another click "
+                              "model use concept_model=grounding_dino")
         from transformers import Sam3Model, Sam3Processor, Sam3VideoConfig
 
         from sam_backend.models.sam3_runtime import read_config
@@ -76,11 +77,10 @@ class Sam3ConceptEngine(ConceptEngine):
                 f"{directory} holds SAM 3's click model only (model_type "
                 f"{config.get('model_type')!r}): the concept model is in the full facebook/sam3 "
                 f"checkpoint (`sam-backend weights download sam3`)")
-        try:
-            processor = Sam3Processor.from_pretrained(str(directory), local_files_only=True)
-        except (OSError, ValueError, TypeError) as exc:
-            raise CheckpointError(f"{directory} has no usable SAM 3 processor/tokenizer files "
-                                  f"(tokenizer.json, processor_config.json): {exc}") from None
+        (processor,) = load_pretrained(
+            directory, (Sam3Processor,), CheckpointError,
+            f"{directory} has no usable SAM 3 processor/tokenizer files (tokenizer.json, "
+            f"processor_config.json)")
         detector = Sam3Model(Sam3VideoConfig.from_dict(config).detector_config)
         state = concept_model_state(directory)
         missing, unexpected = detector.load_state_dict(state, strict=False)

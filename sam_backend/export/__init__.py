@@ -1,5 +1,16 @@
-"""Offline exporters from Label Studio annotations to training data: objects from regions
-(:mod:`.objects`), COCO with RLE, YOLO segmentation and MMDetection configs.
+"""Offline exporters from a Label Studio JSON export to training data, run as commands, never by
+the server (nothing on the request path imports this folder).
 
-The server never imports this folder; a new training format is a module here with its command.
+One way through, each step in its own module:
+
+    source      the export file's tasks, each task's image URL, the image bytes and file names
+    geometry    one region -> COCO segmentation/area/bbox
+    objects     the regions of one annotation grouped into objects (one object, one annotation)
+    convert     tasks -> one COCO dict + report (shared by every format), the train/val split
+    report      ExportError, the problems by task id, the summary
+    coco, yolo  the output formats; mmdet_config a training config for the COCO dataset
+    cli         the export-coco / export-yolo commands and their shared options
+
+A new output format is a module that turns :func:`.convert.convert_export`'s COCO dict into its
+files, plus its command in :mod:`.cli`.
 """

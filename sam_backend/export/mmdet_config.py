@@ -23,10 +23,11 @@ backbones; set ``load_from`` to a COCO checkpoint of MMDetection's model zoo to 
 from __future__ import annotations
 
 import logging
-import os
 import pprint
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence, Tuple
+
+from sam_backend.common.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -317,8 +318,6 @@ def write_config(out_dir: str, template: str, classes: Sequence[str], train_ann:
     """Write ``<out_dir>/<template>.py`` (see :func:`build_config`); returns its path."""
     text = build_config(template, classes, train_ann, val_ann)
     path = Path(out_dir) / f"{template}.py"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, text)
     logger.info("wrote the MMDetection config %s (%d classes)", path, len(classes))
     return path

@@ -6,8 +6,8 @@ dataset::
                             [--boxes-as-polygons] [--keep-all-regions]
 
 Same inputs and the same one-object rule as ``export-coco`` (the export is converted by
-:func:`sam_backend.export.coco.convert_export`, then each COCO annotation becomes one label line).
-Writes the Ultralytics layout::
+:func:`sam_backend.export.convert.convert_export`, then each COCO annotation becomes one label
+line). Writes the Ultralytics layout::
 
     yolo/data.yaml            path (absolute), train, val, names {0: first class, ...}
     yolo/images/<file>        the images as fetched (images/train, images/val with --val-fraction)
@@ -17,18 +17,18 @@ Without ``--val-fraction``, ``train`` and ``val`` both name ``images`` (Ultralyt
 set). Class indices are the COCO category ids minus one (the export's labels sorted by name, or
 ``--classes`` in order). Every image gets a label file, empty for an image without objects.
 
-**One polygon per object.** A mask object is traced with :func:`sam_backend.labelstudio.regions.mask_polygons`
-(outer contours, simplified with ``POLY_TOLERANCE`` pixels; holes are not representable); a
-polygon object uses its polygons. An object of several parts is **joined into one polygon** as
-Ultralytics does for multi-part COCO segments (``merge_multi_segment``): each further part (largest
-first) is linked to the polygon built so far at the closest pair of vertices, by a zero-width
-bridge walked there and back, so the joined ring's area is the parts' total. Box-only objects
-(a rectangle without mask or polygon) have no outline: they are left out and counted in the
-report, unless ``--boxes-as-polygons`` writes the box's 4 corners as the polygon.
+**One polygon per object.** A mask object is traced with
+:func:`sam_backend.labelstudio.regions.mask_polygons` (outer contours, simplified with
+``POLY_TOLERANCE`` pixels; holes are not representable); a polygon object uses its polygons. An
+object of several parts is **joined into one polygon** as Ultralytics does for multi-part COCO
+segments (``merge_multi_segment``): each further part (largest first) is linked to the polygon
+built so far at the closest pair of vertices, by a zero-width bridge walked there and back, so the
+joined ring's area is the parts' total. Box-only objects (a rectangle without mask or polygon) have
+no outline: they are left out and counted in the report, unless ``--boxes-as-polygons`` writes the
+box's 4 corners as the polygon.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from dataclasses import dataclass, field
@@ -36,9 +36,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from sam_backend.export.coco import (IMAGES_SUBDIR, ExportReport, add_input_options, add_object_options,
-                   add_split_options, check_val_fraction, convert_export, prepare_output,
-                   split_images)
+from sam_backend.export.convert import (IMAGES_SUBDIR, check_val_fraction, convert_export,
+                                        prepare_output, split_images, write_file)
+from sam_backend.export.report import ExportReport
 from sam_backend.labelstudio.regions import mask_polygons
 
 logger = logging.getLogger("sam_backend.export.yolo")
@@ -183,7 +183,7 @@ def export_yolo(json_file_path: str, out_dir: str, classes: Optional[Sequence[st
             lines.append(label_line(ann["category_id"] - 1, polygon, width, height))
         label_file = out / LABELS_SUBDIR / sub / f"{stem}.txt"
         label_file.parent.mkdir(parents=True, exist_ok=True)
-        label_file.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        write_file(label_file, "".join(line + "\n" for line in lines))
         report.label_lines += len(lines)
 
     train = f"{IMAGES_SUBDIR}/train" if report.split else IMAGES_SUBDIR
@@ -191,51 +191,11 @@ def export_yolo(json_file_path: str, out_dir: str, classes: Optional[Sequence[st
     data = {"path": str(out.resolve()), "train": train, "val": val,
             "names": {c["id"] - 1: c["name"] for c in coco["categories"]}}
     data_yaml = out / DATA_YAML
-    data_yaml.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True),
-                         encoding="utf-8")
+    write_file(data_yaml, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
     report.data_yaml = str(data_yaml)
     (logger.warning if coco_report.problems else logger.info)("%s", report.summary())
     logger.info("wrote %s, %d images and their label files", data_yaml, coco_report.images)
     return report
 
 
-# --------------------------------------------------------------------------------------------
-# Command line
-
-
-def register_cli(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "export-yolo",
-        help="convert a Label Studio JSON export into an Ultralytics YOLO segmentation dataset",
-        description="Convert a Label Studio JSON export into an Ultralytics YOLO segmentation "
-                    "dataset: OUT_DIR/data.yaml, OUT_DIR/images, OUT_DIR/labels (one normalised "
-                    "polygon per object). Same one-object rule as export-coco.",
-    )
-    add_input_options(parser, "data.yaml, images/, labels/",
-                      "the classes in order (indices 0..N-1)")
-    parser.add_argument("--boxes-as-polygons", "--boxes_as_polygons", dest="boxes_as_polygons",
-                        action="store_true",
-                        help="write box-only objects (a rectangle without mask or polygon) as "
-                             "their 4 corners; by default they are left out (and counted)")
-    add_object_options(parser)
-    add_split_options(parser)
-    parser.set_defaults(func=_cmd_export_yolo)
-
-
-def _cmd_export_yolo(args: argparse.Namespace) -> int:
-    report = export_yolo(args.json_file_path, args.out_dir, classes=args.classes,
-                         upload_dir=args.upload_dir, keep_all_regions=args.keep_all_regions,
-                         boxes_as_polygons=args.boxes_as_polygons,
-                         val_fraction=args.val_fraction, seed=args.seed)
-    print("# YOLO class indices (data.yaml names):")
-    print("\n".join(f"{c['id'] - 1}: {c['name']}" for c in report.coco.categories))
-    print(f"# Ultralytics: yolo segment train data={report.data_yaml}")
-    if report.coco.tasks and report.coco.images == 0:
-        logger.error("no image was exported (see the problems above)")
-        return 1
-    return 0
-
-
-__all__ = ["YoloReport", "annotation_polygon", "export_yolo", "join_parts", "label_line",
-           "register_cli"]
-
+__all__ = ["YoloReport", "annotation_polygon", "export_yolo", "join_parts", "label_line"]

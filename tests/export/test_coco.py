@@ -15,7 +15,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from sam_backend import cli
-from sam_backend.export.coco import convert, export_coco, parse_classes, region_to_annotation
+from sam_backend.export.coco import export_coco
+from sam_backend.export.convert import convert, parse_classes
+from sam_backend.export.geometry import region_to_annotation
 from sam_backend.errors import SamBackendError
 from sam_backend.labelstudio.rle import mask_to_rle
 

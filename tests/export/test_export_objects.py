@@ -14,7 +14,7 @@ from pycocotools.coco import COCO
 from export_data import (answer, block, box_prompt, disc, keypoint_prompt, rectangle_region,
                          write_export)
 from sam_backend import cli
-from sam_backend.export.coco import convert
+from sam_backend.export.convert import convert
 from sam_backend.export.objects import Shape, group_objects
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -140,18 +140,6 @@ def test_grouping_does_not_depend_on_region_order():
 def test_group_objects_rejects_unknown_kinds():
     with pytest.raises(ValueError, match="unknown shape kind"):
         group_objects([Shape("ellipse", "cat", {})], W, H)
-
-
-def test_the_server_does_not_import_the_exporters():
-    import subprocess
-    import sys
-
-    code = ("import sys, sam_backend.server.app, sam_backend.labelstudio.service; "
-            "print(sorted(m for m in sys.modules if m.split('.')[-1] in "
-            "('coco', 'yolo', 'export_objects', 'mmdet_config', 'mmengine')))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300, check=True)
-    assert done.stdout.strip() == "[]"
 
 
 def test_a_ring_and_its_hole_less_polygon_are_one_object():
