@@ -19,7 +19,8 @@ from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 import requests
 
 from sam_backend.errors import ConfigError, SamBackendError
-from sam_backend.images.loader import ImageAccessSettings, ImageLoader
+from sam_backend.images.config import ImageAccessSettings
+from sam_backend.images.loader import ImageLoader
 from sam_backend.labelstudio.label_config import parse_label_config
 
 log = logging.getLogger(__name__)

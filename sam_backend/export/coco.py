@@ -684,7 +684,7 @@ def _convert_task(task: Any, position: int, class_set: Optional[set],
 
 
 def _short(url: str) -> str:
-    from sam_backend.images.loader import redact_url
+    from sam_backend.common.text import redact_url
 
     return redact_url(url)
 
@@ -900,7 +900,8 @@ def convert_export(json_file_path: str, images_dir: Optional[Path],
     fetcher = None
     if images_dir is not None:
         if image_loader is None:
-            from sam_backend.images.loader import ImageAccessSettings, ImageLoader
+            from sam_backend.images.config import ImageAccessSettings
+            from sam_backend.images.loader import ImageLoader
 
             # an operator's own tool: the export's local paths are read wherever they are
             image_loader = ImageLoader(ImageAccessSettings.from_env(), local_paths_anywhere=True)

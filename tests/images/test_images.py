@@ -20,14 +20,12 @@ import pytest
 from PIL import Image, ImageFile
 
 from sam_backend.errors import ImageError, SamBackendError
-from sam_backend.images.loader import (
-    DiskCache,
-    ImageAccessSettings,
-    ImageLoader,
-    decode_image,
-    redact_url,
-    token_kind,
-)
+from sam_backend.common.text import redact_url
+from sam_backend.images.config import ImageAccessSettings
+from sam_backend.images.credentials import token_kind
+from sam_backend.images.decode import decode_image
+from sam_backend.images.disk_cache import DiskCache
+from sam_backend.images.loader import ImageLoader
 
 from loopback_hosts import (  # noqa: F401
     BLUE,

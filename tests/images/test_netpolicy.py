@@ -158,7 +158,7 @@ def test_loopback_and_private_addresses_stay_allowed_and_the_option_lifts_the_bl
 
 
 def test_setting_from_the_environment(monkeypatch, tmp_path):
-    from sam_backend.images.loader import ImageAccessSettings
+    from sam_backend.images.config import ImageAccessSettings
 
     monkeypatch.setenv("ALLOW_LINK_LOCAL_IMAGES", "true")
     monkeypatch.setenv("IMAGE_HOSTS", "a.example, *.b.example")
