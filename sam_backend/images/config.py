@@ -73,10 +73,7 @@ def _env_str(name: str) -> Optional[str]:
     return value or None
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = _env_str(name)
-    if raw is None:
-        return default
+def _as_int(raw: str) -> Optional[int]:
     try:
         return int(raw)
     except ValueError:
@@ -84,20 +81,33 @@ def _env_int(name: str, default: int) -> int:
     try:
         value = float(raw)  # 2e9, 1.5e9
     except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value != int(value):
-        raise ConfigError(f"{name} must be an integer, got {raw!r}")
-    return int(value)
+        return None
+    return int(value) if math.isfinite(value) and value == int(value) else None
 
 
-def _env_float(name: str, default: float) -> float:
-    raw = _env_str(name)
-    if raw is None:
-        return default
+def _as_float(raw: str) -> Optional[float]:
     try:
         return float(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+        return None
+
+
+def _env_number(name: str, default, parse, what: str):
+    raw = _env_str(name)
+    if raw is None:
+        return default
+    value = parse(raw)
+    if value is None:
+        raise ConfigError(f"{name} must be {what}, got {raw!r}")
+    return value
+
+
+def _env_int(name: str, default: int) -> int:
+    return _env_number(name, default, _as_int, "an integer")
+
+
+def _env_float(name: str, default: float) -> float:
+    return _env_number(name, default, _as_float, "a number of seconds")
 
 
 __all__ = ["ImageAccessSettings"]

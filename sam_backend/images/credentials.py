@@ -95,6 +95,16 @@ def _exp_of(payload: Optional[dict]) -> Optional[float]:
     return float(exp) if isinstance(exp, (int, float)) and math.isfinite(exp) else None
 
 
+def _expired(kind: str, source: str, exp: float) -> str:
+    if kind == "access":
+        return (f"the Label Studio API key {source} is a JWT access token that has expired. Set "
+                f"LABEL_STUDIO_API_KEY to a personal access token (Label Studio -> {PAT_HOWTO}), "
+                "which the backend refreshes by itself")
+    return (f"the personal access token {source} expired on "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(exp))}: create a new one "
+            f"(Label Studio -> {PAT_HOWTO}) and set LABEL_STUDIO_API_KEY to it")
+
+
 class LabelStudioAccess:
     """Label Studio's address and the credentials for it (module docstring); thread-safe.
     ``session`` posts the token refreshes (``timeout`` seconds); ``clock`` tells token expiry."""
@@ -212,22 +222,11 @@ class LabelStudioAccess:
         kind = token_kind(token)
         if kind == "legacy":
             return f"Token {token}", kind, source
+        exp = _exp_of(jwt_payload(token))
+        if exp is not None and self._clock() >= exp:
+            raise ImageError(_expired(kind, source, exp))
         if kind == "access":
-            exp = _exp_of(jwt_payload(token))
-            if exp is not None and self._clock() >= exp:
-                raise ImageError(
-                    f"the Label Studio API key {source} is a JWT access token that has expired. "
-                    f"Set LABEL_STUDIO_API_KEY to a personal access token (Label Studio -> "
-                    f"{PAT_HOWTO}), which the backend refreshes by itself"
-                )
             return f"Bearer {token}", kind, source
-        pat_exp = _exp_of(jwt_payload(token))
-        if pat_exp is not None and self._clock() >= pat_exp:
-            raise ImageError(
-                f"the personal access token {source} expired on "
-                f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(pat_exp))}: create a new one "
-                f"(Label Studio -> {PAT_HOWTO}) and set LABEL_STUDIO_API_KEY to it"
-            )
         with self._lock:
             pat_id = text_digest(token)
             now = self._clock()

@@ -199,11 +199,12 @@ class SegmentationService:
         url, task_id = self.image_of(task, config, prompt_request.to_name,
                                      prompt_request.item_index)
         image = self.images.locate(url, task_id)  # resolved once; loaded only if not embedded
-        if self.segmenter.is_embedded(image.key):
-            embedding = self.segmenter.embedding(image.key, image.load)
+        image_key = image.key
+        if self.segmenter.is_embedded(image_key):
+            embedding = self.segmenter.embedding(image_key, image.load)
         else:  # a new image: hold one of the few load slots (503 when all are taken)
             with self.loads.admit():
-                embedding = self.segmenter.embedding(image.key, image.load)
+                embedding = self.segmenter.embedding(image_key, image.load)
         height, width = embedding.original_size
         if prompt_request.original_width and prompt_request.original_height and \
                 (prompt_request.original_width, prompt_request.original_height) != (width, height):

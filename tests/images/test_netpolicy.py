@@ -18,13 +18,6 @@ from sam_backend.images.netpolicy import (
     parse_image_hosts,
 )
 from loopback_hosts import LEGACY_TOKEN, FakeLabelStudio, Redirector, _Handler, rgb_png  # noqa: F401
-from test_images import (  # noqa: F401  (fixtures: the loopback hosts, a loader factory)
-    _clean_env,
-    clock,
-    ls,
-    make_loader,
-    storage,
-)
 
 # --------------------------------------------------------------------------------------------
 # Every socket.connect of this process, from Python's audit events (a hook cannot be removed, so
