@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import math
 import socket
 import threading
 import time
@@ -93,16 +94,16 @@ class BoundedRetry(Retry):
             raise
         left = time_left()
         try:
-            wait = (new.get_retry_after(response) if response is not None else None)
+            wait = new.get_retry_after(response) if response is not None else None
         except InvalidHeader:
-            wait = left  # a Retry-After we cannot read: do not guess
+            wait = math.inf  # a Retry-After we cannot read: no guessing, no retry
         if wait is None:
             wait = new.get_backoff_time()
         where = redact_url(f"{_pool.scheme}://{_pool.host}:{_pool.port}{url}") if _pool else url
         cause = f"HTTP {response.status}" if response is not None else type(error).__name__
-        if left is not None and wait >= left:
-            logger.info("Image request %s %s: %s; no retry, %.1f s left", method, where, cause,
-                        max(left, 0.0))
+        if wait >= (math.inf if left is None else left):
+            logger.info("Image request %s %s: %s; no retry (wait %.1f s, %s s left)", method,
+                        where, cause, wait, "no deadline" if left is None else f"{max(left, 0):.1f}")
             self._give_up(error)
             reason = error or ResponseError(cause)
             raise MaxRetryError(_pool, url, reason) from reason

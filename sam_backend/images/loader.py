@@ -148,7 +148,7 @@ class ImageLoader:
         a cache entry is then dropped and downloaded again, a download refused with a message
         on what came instead; downloads are cached only once accepted."""
         if src.problem is not None:
-            raise src.problem
+            raise src.problem.with_traceback(None)
         if src.kind == "local":
             return accept(self.sources.read_local(src, reservation))
         if src.kind == "data":

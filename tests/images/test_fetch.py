@@ -161,11 +161,18 @@ def test_retry_after_is_honoured_within_the_deadline_only(ls, make_loader, caplo
     with pytest.raises(ImageError, match="answered HTTP 503"):
         loader.load("/data/upload/1/y.png")
     assert ls.count("/data/upload/1/y.png") == 3
-    assert "HTTP 503; no retry" in caplog.text
+    assert "HTTP 503; no retry (wait 60.0 s" in caplog.text
+    ls.fault_headers = {"Retry-After": "soon"}  # unreadable: no guessing
+    ls.faults["/data/upload/1/y.png"] = [503]
+    with pytest.raises(ImageError, match="answered HTTP 503"):
+        loader.load("/data/upload/1/y.png")
+    assert ls.count("/data/upload/1/y.png") == 4
 
 
-def test_dropped_connections_are_retried(make_loader):
-    """A host that accepts each connection and closes it at once: every attempt is seen."""
+def test_dropped_connections_are_retried(make_loader, caplog):
+    """A host that accepts each connection and closes it at once: every attempt is seen, and
+    urllib3's own retry warnings do not show the URL's query (a presigned URL's signature)."""
+    caplog.set_level(logging.DEBUG)
     accepted, stop = [], threading.Event()
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
@@ -183,7 +190,7 @@ def test_dropped_connections_are_retried(make_loader):
 
         thread = threading.Thread(target=serve, daemon=True)
         thread.start()
-        url = f"http://127.0.0.1:{server.getsockname()[1]}/pic.png"
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/pic.png?X-Amz-Signature={SIGNATURE}"
         try:
             with pytest.raises(ImageError, match="cannot connect to 127.0.0.1"):
                 make_loader().load(url)
@@ -191,3 +198,7 @@ def test_dropped_connections_are_retried(make_loader):
             stop.set()
             thread.join(5)
     assert len(accepted) == 1 + MAX_RETRIES
+    retried = [r for r in caplog.records if r.name == "urllib3.connectionpool"
+               and r.getMessage().startswith("Retrying")]
+    assert len(retried) == MAX_RETRIES
+    assert all(SIGNATURE not in r.getMessage() for r in retried)
