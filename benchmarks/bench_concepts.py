@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from sam_backend.concepts.base import concepts_of  # noqa: E402
-from sam_backend.images.loader import ImageAccessSettings, ImageLoader  # noqa: E402
+from sam_backend.images.config import ImageAccessSettings  # noqa: E402
+from sam_backend.images.loader import ImageLoader  # noqa: E402
 from sam_backend.labelstudio.label_config import parse_label_config  # noqa: E402
 from random_weights import CACHE_DIR, cached_random_checkpoint, synthetic_image  # noqa: E402
 from sam_backend.labelstudio.service import PredictionService, segmenter_for  # noqa: E402

@@ -77,6 +77,19 @@ def close(a, b, tol=40) -> bool:
     return bool(np.all(np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)) <= tol))
 
 
+def assert_rotated_cat(arr: np.ndarray) -> None:
+    """The EXIF-rotated JPEG decoded in the display frame: 40 wide x 60 high; the stored top-left
+    (red) is at the top right, the stored bottom-left (green) at the top left."""
+    assert arr.shape == (60, 40, 3) and arr.dtype == np.uint8
+    assert close(arr[5, 35], RED)
+    assert close(arr[5, 4], GREEN)
+    assert close(arr[50, 20], BLUE)
+    # A Label Studio click at x=95%, y=10% (percent of the natural, rotated size) lands on red.
+    x, y = 95.0, 10.0
+    px, py = int(x / 100 * arr.shape[1]), int(y / 100 * arr.shape[0])
+    assert close(arr[py, px], RED)
+
+
 # --------------------------------------------------------------------------------------------
 # Loopback servers
 
@@ -136,6 +149,8 @@ class FakeLabelStudio(_LoopbackHost):
         self.login_redirect = False
         self.slow = {}  # path -> seconds
         self.requests = []  # (method, path, Authorization header or None)
+        self.faults = {}  # path -> statuses answered first, one per GET (an iterator: for ever)
+        self.fault_headers = {}  # headers sent with those answers (e.g. Retry-After)
         self.refreshes = 0
         self.rejected = []  # (path, scheme) of refused credentials
         self.lock = threading.Lock()
@@ -187,6 +202,11 @@ class FakeLabelStudio(_LoopbackHost):
                 with state.lock:
                     state.requests.append(("GET", self.path, auth))
                 parts = urlsplit(self.path)
+                fault = next(iter(state.faults.get(parts.path, ())), None)
+                if fault is not None:
+                    if isinstance(state.faults[parts.path], list):
+                        state.faults[parts.path].pop(0)
+                    return self.reply(fault, b"busy", "text/plain", state.fault_headers)
                 if parts.path in state.slow:
                     time.sleep(state.slow[parts.path])
                 if not state.authenticated(auth):

@@ -279,12 +279,9 @@ class ConceptAnnotator:
             by_image.setdefault(concept.to_name, []).append(concept)
         for to_name, group in by_image.items():
             url, task_id = config.image_url(task, to_name), task.get("id")
-            image_key = self.service.images.source_key(url, task_id)
-            found = engine.detect(image_key,
-                                  lambda url=url, task_id=task_id: self.service.images.load(
-                                      url, task_id),
-                                  [c.phrase for c in group], self.settings.concept_threshold,
-                                  self.selection)
+            image = self.service.images.locate(url, task_id)  # resolved once
+            found = engine.detect(image.key, image.load, [c.phrase for c in group],
+                                  self.settings.concept_threshold, self.selection)
             for concept, instances in zip(group, found):
                 log.info("task %s: %d instance(s) of %r (%r)", task_id, len(instances),
                          concept.label, concept.phrase)

@@ -169,7 +169,8 @@ def run_worker(args) -> int:
     from rq import SimpleWorker
     from rq.serializers import JSONSerializer
 
-    from sam_backend.images.loader import ImageAccessSettings, ImageLoader
+    from sam_backend.images.config import ImageAccessSettings
+    from sam_backend.images.loader import ImageLoader
     from sam_backend.settings import settings_from_args
     from sam_backend.labelstudio.service import segmenter_for
 
@@ -274,7 +275,8 @@ def precompute_project(settings: Settings, images, project: int, progress: bool 
 def run_precompute(args) -> int:
     import json
 
-    from sam_backend.images.loader import ImageAccessSettings, ImageLoader
+    from sam_backend.images.config import ImageAccessSettings
+    from sam_backend.images.loader import ImageLoader
     from sam_backend.settings import settings_from_args
 
     settings = settings_from_args(args)

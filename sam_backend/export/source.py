@@ -227,7 +227,8 @@ def image_fetcher(image_loader=None, upload_dir: Optional[str] = None) -> Iterat
     if image_loader is not None:
         yield make_image_fetcher(image_loader, upload_dir)
         return
-    from sam_backend.images.loader import ImageAccessSettings, ImageLoader
+    from sam_backend.images.config import ImageAccessSettings
+    from sam_backend.images.loader import ImageLoader
 
     own = ImageLoader(ImageAccessSettings.from_env(), local_paths_anywhere=True)
     try:

@@ -24,7 +24,7 @@ import ipaddress
 import logging
 import socket
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 from urllib.parse import urlsplit
 
 import requests
@@ -33,6 +33,8 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 from urllib3.util import connection as urllib3_connection
+from urllib3.util.retry import Retry
+from urllib3.util.timeout import Timeout
 
 from sam_backend.errors import ConfigError, ImageError
 
@@ -251,23 +253,53 @@ def _guarded(base: type, policy: NetworkPolicy) -> type:
     return type(f"Guarded{base.__name__}", (base,), {"_new_conn": _new_conn})
 
 
+def _capped(timeout, left: float) -> Timeout:
+    """``timeout`` (a urllib3 Timeout, a number or None) with each part cut to ``left`` seconds."""
+    if not isinstance(timeout, Timeout):
+        timeout = Timeout(connect=timeout, read=timeout)
+
+    def cap(value):
+        return min(value, left) if isinstance(value, (int, float)) else left
+
+    return Timeout(connect=cap(timeout.connect_timeout), read=cap(timeout.read_timeout))
+
+
+def _pool(base: type, connection: type, policy: NetworkPolicy,
+          time_left: Optional[Callable[[], Optional[float]]]) -> type:
+    """A urllib3 connection pool of guarded connections whose every attempt (the first and each
+    retry) gets timeouts no longer than ``time_left()``."""
+
+    def urlopen(self, method, url, *args, **kwargs):
+        left = time_left() if time_left is not None else None
+        if left is not None:
+            kwargs["timeout"] = _capped(kwargs.get("timeout"), max(left, 0.001))
+        return base.urlopen(self, method, url, *args, **kwargs)
+
+    return type(f"Guarded{base.__name__}", (base,),
+                {"ConnectionCls": _guarded(connection, policy), "urlopen": urlopen})
+
+
 class _GuardedAdapter(HTTPAdapter):
-    def __init__(self, policy: NetworkPolicy, **kwargs):
+    def __init__(self, policy: NetworkPolicy, time_left=None, **kwargs):
         self._policy = policy
+        self._time_left = time_left
         super().__init__(**kwargs)
 
     def init_poolmanager(self, *args, **kwargs):
         super().init_poolmanager(*args, **kwargs)
-        http = type("GuardedHTTPConnectionPool", (HTTPConnectionPool,),
-                    {"ConnectionCls": _guarded(HTTPConnection, self._policy)})
-        https = type("GuardedHTTPSConnectionPool", (HTTPSConnectionPool,),
-                     {"ConnectionCls": _guarded(HTTPSConnection, self._policy)})
-        self.poolmanager.pool_classes_by_scheme = {"http": http, "https": https}
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": _pool(HTTPConnectionPool, HTTPConnection, self._policy, self._time_left),
+            "https": _pool(HTTPSConnectionPool, HTTPSConnection, self._policy, self._time_left)}
 
 
-def mount(session: requests.Session, policy: NetworkPolicy) -> requests.Session:
-    """Make every http(s) connection ``session`` opens obey ``policy``; returns ``session``."""
-    adapter = _GuardedAdapter(policy)
+def mount(session: requests.Session, policy: NetworkPolicy, retries: Union[int, Retry] = 0,
+          time_left: Optional[Callable[[], Optional[float]]] = None) -> requests.Session:
+    """Make every http(s) connection ``session`` opens obey ``policy``; returns ``session``.
+    ``retries``: urllib3's retry policy for its requests (0: none, as requests does by default).
+    ``time_left``: the seconds the current request may still take, or None (no bound): every
+    attempt's connect and read timeouts are cut to it, so that retries stay within a deadline."""
+    adapter = _GuardedAdapter(policy, time_left,
+                              max_retries=retries if retries else Retry(0, read=False))
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session

@@ -23,7 +23,8 @@ from sam_backend.embeddings.memory import EmbeddingCache
 from sam_backend.concepts.base import ConceptAnnotator, create_concept_engine, parse_text_prompt
 from sam_backend.embeddings.engine import Segmenter, get_segmenter
 from sam_backend.errors import RequestError
-from sam_backend.images.loader import ImageAccessSettings, ImageLoader
+from sam_backend.images.config import ImageAccessSettings
+from sam_backend.images.loader import ImageLoader
 from sam_backend.labelstudio.label_config import LabelConfig, LabelConfigCache
 from sam_backend.common.limits import MIB, LoadGate, MemoryBudget, check_count, shown
 from sam_backend.labelstudio.prompts import PromptRequest, parse_context
@@ -186,13 +187,13 @@ class PredictionService:
                      prompt_request: PromptRequest) -> Dict[str, Any]:
         url, task_id = config.image_url(task, prompt_request.to_name,
                                         prompt_request.item_index), task.get("id")
-        image_key = self.images.source_key(url, task_id)
+        image = self.images.locate(url, task_id)  # resolved once; loaded only if not embedded
+        image_key = image.key
         if self.segmenter.is_embedded(image_key):
-            embedding = self.segmenter.embedding(image_key, lambda: self.images.load(url, task_id))
+            embedding = self.segmenter.embedding(image_key, image.load)
         else:  # a new image: hold one of the few load slots (503 when all are taken)
             with self.loads.admit():
-                embedding = self.segmenter.embedding(image_key,
-                                                     lambda: self.images.load(url, task_id))
+                embedding = self.segmenter.embedding(image_key, image.load)
         height, width = embedding.original_size
         if prompt_request.original_width and prompt_request.original_height and \
                 (prompt_request.original_width, prompt_request.original_height) != (width, height):
@@ -265,14 +266,14 @@ class PredictionService:
                 continue
             try:
                 url, task_id = config.image_url(task, to_name), task.get("id")
-                image_key = self.images.source_key(url, task_id)
+                image = self.images.locate(url, task_id)
+                image_key = image.key
             except Exception as exc:  # an opened task must never fail because of this
                 log.info("task %s: no precompute (%s)", task.get("id"), exc)
                 continue
             if self.queue is not None and self._enqueue(image_key, url, task_id):
                 continue
-            self.segmenter.precompute(image_key,
-                                      lambda url=url, task_id=task_id: self.images.load(url, task_id))
+            self.segmenter.precompute(image_key, image.load)
 
     def _enqueue(self, image_key: str, url: str, task_id: Any) -> bool:
         """Hand the image to the workers (at the front: an annotator is looking at it); False

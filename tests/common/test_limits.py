@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from sam_backend.images import loader as images
+from sam_backend.images import decode as images
 from sam_backend.errors import BusyError, ImageError, RequestError
 from sam_backend.labelstudio.label_config import LabelConfigCache, parse_label_config
 from sam_backend.common.limits import LoadGate, MemoryBudget, printable, shown

@@ -16,7 +16,8 @@ import torch
 from sam_backend.concepts.base import Concept, Selection, concepts_of, parse_text_prompt
 from sam_backend.errors import ConfigError, RequestError
 from sam_backend.concepts.grounding_dino import GroundingDinoEngine, make_random_grounding_dino, query_text
-from sam_backend.images.loader import ImageAccessSettings, ImageLoader
+from sam_backend.images.config import ImageAccessSettings
+from sam_backend.images.loader import ImageLoader
 from sam_backend.labelstudio.label_config import parse_label_config
 from random_weights import synthetic_image
 from sam_backend.models.registry import get_variant

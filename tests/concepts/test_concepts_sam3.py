@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from sam_backend.concepts.base import Selection
-from sam_backend.images.loader import ImageAccessSettings, ImageLoader
+from sam_backend.images.config import ImageAccessSettings
+from sam_backend.images.loader import ImageLoader
 from sam_backend.models.base import Prompt
 from random_weights import cached_random_sam3, synthetic_image
 from sam_backend.concepts.sam3_engine import write_test_tokenizer

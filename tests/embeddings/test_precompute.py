@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from sam_backend.errors import ConfigError, ImageError
-from sam_backend.images.loader import ImageAccessSettings, ImageLoader
+from sam_backend.images.config import ImageAccessSettings
+from sam_backend.images.loader import ImageLoader
 from sam_backend.embeddings.precompute import precompute_project, project_tasks
 from sam_backend.settings import Settings
 from team_utils import API_TOKEN, FakeLabelStudioAPI

@@ -189,7 +189,8 @@ def test_an_opened_task_is_encoded_by_the_worker_not_the_replica(team, reference
 
 
 def test_garbage_under_a_store_key_is_recomputed_and_logged(team, docroot, reference):
-    from sam_backend.images.loader import ImageAccessSettings, ImageLoader
+    from sam_backend.images.config import ImageAccessSettings
+    from sam_backend.images.loader import ImageLoader
     from sam_backend.embeddings.precompute import identity_for
     from sam_backend.settings import Settings
     from sam_backend.embeddings.store import EmbeddingStore, decode_embedding

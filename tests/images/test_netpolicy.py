@@ -18,13 +18,6 @@ from sam_backend.images.netpolicy import (
     parse_image_hosts,
 )
 from loopback_hosts import LEGACY_TOKEN, FakeLabelStudio, Redirector, _Handler, rgb_png  # noqa: F401
-from test_images import (  # noqa: F401  (fixtures: the loopback hosts, a loader factory)
-    _clean_env,
-    clock,
-    ls,
-    make_loader,
-    storage,
-)
 
 # --------------------------------------------------------------------------------------------
 # Every socket.connect of this process, from Python's audit events (a hook cannot be removed, so
@@ -158,7 +151,7 @@ def test_loopback_and_private_addresses_stay_allowed_and_the_option_lifts_the_bl
 
 
 def test_setting_from_the_environment(monkeypatch, tmp_path):
-    from sam_backend.images.loader import ImageAccessSettings
+    from sam_backend.images.config import ImageAccessSettings
 
     monkeypatch.setenv("ALLOW_LINK_LOCAL_IMAGES", "true")
     monkeypatch.setenv("IMAGE_HOSTS", "a.example, *.b.example")
