@@ -55,7 +55,7 @@ def export_coco(json_file_path: str, out_dir: str, classes: Optional[Sequence[st
                 mmdet_config: Optional[str] = None) -> ExportReport:
     """Convert the export ``json_file_path`` into ``out_dir/annotations/ann.json`` and, with
     ``copy_images``, ``out_dir/images/<file_name>``. ``image_loader``: an
-    :class:`~sam_backend.images.ImageLoader` (default: one configured from the environment).
+    :class:`~sam_backend.images.loader.ImageLoader` (default: one configured from the environment).
     ``classes``: a list of names or ``"a,b,c"``. ``keep_all_regions``: one annotation per region
     instead of one per object. ``val_fraction`` > 0: also ``annotations/train.json`` and
     ``annotations/val.json``, split by image (:func:`~.convert.split_images`, ``seed``).

@@ -346,7 +346,7 @@ def convert_export(json_file_path: str, images_dir: Optional[Path],
                    upload_dir: Optional[str] = None, progress: bool = True,
                    keep_all_regions: bool = False) -> Tuple[dict, ExportReport]:
     """Read the export file and :func:`convert` it, storing the images in ``images_dir``
-    (None: images are not fetched). ``image_loader``: an :class:`~sam_backend.images.ImageLoader`
+    (None: images are not fetched). ``image_loader``: an :class:`~sam_backend.images.loader.ImageLoader`
     (default: one configured from the environment). Shared by export-coco and export-yolo."""
     tasks = load_export(json_file_path)
     class_list = None

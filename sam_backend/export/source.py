@@ -6,7 +6,7 @@ The export must be Label Studio's "JSON" format: a list of tasks with ``data`` a
 task's image URL is ``data["image"]``, else the key named by the regions' ``to_name``, else the
 task's only string value (:func:`task_image_url`).
 
-Images are fetched through :class:`sam_backend.images.ImageLoader` (``LABEL_STUDIO_URL`` +
+Images are fetched through :class:`sam_backend.images.loader.ImageLoader` (``LABEL_STUDIO_URL`` +
 ``LABEL_STUDIO_API_KEY`` for uploads, local files, presigned cloud URLs, http(s)); with
 ``--upload_dir``, ``/data/upload/<project>/<file>`` is first looked up as
 ``<upload_dir>/<project>/<file>`` (:func:`image_fetcher`). The bytes are kept as fetched, never
@@ -196,7 +196,7 @@ def check_upload_dir(upload_dir: Optional[str]) -> None:
 
 def make_image_fetcher(image_loader, upload_dir: Optional[str] = None) -> ImageFetcher:
     """An :data:`ImageFetcher`: ``upload_dir`` first for Label Studio uploads, then
-    ``image_loader.fetch_bytes`` (an :class:`~sam_backend.images.ImageLoader`)."""
+    ``image_loader.fetch_bytes`` (an :class:`~sam_backend.images.loader.ImageLoader`)."""
 
     def fetch(url: str, task_id: Optional[int]) -> bytes:
         local = _upload_dir_path(url, upload_dir) if upload_dir else None
