@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import cv2
 
@@ -74,12 +74,17 @@ def engine_options(engine: str) -> Dict[str, str]:
     raise SystemExit(f"engine {engine!r} is not available in this version")
 
 
-def make_service(engine: str, cache_dir: Path, labels: str = "") -> PredictionService:
+def make_service(engine: str, cache_dir: Path, labels: str = "",
+                 image_root: Optional[Path] = None) -> PredictionService:
+    """The service the backend builds; local image files are read from inside ``image_root``
+    (the backend reads local paths only under LOCAL_FILES_DOCUMENT_ROOT)."""
     options = {"device": "cpu", **engine_options(engine)}
     if labels:
         options["concept_labels"] = labels
     settings = Settings.load(options, environ={})
-    images = ImageLoader(ImageAccessSettings.from_env(cache_dir=str(cache_dir)))
+    images = ImageLoader(ImageAccessSettings.from_env(
+        cache_dir=str(cache_dir),
+        local_files_document_root=str(image_root) if image_root else None))
     service = PredictionService(settings, segmenter_for(settings), images)
     service.concept_annotator().engine  # loaded before timing
     return service
@@ -116,6 +121,27 @@ def concept_pass(service: PredictionService, image_path: Path, runs: int) -> Dic
             "regions_ms_per_instance": regions_ms}
 
 
+def profile_pass(service: PredictionService, image_path: Path, out: Path,
+                 top: int = 30) -> Dict[str, Any]:
+    """One 3-label pass on the embedded image under cProfile: writes ``out`` (open it with
+    ``python -m pstats`` or snakeviz) and prints the ``top`` entries by cumulative time."""
+    import cProfile
+    import pstats
+
+    config = parse_label_config(CONFIG)
+    concepts = concepts_of(config)
+    task = {"id": 1, "data": {"image": str(image_path)}}
+    image = service.images.locate(config.image_url(task, "image"), 1)
+    service.segmenter.embedding(image.key, image.load)  # embedded, as the row
+    profiler = cProfile.Profile()
+    started = time.perf_counter()
+    profiler.runcall(service.concepts.annotate_task, task, config, concepts)
+    seconds = time.perf_counter() - started
+    profiler.dump_stats(str(out))
+    pstats.Stats(profiler).sort_stats("cumulative").print_stats(top)
+    return {"pass_s": seconds, "profile": str(out)}
+
+
 def project_run(service: PredictionService, images: List[Path], labels: str) -> Dict[str, Any]:
     from e2e.ls_harness import LabelStudio
 
@@ -149,24 +175,33 @@ def main() -> int:
     parser.add_argument("--no-project", action="store_true")
     parser.add_argument("--project-labels", default="",
                         help="comma-separated labels that take part in the project run (default all)")
+    parser.add_argument("--profile", action="store_true",
+                        help="only profile one 3-label pass per engine (cProfile; the .prof "
+                             "file goes to a temporary directory); writes no results")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "concepts.json"))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-concepts-"))
     image_1080p = work / "scene-1080p.png"
     cv2.imwrite(str(image_1080p), synthetic_image(1080, 1920, seed=3))
     project_images = []
-    for i in range(args.project_images):
+    for i in range(0 if args.profile else args.project_images):
         path = work / f"project-{i:02d}.jpg"
         cv2.imwrite(str(path), synthetic_image(1080, 1920, seed=100 + i))
         project_images.append(path)
     rows: Dict[str, Any] = {}
     for engine in args.engines:
-        service = make_service(engine, work / "cache")
+        service = make_service(engine, work / "cache", image_root=work)
+        if args.profile:
+            done = profile_pass(service, image_1080p, work / f"concepts-{engine}.prof")
+            print(f"{engine}: one pass {done['pass_s']:.1f} s, profile in {done['profile']}")
+            continue
         row = {"model_version": service.model_version,
                "concept_pass": concept_pass(service, image_1080p, args.runs)}
         if not args.no_project:
             row["project"] = project_run(service, project_images, args.project_labels)
         rows[engine] = row
+    if args.profile:
+        return 0
     result = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor(),
                           "loadavg": os.getloadavg()},
               "date": time.strftime("%Y-%m-%d %H:%M"), "engines": rows}
