@@ -49,9 +49,9 @@ CONFIG = """<View>
 
 def engine_options(engine: str) -> Dict[str, str]:
     if engine == "grounding_dino":
-        from sam_backend.concepts.grounding_dino import make_random_grounding_dino
+        from random_weights import make_random_grounding_dino
 
-        directory = CACHE_DIR / "grounding-dino-full-seed0"
+        directory = CACHE_DIR / "grounding-dino-full-v2-seed0"
         if not (directory / "config.json").is_file():
             make_random_grounding_dino(directory, "full", seed=0)
         return {"model_name": "mobile_sam",
@@ -59,7 +59,7 @@ def engine_options(engine: str) -> Dict[str, str]:
                 "concept_model": "grounding_dino", "concept_checkpoint": str(directory)}
     if engine == "sam3":
         from random_weights import cached_random_sam3
-        from sam_backend.concepts.sam3_engine import write_test_tokenizer
+        from random_weights import write_test_tokenizer
 
         source = cached_random_sam3(reduced=False)  # 3.4 GB, built once (~5 GB of memory)
         directory = CACHE_DIR / "sam3-full-with-tokenizer"

@@ -1,5 +1,5 @@
-"""Test and benchmark fixtures: seeded random-weight checkpoints kept between runs, and synthetic
-images."""
+"""Test and benchmark fixtures: seeded random-weight checkpoints kept between runs (SAM variants,
+reduced SAM 3, Grounding DINO), small word-level tokenizers, and synthetic images."""
 from __future__ import annotations
 
 import os
@@ -52,3 +52,76 @@ def cached_random_sam3(reduced: bool = True) -> Path:
     if not (path / "config.json").is_file():
         make_random_checkpoint_dir(path, seed=CACHE_SEED, reduced=reduced)
     return path
+
+
+# -- concept engines: Grounding DINO with a word-level tokenizer, SAM 3's tokenizer --------------
+_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "a", "an", "the", "of",
+          "red", "blue", "green", "big", "small", "car", "cat", "dog", "person", "tree", "house",
+          "disc", "square", "bird", "bike", "boat", "road", "sky", "window"]
+
+
+def make_random_grounding_dino(directory: Union[str, Path], size: str = "tiny",
+                               seed: int = 0) -> Path:
+    """Write a Grounding DINO directory with seeded random weights and a small word-level BERT
+    tokenizer (no download): ``size="tiny"`` is a reduced configuration of the same classes (for
+    the fast tests), ``size="full"`` the architecture of ``grounding-dino-tiny`` (Swin-T + a
+    BERT-base text encoder). Masks from it are meaningless; the computation is the real one."""
+    import torch
+    from transformers import (BertConfig, BertTokenizerFast, GroundingDinoConfig,
+                              GroundingDinoForObjectDetection, GroundingDinoImageProcessor,
+                              GroundingDinoProcessor, SwinConfig)
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = directory / "vocab.txt"
+    vocab.write_text("\n".join(_WORDS) + "\n")
+    # `vocab=`: transformers 5 ignores `vocab_file=` here and maps every word to [UNK]
+    tokenizer = BertTokenizerFast(vocab=str(vocab), do_lower_case=True)
+    processor = GroundingDinoProcessor(GroundingDinoImageProcessor(), tokenizer)
+    if size == "tiny":
+        config = GroundingDinoConfig(
+            backbone_config=SwinConfig(embed_dim=24, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
+                                       window_size=7, out_features=["stage2", "stage3", "stage4"]),
+            text_config=BertConfig(vocab_size=len(_WORDS), hidden_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, intermediate_size=37,
+                                   max_position_embeddings=64),
+            d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32,
+            decoder_ffn_dim=32, encoder_attention_heads=2, decoder_attention_heads=2,
+            num_queries=30, max_text_len=32)
+    elif size == "full":
+        config = GroundingDinoConfig(
+            backbone_config=SwinConfig(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
+                                       window_size=7, out_features=["stage2", "stage3", "stage4"]),
+            text_config=BertConfig())
+    else:
+        raise ValueError(f"size must be tiny or full, got {size!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GroundingDinoForObjectDetection(config).eval()
+        with torch.no_grad():  # every weight matters, as in trained weights
+            for tensor in model.state_dict().values():
+                if tensor.is_floating_point():
+                    tensor.add_(torch.randn_like(tensor) * 0.02)
+    model.save_pretrained(str(directory))
+    processor.save_pretrained(str(directory))
+    return directory
+
+
+def write_test_tokenizer(directory: Path) -> Path:
+    """Save a small word-level tokenizer with SAM 3's processor into a checkpoint directory
+    (random-weight directories for tests and benchmarks have none; no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, Sam3ImageProcessor, Sam3Processor
+
+    words = ["<|startoftext|>", "<|endoftext|>", "[UNK]", ".", "a", "the", "red", "blue", "big",
+             "small", "car", "cat", "dog", "person", "tree", "house", "disc", "square"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>",
+        special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|startoftext|>",
+                                   eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   unk_token="[UNK]", model_max_length=32)
+    Sam3Processor(Sam3ImageProcessor(), fast).save_pretrained(str(directory))
+    return Path(directory)

@@ -144,23 +144,3 @@ class Sam3ConceptEngine(ConceptEngine):
             found.append(Instances(masks[keep], boxes[keep].astype(np.float32),
                                    scores[keep].astype(np.float32)))
         return found
-
-
-def write_test_tokenizer(directory: Path) -> Path:
-    """Save a small word-level tokenizer with SAM 3's processor into a checkpoint directory
-    (random-weight directories for tests and benchmarks have none; no download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, Sam3ImageProcessor, Sam3Processor
-
-    words = ["<|startoftext|>", "<|endoftext|>", "[UNK]", ".", "a", "the", "red", "blue", "big",
-             "small", "car", "cat", "dog", "person", "tree", "house", "disc", "square"]
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>",
-        special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|startoftext|>",
-                                   eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                   unk_token="[UNK]", model_max_length=32)
-    Sam3Processor(Sam3ImageProcessor(), fast).save_pretrained(str(directory))
-    return Path(directory)

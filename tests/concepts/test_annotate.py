@@ -10,7 +10,7 @@ import pytest
 
 from random_weights import synthetic_image
 from sam_backend import cli
-from sam_backend.concepts.grounding_dino import make_random_grounding_dino
+from random_weights import make_random_grounding_dino
 from server_utils import free_port
 from team_utils import API_TOKEN, FakeLabelStudioAPI
 

@@ -15,7 +15,8 @@ import torch
 
 from sam_backend.concepts.base import Concept, Selection, concepts_of, parse_text_prompt
 from sam_backend.errors import ConfigError, RequestError
-from sam_backend.concepts.grounding_dino import GroundingDinoEngine, make_random_grounding_dino, query_text
+from random_weights import make_random_grounding_dino
+from sam_backend.concepts.grounding_dino import GroundingDinoEngine, query_text
 from sam_backend.images.config import ImageAccessSettings
 from sam_backend.images.loader import ImageLoader
 from sam_backend.labelstudio.label_config import parse_label_config

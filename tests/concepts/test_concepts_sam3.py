@@ -15,7 +15,7 @@ from sam_backend.images.config import ImageAccessSettings
 from sam_backend.images.loader import ImageLoader
 from sam_backend.models.base import Prompt
 from random_weights import cached_random_sam3, synthetic_image
-from sam_backend.concepts.sam3_engine import write_test_tokenizer
+from random_weights import write_test_tokenizer
 from sam_backend.labelstudio.service import PredictionService, segmenter_for
 from sam_backend.settings import Settings
 

@@ -7,7 +7,7 @@ import cv2
 import pytest
 
 from sam_backend import cli
-from sam_backend.concepts.grounding_dino import make_random_grounding_dino
+from random_weights import make_random_grounding_dino
 from random_weights import synthetic_image
 
 CONFIG = """<View>

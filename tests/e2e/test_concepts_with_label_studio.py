@@ -28,7 +28,7 @@ import requests
 from PIL import Image
 
 from random_weights import synthetic_image
-from sam_backend.concepts.grounding_dino import make_random_grounding_dino
+from random_weights import make_random_grounding_dino
 from sam_backend.labelstudio.rle import rle_to_mask
 from server_utils import REPO
 from test_backend_with_label_studio import start_backend
