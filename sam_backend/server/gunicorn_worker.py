@@ -22,6 +22,18 @@ _DEADLINES: "weakref.WeakKeyDictionary[socket.socket, float]" = weakref.WeakKeyD
 LINGER = 0.2  # seconds a closing connection waits for the peer's FIN
 
 
+def _armed(name: str, arm: str):
+    """``socket.socket.<name>`` that first calls ``self.<arm>()`` (sets the timeout it runs under)."""
+    base = getattr(socket.socket, name)
+
+    def method(self, *args):
+        getattr(self, arm)()
+        return base(self, *args)
+
+    method.__name__ = name
+    return method
+
+
 class _DeadlineSocket(socket.socket):
     """A socket whose reads share one deadline per request (set when gunicorn makes the socket
     blocking for a new request) and whose sends each get ``timeout`` seconds."""
@@ -45,14 +57,6 @@ class _DeadlineSocket(socket.socket):
             raise socket.timeout("the request was not received within request_timeout")
         super().settimeout(remaining)
 
-    def recv(self, *args):
-        self._arm()
-        return super().recv(*args)
-
-    def recv_into(self, *args):
-        self._arm()
-        return super().recv_into(*args)
-
     def shutdown(self, how: int) -> None:
         # gunicorn closes "gracefully" on its main loop: after shutting down the write side it
         # waits up to 2 s for the peer's FIN. A stalled peer never sends one, and a few of them
@@ -75,13 +79,10 @@ class _DeadlineSocket(socket.socket):
             # so a slow answer does not cost the client its kept-alive connection
             _DEADLINES[self] = time.monotonic() + self.request_timeout
 
-    def send(self, *args):
-        self._arm_send()
-        return super().send(*args)
-
-    def sendall(self, *args):
-        self._arm_send()
-        return super().sendall(*args)
+    recv = _armed("recv", "_arm")
+    recv_into = _armed("recv_into", "_arm")
+    send = _armed("send", "_arm_send")
+    sendall = _armed("sendall", "_arm_send")
 
 
 class DeadlineThreadWorker(ThreadWorker):
