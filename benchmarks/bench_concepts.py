@@ -82,8 +82,8 @@ def make_service(engine: str, cache_dir: Path, labels: str = "",
     if labels:
         options["concept_labels"] = labels
     settings = Settings.load(options, environ={})
-    images = ImageLoader(ImageAccessSettings.from_env(
-        cache_dir=str(cache_dir),
+    images = ImageLoader(ImageAccessSettings.from_settings(
+        settings, cache_dir=str(cache_dir),
         local_files_document_root=str(image_root) if image_root else None))
     service = PredictionService(settings, segmenter_for(settings), images)
     service.concept_annotator().engine  # loaded before timing
@@ -152,8 +152,8 @@ def project_run(service: PredictionService, images: List[Path], labels: str) -> 
         project = ls.api.create_project("bench concepts", CONFIG)
         for path in images:
             ls.api.import_image(project["id"], path)
-        loader = ImageLoader(ImageAccessSettings.from_env(
-            label_studio_url=ls.url, api_key=ls.token,
+        loader = ImageLoader(ImageAccessSettings.from_settings(
+            service.settings, label_studio_url=ls.url, api_key=ls.token,
             cache_dir=tempfile.mkdtemp(prefix="bench-concepts-")))
         service.images = loader
         service.settings = dataclasses.replace(service.settings, concept_labels=labels or None)

@@ -2,8 +2,10 @@
 ``--option value`` flags, environment variables, defaults.
 
 Precedence: an explicit option (``--with`` / ``sam-backend serve --option``) beats the environment
-variable of the same name in upper case (``MODEL_NAME=sam``), which beats the default.
-``SAM_BACKEND_OFFLINE=1`` is a second environment name for ``offline``.
+variable of the same name in upper case (``MODEL_NAME=sam``), which beats the default. Some options
+have further environment names, tried after that one (``option(..., env=...)``): for example
+``SAM_BACKEND_OFFLINE=1`` for ``offline``, ``LABEL_STUDIO_HOST`` for ``label_studio_url``. An empty
+variable counts as unset.
 
 The start commands' own flags (``-p/--port``, ``--host``, ``--log-level``) are not options: they
 default to ``PORT``, ``HOST`` and ``LOG_LEVEL``, the variables label-studio-ml's template reads
@@ -12,19 +14,31 @@ default to ``PORT``, ``HOST`` and ``LOG_LEVEL``, the variables label-studio-ml's
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, fields
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from sam_backend.common.text import parse_bool
 from sam_backend.errors import ConfigError, SamBackendError
+from sam_backend.images.config import (DEFAULT_CACHE_MAX_BYTES, DEFAULT_MAX_DOWNLOAD_BYTES,
+                                       DEFAULT_TIMEOUT)
+from sam_backend.images.decode import DEFAULT_MAX_PIXELS
 from sam_backend.images.netpolicy import parse_image_hosts
 from sam_backend.server.auth import BasicAuth
 
 
-def option(default: Any, help: str, **kwargs) -> Any:  # noqa: A002 - argparse's word
-    """A settings field: its default and its ``--help`` text (the README's option table too)."""
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+def option(default: Any, help: str, env: Sequence[str] = (),  # noqa: A002 - argparse's word
+           **kwargs) -> Any:
+    """A settings field: its default, its ``--help`` text (the README's option table too) and
+    ``env``: environment names read after the field's own upper-case name, in this order."""
+    return dataclasses.field(default=default, metadata={"help": help, "env": tuple(env)},
+                             **kwargs)
+
+
+def env_names(f: dataclasses.Field) -> Tuple[str, ...]:
+    """The environment variables a settings field is read from, first one first."""
+    return (f.name.upper(),) + tuple(f.metadata.get("env", ()))
 
 
 @dataclass
@@ -57,7 +71,7 @@ class Settings:
     embedding_dtype: str = option(
         "float16", "how cached embeddings are stored: float16 (half the memory; masks within the "
         "tolerance the README gives) or float32 (bit-exact)")
-    offline: bool = option(False, "never download checkpoints (also SAM_BACKEND_OFFLINE=1)")
+    offline: bool = option(False, "never download checkpoints", env=("SAM_BACKEND_OFFLINE",))
     precompute: bool = option(
         True, "start encoding a task's image when Label Studio asks for predictions without a "
         "prompt (task opened)")
@@ -86,7 +100,28 @@ class Settings:
     precompute_job_timeout: int = option(
         120, "seconds a worker may spend on one queued encode; the job of a killed worker is "
         "retried this + 60 s after it started")
+    # -- where images come from (README "Images: where they come from") -----------------------
+    label_studio_url: Optional[str] = option(
+        None, "Label Studio's address as the backend reaches it; else the hostname Label Studio "
+        "sends in /setup", env=("LABEL_STUDIO_HOST",))
+    label_studio_api_key: Optional[str] = option(
+        None, "a legacy or personal access token for Label Studio, else the token sent in /setup "
+        "(better set in the environment: a command line is visible to other users)",
+        env=("LABEL_STUDIO_ACCESS_TOKEN",), repr=False)
+    image_cache_dir: Optional[str] = option(
+        None, "disk cache of downloaded images (default ~/.cache/sam_backend/images)",
+        env=("SAM_BACKEND_IMAGE_CACHE_DIR",))
+    image_cache_bytes: int = option(DEFAULT_CACHE_MAX_BYTES, "bound of that cache, bytes; 0 = off",
+                                    env=("SAM_BACKEND_IMAGE_CACHE_BYTES",))
     # -- limits (README "Limits"): each bounds one resource; past it a request gets a 4xx -------
+    max_image_pixels: int = option(
+        DEFAULT_MAX_PIXELS, "larger images are refused from their header, before decoding",
+        env=("SAM_BACKEND_MAX_IMAGE_PIXELS",))
+    max_image_bytes: int = option(DEFAULT_MAX_DOWNLOAD_BYTES, "bytes of a download or local file",
+                                  env=("SAM_BACKEND_MAX_IMAGE_BYTES",))
+    image_timeout: float = option(
+        DEFAULT_TIMEOUT, "seconds for a whole image download, redirects and body included",
+        env=("SAM_BACKEND_IMAGE_TIMEOUT",))
     local_files_document_root: Optional[str] = option(
         None, "the only directory local paths, file:// URLs and /data/local-files/?d= are read "
         "from (regular files only); unset: local files are off")
@@ -152,14 +187,14 @@ class Settings:
         values: Dict[str, Any] = {}
         for f in fields(cls):
             if f.name in options and options[f.name] is not None:
-                raw = options[f.name]
-            elif f.name.upper() in environ:
-                raw = environ[f.name.upper()]
+                source, raw = f.name, options[f.name]
             else:
-                continue
-            values[f.name] = _coerce(f, raw)
-        if "offline" not in values and "SAM_BACKEND_OFFLINE" in environ:
-            values["offline"] = parse_bool("SAM_BACKEND_OFFLINE", environ["SAM_BACKEND_OFFLINE"])
+                found = [(name, environ[name]) for name in env_names(f)
+                         if (environ.get(name) or "").strip()]
+                if not found:
+                    continue
+                source, raw = found[0]
+            values[f.name] = _coerce(f, raw, source)
         settings = cls(**values)
         settings.validate()
         return settings
@@ -185,7 +220,8 @@ class Settings:
                               "precompute_job_timeout must be positive")
         for name in ("max_points", "max_tasks", "max_request_mb", "max_label_config_kb",
                      "label_config_cache_mb", "max_projects", "image_memory_mb",
-                     "max_concurrent_loads", "request_timeout"):
+                     "max_concurrent_loads", "request_timeout", "max_image_pixels",
+                     "max_image_bytes", "image_timeout"):
             value = getattr(self, name)
             if not (value > 0 and value < float("inf")):
                 raise ConfigError(f"{name}={value!r} must be a positive number")
@@ -201,22 +237,35 @@ class Settings:
                               "concept_model=grounding_dino (or sam3)")
 
 
-def _coerce(f: dataclasses.Field, raw: Any) -> Any:
+def _coerce(f: dataclasses.Field, raw: Any, source: str) -> Any:
+    """``raw`` typed as field ``f`` wants it; ``source``: the option or environment variable it
+    came from, named in the error."""
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     if isinstance(raw, str):
         raw = raw.strip()
     try:
         if "bool" in kind:
-            return parse_bool(f.name, raw)
+            return parse_bool(source, raw)
         if kind == "int":
-            return int(raw)
+            return _as_int(raw)
         if kind == "float":
             return float(raw)
     except (TypeError, ValueError):
-        raise ConfigError(f"{f.name}={raw!r} is not a valid {kind}") from None
+        raise ConfigError(f"{source}={raw!r} is not a valid {kind}") from None
     if raw in ("", None):
         return None if "Optional" in kind else f.default
     return str(raw)
+
+
+def _as_int(raw: Any) -> int:
+    """An int, also from a whole number written as a float (``2e9``); ValueError otherwise."""
+    try:
+        return int(raw)
+    except ValueError:
+        value = float(raw)
+        if not (math.isfinite(value) and value == int(value)):
+            raise
+        return int(value)
 
 
 # -- the command line: ``--with k=v``, ``--option value``, and the start commands' flags ----------
@@ -248,9 +297,10 @@ def add_option_arguments(parser) -> None:
     parser.add_argument("--with", "--kwargs", dest="kwargs", nargs="+", metavar="KEY=VALUE",
                         help="options as label-studio-ml's --with takes them, e.g. "
                              "model_name=mobile_sam device=cpu")
-    for name in Settings.option_names():
-        parser.add_argument(f"--{name}", default=None,
-                            help=Settings.__dataclass_fields__[name].metadata.get("help"))
+    for f in fields(Settings):
+        also = f.metadata.get("env")
+        parser.add_argument(f"--{f.name}", default=None, help=f.metadata.get("help") + (
+            f" (env {', '.join(env_names(f))})" if also else ""))
 
 
 def from_environment(name: str, default: str, environ: Optional[Mapping[str, str]] = None) -> str:

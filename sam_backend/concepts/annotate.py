@@ -137,10 +137,9 @@ def run(args) -> int:
     settings = settings_from_args(args)
     if settings.concept_model == "none":  # this command needs a concept model: the default one
         settings = dataclasses.replace(settings, concept_model="grounding_dino")
-    # Label Studio's address and token as the backend takes them (LABEL_STUDIO_URL,
-    # LABEL_STUDIO_API_KEY), --url / --token first
-    service = PredictionService.from_settings(settings, label_studio_url=args.url,
-                                              api_key=args.token)
+    # Label Studio's address and token are the backend's label_studio_url / label_studio_api_key
+    # (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY); --url / --token are those options' flags
+    service = PredictionService.from_settings(settings)
     api = LabelStudioAPI(service.images)
     task_ids = [int(t) for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     report = annotate_project(service, api, args.project, task_ids, args.limit,
@@ -161,9 +160,10 @@ def register_cli(subparsers) -> None:
         "annotate", help="pre-annotate a Label Studio project: every instance of every label, "
                          "as predictions")
     parser.add_argument("--project", type=int, required=True, help="Label Studio project id")
-    parser.add_argument("--url", default=None,
-                        help="Label Studio's address (default: LABEL_STUDIO_URL)")
-    parser.add_argument("--token", default=None,
+    parser.add_argument("--url", dest="label_studio_url", default=None,
+                        help="Label Studio's address (the option label_studio_url; default: "
+                             "LABEL_STUDIO_URL)")
+    parser.add_argument("--token", dest="label_studio_api_key", default=None,
                         help="a legacy or personal access token (default: LABEL_STUDIO_API_KEY; "
                              "prefer the variable: a flag shows in the process list)")
     parser.add_argument("--tasks", default=None, help="only these task ids (comma-separated)")

@@ -171,8 +171,8 @@ def run_worker(args) -> int:
 
     from sam_backend.images.config import ImageAccessSettings
     from sam_backend.images.loader import ImageLoader
-    from sam_backend.settings import settings_from_args
     from sam_backend.labelstudio.service import segmenter_for
+    from sam_backend.settings import settings_from_args
 
     global _CONTEXT
     settings = settings_from_args(args)
@@ -184,7 +184,7 @@ def run_worker(args) -> int:
     segmenter = segmenter_for(settings)
     store = segmenter.cache.tier
     queue = EncodeQueue(store, settings.precompute_job_timeout)
-    _CONTEXT = _WorkerContext(segmenter, ImageLoader(ImageAccessSettings.from_env()),
+    _CONTEXT = _WorkerContext(segmenter, ImageLoader(ImageAccessSettings.from_settings(settings)),
                               store.identity)
     interval = max(1, int(args.maintenance_interval))
     worker = SimpleWorker([queue.queue], connection=queue.connection, serializer=JSONSerializer,
@@ -279,11 +279,8 @@ def run_precompute(args) -> int:
     from sam_backend.images.loader import ImageLoader
     from sam_backend.settings import settings_from_args
 
-    settings = settings_from_args(args)
-    overrides = {}
-    if args.label_studio_url:
-        overrides["label_studio_url"] = args.label_studio_url
-    images = ImageLoader(ImageAccessSettings.from_env(**overrides))
+    settings = settings_from_args(args)  # --label-studio-url is the option label_studio_url
+    images = ImageLoader(ImageAccessSettings.from_settings(settings))
     counts = precompute_project(settings, images, args.project, progress=not args.no_progress,
                                 limit=args.limit)
     print(json.dumps(counts))  # the command's output: the summary
@@ -306,9 +303,9 @@ def register_cli(subparsers) -> None:
     pre = subparsers.add_parser(
         "precompute", help="queue every image of a Label Studio project for the workers")
     pre.add_argument("--project", type=int, required=True, help="Label Studio project id")
-    pre.add_argument("--label-studio-url", default=None,
-                     help="Label Studio's address (default: LABEL_STUDIO_URL); the API key comes "
-                          "from LABEL_STUDIO_API_KEY")
+    pre.add_argument("--label-studio-url", dest="label_studio_url", default=None,
+                     help="Label Studio's address (the option label_studio_url; default: "
+                          "LABEL_STUDIO_URL); the API key comes from LABEL_STUDIO_API_KEY")
     pre.add_argument("--limit", type=int, default=None, help="only the newest N tasks")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_option_arguments(pre)

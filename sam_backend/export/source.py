@@ -222,15 +222,16 @@ def make_image_fetcher(image_loader, upload_dir: Optional[str] = None) -> ImageF
 @contextlib.contextmanager
 def image_fetcher(image_loader=None, upload_dir: Optional[str] = None) -> Iterator[ImageFetcher]:
     """:func:`make_image_fetcher` over ``image_loader``; None: an ImageLoader configured from the
-    environment, closed on exit (an operator's own tool: the export's local paths are read
-    wherever they are)."""
+    environment (the backend's Settings: LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, ...), closed on
+    exit (an operator's own tool: the export's local paths are read wherever they are)."""
     if image_loader is not None:
         yield make_image_fetcher(image_loader, upload_dir)
         return
     from sam_backend.images.config import ImageAccessSettings
     from sam_backend.images.loader import ImageLoader
+    from sam_backend.settings import Settings
 
-    own = ImageLoader(ImageAccessSettings.from_env(), local_paths_anywhere=True)
+    own = ImageLoader(ImageAccessSettings.from_settings(Settings.load()), local_paths_anywhere=True)
     try:
         yield make_image_fetcher(own, upload_dir)
     finally:

@@ -106,13 +106,10 @@ class PredictionService:
         self.memory = images.budget or MemoryBudget(settings.image_memory_mb * MIB)
 
     @classmethod
-    def from_settings(cls, settings: Settings, **label_studio) -> "PredictionService":
-        """``label_studio``: ``label_studio_url``/``api_key`` that beat the environment (a
-        command's ``--url``/``--token``; None: the environment's)."""
+    def from_settings(cls, settings: Settings) -> "PredictionService":
+        """The service with its model and its image loader, both from ``settings``."""
         budget = MemoryBudget(settings.image_memory_mb * MIB)
-        access = ImageAccessSettings.from_env(
-            image_hosts=settings.image_hosts, allow_link_local=settings.allow_link_local_images,
-            local_files_document_root=settings.local_files_document_root, **label_studio)
+        access = ImageAccessSettings.from_settings(settings)
         return cls(settings, segmenter_for(settings), ImageLoader(access, budget=budget))
 
     # -- /setup --------------------------------------------------------------------------------

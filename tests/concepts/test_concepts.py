@@ -96,8 +96,9 @@ def make_service(checkpoint_factory, tmp_path, **options):
     settings = Settings.load({"model_name": "mobile_sam", "device": "cpu", "runtime": "torch",
                               "sam_checkpoint_file": str(checkpoint_factory("mobile_sam")),
                               "embedding_dtype": "float32", **options}, environ={})
-    images = ImageLoader(ImageAccessSettings.from_env(
-        cache_dir=str(tmp_path / "cache"), local_files_document_root=tempfile.gettempdir()))
+    images = ImageLoader(ImageAccessSettings.from_settings(
+        settings, cache_dir=str(tmp_path / "cache"),
+        local_files_document_root=tempfile.gettempdir()))
     return PredictionService(settings, segmenter_for(settings), images)
 
 

@@ -38,8 +38,8 @@ def test_sam3_instances_equal_the_libraries_pipeline_and_share_the_click_cache(s
                               "concept_model": "sam3", "concept_threshold": str(THRESHOLD)},
                              environ={})
     service = PredictionService(settings, segmenter_for(settings), ImageLoader(
-        ImageAccessSettings.from_env(cache_dir=str(tmp_path / "cache"),
-                                     local_files_document_root=str(tmp_path))))
+        ImageAccessSettings.from_settings(settings, cache_dir=str(tmp_path / "cache"),
+                                          local_files_document_root=str(tmp_path))))
     image = synthetic_image(180, 260, seed=2)
     engine = service.concept_annotator().engine
     found = engine.detect("sam3-fidelity", lambda: image, ["red car"], THRESHOLD,
@@ -82,8 +82,8 @@ def test_full_size_sam3_concept_pass_on_the_cached_click_state(tmp_path):
                               "concept_threshold": str(THRESHOLD), "max_instances": "5"},
                              environ={})
     service = PredictionService(settings, segmenter_for(settings), ImageLoader(
-        ImageAccessSettings.from_env(cache_dir=str(tmp_path / "cache"),
-                                     local_files_document_root=str(tmp_path))))
+        ImageAccessSettings.from_settings(settings, cache_dir=str(tmp_path / "cache"),
+                                          local_files_document_root=str(tmp_path))))
     path = tmp_path / "scene.png"
     import cv2
 

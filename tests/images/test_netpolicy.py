@@ -150,14 +150,16 @@ def test_loopback_and_private_addresses_stay_allowed_and_the_option_lifts_the_bl
     NetworkPolicy(allow_link_local=True).check_addresses("h", ["169.254.169.254", "fe80::1"])
 
 
-def test_setting_from_the_environment(monkeypatch, tmp_path):
+def test_setting_from_the_environment():
     from sam_backend.images.config import ImageAccessSettings
+    from sam_backend.settings import Settings
 
-    monkeypatch.setenv("ALLOW_LINK_LOCAL_IMAGES", "true")
-    monkeypatch.setenv("IMAGE_HOSTS", "a.example, *.b.example")
-    settings = ImageAccessSettings.from_env()
+    backend = Settings.load({}, environ={"ALLOW_LINK_LOCAL_IMAGES": "true",
+                                         "IMAGE_HOSTS": "a.example, *.b.example"})
+    settings = ImageAccessSettings.from_settings(backend)
     assert settings.allow_link_local is True and settings.image_hosts == "a.example, *.b.example"
-    assert ImageAccessSettings.from_env(allow_link_local=False).allow_link_local is False
+    assert ImageAccessSettings.from_settings(backend, allow_link_local=False).allow_link_local \
+        is False
 
 
 # --------------------------------------------------------------------------------------------
