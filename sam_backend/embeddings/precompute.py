@@ -43,7 +43,7 @@ def identity_for(settings: Settings, model=None) -> str:
     """The store's model identity for ``settings`` (of the loaded ``model`` when given: its
     actual runtime; else the runtime ``settings`` resolve to), without loading anything else."""
     from sam_backend.models.runtimes import default_runtime
-    from sam_backend.models.weights import ensure_checkpoint, infer_variant
+    from sam_backend.models.checkpoints import ensure_checkpoint, infer_variant
 
     variant = infer_variant(settings.model_name, settings.sam_config, settings.sam_checkpoint_file)
     sha = getattr(model, "sha256", None)
