@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
@@ -48,7 +47,7 @@ def identity_for(settings: Settings, model=None) -> str:
     variant = infer_variant(settings.model_name, settings.sam_config, settings.sam_checkpoint_file)
     sha = getattr(model, "sha256", None)
     if not sha:
-        from sam_backend.models.onnx_runtime import HASH_SIDECAR, checkpoint_sha256, onnx_dir_for
+        from sam_backend.models.onnx_export import HASH_SIDECAR, checkpoint_sha256, onnx_dir_for
 
         checkpoint = ensure_checkpoint(variant, settings.sam_checkpoint_file,
                                        offline=settings.offline)
