@@ -56,7 +56,8 @@ from sam_backend.common.files import file_lock
 from sam_backend.errors import CheckpointError, ConfigError
 from sam_backend.models.base import (Embedding, Prediction, Prompt, SegmentationModel, check_image,
                                      resize_longest_side)
-from sam_backend.models.onnx_export import (FORMAT_VERSION, HASH_SIDECAR, LOW_RES, META, PARTS,
+from sam_backend.models import onnx_export
+from sam_backend.models.onnx_export import (HASH_SIDECAR, LOW_RES, META, PARTS,
                                             OnnxExportError, check_export_memory,
                                             checkpoint_sha256, export_graphs, graph_path,
                                             onnx_dir_for, remove_graphs)
@@ -83,8 +84,8 @@ def upscale_logits(low_res: np.ndarray, input_size: Tuple[int, int],
     torch in float32): max |difference| 1.5e-4 on logits with structure, 3.4e-4 on white noise of
     std 3. Pixels whose logit is that close to 0 may flip: at 3840x2160, 2-4 of 8.3 M pixels on
     structured logits (mask IoU >= 0.999999), <= 39 on white noise (IoU >= 0.99999); every
-    differing pixel had |logit| <= 1.1e-4 (tests/models/test_onnx_runtime.py checks these bounds). About
-    15 ms at 3840x2160 on 2 cores, vs. ~60 ms for torch's two interpolations.
+    differing pixel had |logit| <= 1.1e-4 (tests/models/test_onnx_runtime.py checks these bounds).
+    Its cost against torch's two interpolations is in benchmarks/README.md.
     """
     logits = np.asarray(low_res, dtype=np.float32)
     if logits.ndim == 3:
@@ -197,8 +198,7 @@ class OnnxSamModel(SegmentationModel):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Encoder and decoder sessions run at the same time (a click while an image is being
         # encoded) on few cores: threads that spin while waiting for work steal the other
-        # session's cores. Measured on 2 busy cores: a click took a median 65 ms without
-        # spinning and 106 ms with it.
+        # session's cores (measured: benchmarks/README.md, "Model layer").
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         return options
@@ -219,7 +219,7 @@ class OnnxSamModel(SegmentationModel):
             log.warning("cannot open %s (%s): exporting it again", path, exc)
             return None
         meta = session.get_modelmeta().custom_metadata_map
-        if meta.get(META + "format") != FORMAT_VERSION or \
+        if meta.get(META + "format") != onnx_export.FORMAT_VERSION or \
                 meta.get(META + "checkpoint_sha256") != self.sha256:
             log.info("%s is of another format or checkpoint: exporting it again", path)
             return None

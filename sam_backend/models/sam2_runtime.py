@@ -26,8 +26,9 @@ Runtimes: ``torch`` (all of the above in torch) and ``onnx`` (the default on CPU
 encoder stays torch, the prompt encoder + mask decoder run in onnxruntime (two graphs: multimask
 and single-mask, the latter with SAM 2's stability fallback inside). Masks are the same as torch's
 (checked at creation on seeded random embeddings, and over HTTP in tests/models/test_sam2.py); the decoder
-is what every click pays, and it ran ~3x faster in onnxruntime here. The graphs are exported once
-into ``<checkpoint dir>/onnx/`` (a few seconds), keyed by the checkpoint's SHA-256. The Hiera
+is what every click pays, and it runs faster in onnxruntime (figures in the README's SAM 2
+section). The graphs are exported once into ``<checkpoint dir>/onnx/``, keyed by the checkpoint's
+SHA-256. The Hiera
 encoder's export is not attempted (:data:`ONNX_ENCODER_REASON`): a first click costs a torch encoder
 run with either runtime. When the decoder cannot be exported or disagrees with torch, torch runs and
 the reason is logged.
