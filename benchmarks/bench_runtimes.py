@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/bench_runtimes.py [--variants mobile_sam/vit_t sam_hq/vit_tiny ...]
            [--runtimes torch onnx] [--sizes 1920x1080 3840x2160] [--embed-runs 5]
-           [--decode-runs 20] [--int8] [--merge]
+           [--decode-runs 20] [--merge]
 
 Random-weight checkpoints (seeded, the tests' own, made on first use) of the real architectures:
 same compute as the official weights. For each variant, runtime and image size it reports medians
@@ -37,7 +37,7 @@ from random_weights import cached_random_checkpoint, synthetic_image  # noqa: E4
 from sam_backend.models.registry import get_variant  # noqa: E402
 
 
-def load(variant, runtime: str, int8: bool):
+def load(variant, runtime: str):
     path = cached_random_checkpoint(variant.model_name, variant.sam_config)
     started = time.perf_counter()
     if runtime == "torch":
@@ -47,7 +47,7 @@ def load(variant, runtime: str, int8: bool):
     else:
         from sam_backend.models.onnx_runtime import OnnxSamModel
 
-        model = OnnxSamModel(variant, path, "cpu", int8_encoder=int8)
+        model = OnnxSamModel(variant, path, "cpu")
     return model, (time.perf_counter() - started) * 1e3
 
 
@@ -104,7 +104,6 @@ def main() -> int:
     parser.add_argument("--sizes", nargs="+", default=["1920x1080", "3840x2160"])
     parser.add_argument("--embed-runs", type=int, default=5)
     parser.add_argument("--decode-runs", type=int, default=20)
-    parser.add_argument("--int8", action="store_true", help="also the int8-encoder onnx runtime")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "runtimes.json"))
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows of --out that this run does not measure again")
@@ -113,13 +112,12 @@ def main() -> int:
     import torch
 
     rows = []
-    runtimes = list(args.runtimes) + (["onnx-int8"] if args.int8 else [])
+    runtimes = list(args.runtimes)
     for key in args.variants:
         variant = get_variant(*key.split("/"))
         models, load_ms = {}, {}
         for runtime in runtimes:
-            models[runtime], load_ms[runtime] = load(variant, runtime.split("-")[0],
-                                                     runtime.endswith("int8"))
+            models[runtime], load_ms[runtime] = load(variant, runtime)
         for size in args.sizes:
             w, h = (int(v) for v in size.split("x"))
             image = synthetic_image(h, w, seed=1)

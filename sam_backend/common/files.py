@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -35,13 +36,16 @@ def temp_lock_path(key: str, purpose: str) -> Path:
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; on success it replaces ``path`` in one
     ``os.replace`` (readers see the old file or the new one, never a part), on failure it is
-    removed. Unique per process and thread, so concurrent writers never share a temporary."""
+    removed. Unique per process and thread, so concurrent writers never share a temporary. The
+    temporary may also be made a directory (replacing ``path`` then needs it absent or empty)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
         with contextlib.suppress(OSError):
             tmp.unlink()
 

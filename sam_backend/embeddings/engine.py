@@ -141,9 +141,16 @@ class BackgroundEncoder:
 
 
 class Segmenter:
+    """Embeds images through the cache and decodes prompts on them with one loaded model.
+
+    ``store_float16``: the cache holds embeddings in float16 (half the memory). Decoders take
+    float32, so the float32 copy of the ``decode_images`` most recently clicked images is kept
+    beside the cache: an image's embedding is converted once, not at every click.
+    """
+
     def __init__(self, model: SegmentationModel, cache: EmbeddingCache,
                  memory: Optional[MaskMemory] = None, model_key: Optional[str] = None,
-                 store_float16: bool = False, encoder_slots: int = 1):
+                 store_float16: bool = False, encoder_slots: int = 1, decode_images: int = 2):
         self.model = model
         self.cache = cache
         self.memory = memory or MaskMemory()
@@ -156,6 +163,10 @@ class Segmenter:
         self.interactive_waits = 0  # ... and had to wait for an encoder (here or elsewhere)
         self._encodes_lock = threading.Lock()
         self._local = threading.local()
+        # embedding key -> (the cached embedding, its float32 copy), most recently used last
+        self._decodable: "OrderedDict[Tuple[str, str], Tuple[Embedding, Embedding]]" = OrderedDict()
+        self._decodable_lock = threading.Lock()
+        self.decode_images = decode_images
 
     def embedding_key(self, image_key: str) -> Tuple[str, str]:
         return (self.model_key, image_key)
@@ -216,12 +227,31 @@ class Segmenter:
                  points_key(prompt.points[:-1], prompt.labels[:-1])))
             if previous is not None:
                 prompt = Prompt(prompt.points, prompt.labels, None, previous)
-        prediction = self.model.decode(embedding.to_float32(), prompt)
+        prediction = self.model.decode(self.decodable(image_key, embedding), prompt)
         if prompt.box is None and memory_scope is not None:
             self.memory.put((self.model_key, image_key, memory_scope,
                              points_key(prompt.points, prompt.labels)),
                             prediction.low_res_logits)
         return prediction
+
+    def decodable(self, image_key: str, embedding: Embedding) -> Embedding:
+        """``embedding`` in float32, converted once per image: the same float32 copy while the
+        cache hands out the same cached embedding (a re-encoded image is converted again)."""
+        if not self.store_float16:
+            return embedding.to_float32()  # already float32: no copy
+        key = self.embedding_key(image_key)
+        with self._decodable_lock:
+            known = self._decodable.get(key)
+            if known is not None and known[0] is embedding:
+                self._decodable.move_to_end(key)
+                return known[1]
+        converted = embedding.to_float32()
+        with self._decodable_lock:
+            self._decodable[key] = (embedding, converted)
+            self._decodable.move_to_end(key)
+            while len(self._decodable) > self.decode_images:
+                self._decodable.popitem(last=False)
+        return converted
 
 
 _SEGMENTERS: Dict[Tuple, Segmenter] = {}

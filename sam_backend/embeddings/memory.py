@@ -16,7 +16,7 @@ import logging
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
-from typing import Callable, Dict, Hashable, Optional, TypeVar
+from typing import Callable, Dict, Hashable, TypeVar
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional
@@ -43,12 +42,12 @@ def identity_for(settings: Settings, model=None) -> str:
     """The store's model identity for ``settings`` (of the loaded ``model`` when given: its
     actual runtime; else the runtime ``settings`` resolve to), without loading anything else."""
     from sam_backend.models.runtimes import default_runtime
-    from sam_backend.models.weights import ensure_checkpoint, infer_variant
+    from sam_backend.models.checkpoints import ensure_checkpoint, infer_variant
 
     variant = infer_variant(settings.model_name, settings.sam_config, settings.sam_checkpoint_file)
     sha = getattr(model, "sha256", None)
     if not sha:
-        from sam_backend.models.onnx_runtime import HASH_SIDECAR, checkpoint_sha256, onnx_dir_for
+        from sam_backend.models.onnx_export import HASH_SIDECAR, checkpoint_sha256, onnx_dir_for
 
         checkpoint = ensure_checkpoint(variant, settings.sam_checkpoint_file,
                                        offline=settings.offline)

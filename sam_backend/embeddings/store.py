@@ -49,10 +49,11 @@ import threading
 import time
 import zlib
 from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import numpy as np
 
+from sam_backend.common.text import redact_url
 from sam_backend.errors import ConfigError, SamBackendError
 from sam_backend.models.base import Embedding
 
@@ -170,24 +171,10 @@ def model_identity(variant_key: str, checkpoint_sha256: str, runtime: str,
     return f"{variant_key}:{runtime}:{embedding_dtype}:{checkpoint_sha256[:16]}"
 
 
-def redact_redis_url(url: str) -> str:
-    """``url`` without its password (for logs, /health and messages)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable redis URL>"
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = (f"{parts.username}:***@" if parts.username else ":***@") + host + \
-        (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
 def check_store_url(url: str) -> None:
     scheme = urlsplit(url).scheme.lower()
     if scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"embedding_store={redact_redis_url(url)!r}: use a Redis URL, e.g. "
+        raise ConfigError(f"embedding_store={redact_url(url)!r}: use a Redis URL, e.g. "
                           "redis://127.0.0.1:6379/0 (rediss:// for TLS, unix:///path.sock)")
 
 
@@ -219,7 +206,7 @@ class EmbeddingStore:
                  retry_after: float = 2.0, poll_s: float = 0.05,
                  image_key_of: Callable[[Hashable], str] = _default_image_key):
         self.url = url
-        self.display_url = redact_redis_url(url)
+        self.display_url = redact_url(url)
         self.identity = identity
         self.ttl_s = int(ttl_s)
         self.wait_s = float(wait_s)

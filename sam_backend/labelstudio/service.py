@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 def build_model(settings: Settings):
     """Load the variant the settings ask for, on the runtime they ask for."""
     from sam_backend.models.runtimes import create_model
-    from sam_backend.models.weights import ensure_checkpoint, infer_variant
+    from sam_backend.models.checkpoints import ensure_checkpoint, infer_variant
 
     variant = infer_variant(settings.model_name, settings.sam_config,
                             settings.sam_checkpoint_file)

@@ -6,7 +6,8 @@ Coordinate conventions (shared by every runtime):
 - points are ``Nx2 float`` arrays of ``(x, y)`` in pixels of that image; labels ``N int``
   (1 = positive / foreground, 0 = negative / background);
 - a box is ``4 float`` ``(x0, y0, x1, y1)`` in pixels;
-- masks are ``HxW bool`` at the image's size; low-res logits ``1x256x256 float32``.
+- masks are ``HxW bool`` at the image's size; low-res logits ``1xhxw float32`` in the decoder's
+  low-res frame: 1x256x256 for SAM, HQ-SAM, MobileSAM and SAM 2, 1x288x288 for SAM 3.
 
 Multimask policy (SAM's own guidance): a prompt of a single point and no box is ambiguous, so the
 decoder is asked for its 3 candidate masks and the one with the highest predicted IoU is kept;
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 
@@ -30,8 +31,8 @@ class Prompt:
     """What the annotator asked for on one object.
 
     ``points``: Nx2 float (x, y) pixels; ``labels``: N int (1 positive, 0 negative);
-    ``box``: (x0, y0, x1, y1) pixels or None; ``mask_input``: 1x256x256 float32 low-res logits of
-    the previous prediction on the same object, or None.
+    ``box``: (x0, y0, x1, y1) pixels or None; ``mask_input``: the previous prediction's low-res
+    logits on the same object (its :attr:`Prediction.low_res_logits`, 1xhxw float32), or None.
     """
 
     points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))
@@ -52,12 +53,32 @@ class Prompt:
 
 @dataclass
 class Embedding:
-    """A variant's encoding of one image.
+    """A variant's encoding of one image, made by one runtime's ``embed`` for the same runtime's
+    ``decode`` (caches key embeddings by variant, runtime and dtype, so they never cross).
 
-    ``features``: the image embedding (1x256x64x64); ``extra``: whatever else the variant's
-    decoder needs (HQ-SAM: the encoder's intermediate features); ``original_size``: (H, W) of
-    the image; ``input_size``: (h, w) of the image resized so its long side is 1024, before
-    padding. Arrays are torch tensors or numpy arrays, as the runtime made them.
+    ``features``: the image embedding, 1x256xSxS (S = 64; SAM 3: 72), the decoder's main input.
+    ``extra``: the other per-image arrays that runtime's decoder reads, in this fixed order
+    (None when there are none); the arrays are precomputed from the image once so that a click
+    does not redo them:
+
+    ======================  =========  ==============================================================
+    family                  runtime    ``extra``
+    ======================  =========  ==============================================================
+    sam, mobile_sam         any        None
+    sam_hq                  torch      the encoder's intermediate features (``interm_embeddings``),
+                                       a list of 1x64x64xC (C: the encoder's width)
+    sam_hq                  onnx       ``[hq_features]`` 1x32x256x256: the HQ decoder's image-only
+                                       first step, run by the encoder graph (see onnx_runtime)
+    sam2                    any        ``high_res_feats`` ``[1x32x256x256, 1x64x128x128]``
+    sam3                    torch      ``[1x32x288x288, 1x64x144x144]`` (FPN levels after the
+                                       decoder's conv_s0/conv_s1), + the ViT output 1x5184x1024
+                                       when the concept model shares it (``keep_vision_state``)
+    ======================  =========  ==============================================================
+
+    ``original_size``: (H, W) of the image; ``input_size``: (h, w) of the model input the image
+    was resized to (SAM: long side 1024, before padding; SAM 2 / SAM 3: the square input).
+    Arrays are torch tensors or numpy arrays, as the runtime made them; float32 from ``embed``,
+    float16 when cached so (:meth:`to_float16`); decoders take float32.
     """
 
     features: Any
@@ -98,11 +119,28 @@ def _nbytes(array: Any) -> int:
 
 @dataclass
 class Prediction:
-    """The chosen mask (HxW bool), its predicted IoU, and its low-res logits (1x256x256)."""
+    """The chosen mask (HxW bool), its predicted IoU, and its low-res logits (1xhxw float32, see
+    the module docstring)."""
 
     mask: np.ndarray
     score: float
     low_res_logits: np.ndarray
+
+
+def best_candidate(low_res: Any, iou: Any, to_mask: Callable[[Any], np.ndarray],
+                   logit_bound: Optional[float] = None) -> Prediction:
+    """The prediction of the candidate mask with the highest predicted IoU.
+
+    ``low_res``: Kxhxw torch logits, ``iou``: K torch scores (the decoder's output for one prompt);
+    ``to_mask``: the chosen 1xhxw logits -> HxW bool mask at the image's size (the runtime's own
+    upscaling and threshold); ``logit_bound``: clamp the returned logits to +-bound (SAM 2's
+    predictor returns them so)."""
+    best = int(iou.argmax())
+    chosen = low_res[best:best + 1]
+    mask = to_mask(chosen)
+    if logit_bound is not None:
+        chosen = chosen.clamp(-logit_bound, logit_bound)
+    return Prediction(mask, float(iou[best]), chosen.float().cpu().numpy())
 
 
 class SegmentationModel(ABC):

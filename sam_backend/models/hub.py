@@ -20,11 +20,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 from urllib.parse import urlsplit
 
+from sam_backend.common.files import atomic_path
 from sam_backend.errors import CheckpointError
 from sam_backend.models.registry import Variant
 
@@ -100,8 +100,8 @@ def download(variant: Variant, dest_dir: Union[str, Path], force: bool = False,
         log.info("%s is already present at %s (force to download again)", variant.key, dest)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{variant.checkpoint_name}.download-", dir=dest.parent))
-    try:
+    with atomic_path(dest) as tmp:  # removed on any failure: nothing is left behind
+        tmp.mkdir()
         log.info("downloading %s from %s/%s", variant.key, endpoint(), repo)
         from huggingface_hub.utils import (are_progress_bars_disabled, disable_progress_bars,
                                            enable_progress_bars)
@@ -128,11 +128,8 @@ def download(variant: Variant, dest_dir: Union[str, Path], force: bool = False,
         for leftover in (tmp / ".hub-cache", tmp / ".cache"):
             shutil.rmtree(leftover, ignore_errors=True)
         verify(variant, tmp)
-        if dest.exists():
+        if dest.exists():  # force: the old directory goes only once the new one is verified
             shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("%s: verified and saved to %s", variant.key, dest)
     return dest
 

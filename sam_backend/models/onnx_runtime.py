@@ -30,21 +30,10 @@ What runs where
   only: exactly ``Sam.postprocess_masks``' two bilinear (``align_corners=False``) resizes, the first
   one computed only on the part of the 1024 upscale the crop keeps.
 
-Export cache
-Files live in ``<weights_dir or the checkpoint's directory>/onnx/`` (falling back to
-``~/.cache/sam_backend/onnx`` when that is not writable), named by the first 16 hex digits of the
-checkpoint's SHA-256, so a changed checkpoint never reuses stale graphs. The digest of a file is
-remembered in ``onnx/checkpoint-sha256.json`` by (path, size, mtime) so that a 2.5 GB vit_h file
-is not re-hashed at every start. Exports are written to a temporary directory and moved in place
-with ``os.replace`` (external weight data first, the ``.onnx`` last), under an exclusive file lock
-so that concurrent workers export once. Each graph carries ``sam_backend.*`` metadata (format
-version, checkpoint digest, pixel mean/std, ...); a file of another format version is re-exported.
-A fresh export is checked against the torch modules on a synthetic image before it is used; an
-export that fails or disagrees raises :class:`OnnxExportError` (``runtimes.create_model`` then falls
-back to torch and logs why). So does a machine without the memory an export needs (about
-2 GB + 9x the checkpoint: ~5 GB for vit_b, ~13 GB for vit_l, ~25 GB for vit_h), rather than
-being killed mid-export. Exporting takes ~10 s for MobileSAM / Light HQ-SAM, ~1.5-3 min for
-vit_b, ~2.5 min for vit_l on 2 cores (once per checkpoint).
+Exports (once per checkpoint, into ``<checkpoint dir>/onnx/``, keyed by its SHA-256) are made by
+:mod:`.onnx_export`. A fresh export is checked here against the torch modules on a synthetic image
+before it is used; an export that fails or disagrees raises :class:`OnnxExportError`
+(``runtimes.create_model`` then falls back to torch and logs why).
 
 Sessions: intra-op threads = the cores this process may use, graph optimisation level "all",
 no spin-waiting threads (see :meth:`OnnxSamModel.session_options`).
@@ -52,52 +41,32 @@ no spin-waiting threads (see :meth:`OnnxSamModel.session_options`).
 """
 from __future__ import annotations
 
-import contextlib
 import gc
-import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
 
-from sam_backend.errors import CheckpointError, ConfigError, SamBackendError
+from sam_backend.common.files import file_lock
+from sam_backend.errors import CheckpointError, ConfigError
 from sam_backend.models.base import (Embedding, Prediction, Prompt, SegmentationModel, check_image,
-                    resize_longest_side)
+                                     resize_longest_side)
+from sam_backend.models import onnx_export
+from sam_backend.models.onnx_export import (HASH_SIDECAR, LOW_RES, META, PARTS,
+                                            OnnxExportError, check_export_memory,
+                                            checkpoint_sha256, export_graphs, graph_path,
+                                            onnx_dir_for, remove_graphs)
+
+__all__ = ["OnnxExportError", "OnnxSamModel", "default_threads", "mask_iou", "upscale_logits",
+           "upscale_mask"]
 from sam_backend.models.registry import Variant, default_checkpoint
 
 log = logging.getLogger(__name__)
-
-# Bump when the graphs' inputs, outputs or semantics change: older files are re-exported.
-FORMAT_VERSION = "1"
-OPSET = 17
-LOW_RES = 256
-HASH_SIDECAR = "checkpoint-sha256.json"
-_META = "sam_backend."
-
-# Exports performed by this process, per part name ("encoder", "decoder", "encoder-int8"): tests
-# and logs use it to prove that a cached export is reused.
-export_counts: Dict[str, int] = {}
-_export_counts_lock = threading.Lock()
-
-
-class OnnxExportError(SamBackendError):
-    """The checkpoint's graphs cannot be exported, or the export does not match torch.
-
-    ``sam`` is the torch module loaded for the export (if any), so a fallback to the torch
-    runtime need not load the checkpoint again."""
-
-    def __init__(self, message: str, sam: Any = None):
-        super().__init__(message)
-        self.sam = sam
-
 
 # -- upscaling --------------------------------------------------------------------------------
 def upscale_logits(low_res: np.ndarray, input_size: Tuple[int, int],
@@ -115,8 +84,8 @@ def upscale_logits(low_res: np.ndarray, input_size: Tuple[int, int],
     torch in float32): max |difference| 1.5e-4 on logits with structure, 3.4e-4 on white noise of
     std 3. Pixels whose logit is that close to 0 may flip: at 3840x2160, 2-4 of 8.3 M pixels on
     structured logits (mask IoU >= 0.999999), <= 39 on white noise (IoU >= 0.99999); every
-    differing pixel had |logit| <= 1.1e-4 (tests/models/test_onnx_runtime.py checks these bounds). About
-    15 ms at 3840x2160 on 2 cores, vs. ~60 ms for torch's two interpolations.
+    differing pixel had |logit| <= 1.1e-4 (tests/models/test_onnx_runtime.py checks these bounds).
+    Its cost against torch's two interpolations is in benchmarks/README.md.
     """
     logits = np.asarray(low_res, dtype=np.float32)
     if logits.ndim == 3:
@@ -143,332 +112,6 @@ def upscale_mask(low_res: np.ndarray, input_size: Tuple[int, int],
     return upscale_logits(low_res, input_size, original_size, img_size) > threshold
 
 
-# -- checkpoint digest ------------------------------------------------------------------------
-def _files(directory: Path) -> List[Path]:
-    return sorted(p for p in directory.rglob("*") if p.is_file())
-
-
-def file_sha256(path: Union[str, Path], chunk: int = 8 << 20) -> str:
-    """SHA-256 of a file; of a hub-format checkpoint directory (SAM 3), over each file's relative
-    name and digest."""
-    path = Path(path)
-    hasher = hashlib.sha256()
-    if path.is_dir():
-        for file in _files(path):
-            hasher.update(f"{file.relative_to(path).as_posix()}\0{file_sha256(file)}\n".encode())
-        return hasher.hexdigest()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            hasher.update(block)
-    return hasher.hexdigest()
-
-
-def _stamp(path: Path) -> Dict[str, int]:
-    """What tells a checkpoint changed without reading it: size and mtime (of a directory: its
-    files' total size and newest mtime)."""
-    stats = [p.stat() for p in _files(path)] if path.is_dir() else [path.stat()]
-    return {"size": sum(s.st_size for s in stats),
-            "mtime_ns": max((s.st_mtime_ns for s in stats), default=0)}
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    _write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True))
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and ``os.replace`` it in place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-def checkpoint_sha256(path: Union[str, Path], sidecar: Optional[Path] = None) -> str:
-    """SHA-256 of the checkpoint, remembered in the json ``sidecar`` by (path, size, mtime)."""
-    path = Path(path)
-    key = str(path.resolve())
-    stamp = _stamp(path)
-    known: Dict[str, Any] = {}
-    if sidecar is not None and sidecar.is_file():
-        try:
-            known = json.loads(sidecar.read_text(encoding="utf-8"))
-            entry = known.get(key)
-            if isinstance(entry, dict) and all(entry.get(k) == v for k, v in stamp.items()) \
-                    and isinstance(entry.get("sha256"), str):
-                return entry["sha256"]
-        except (OSError, ValueError, AttributeError):
-            known = {}
-    started = time.perf_counter()
-    digest = file_sha256(path)
-    log.info("sha256 of %s computed in %.1f s", path, time.perf_counter() - started)
-    if sidecar is not None:
-        try:
-            known = known if isinstance(known, dict) else {}
-            # forget files that are gone, so the sidecar stays small
-            known = {k: v for k, v in known.items() if os.path.exists(k)}
-            known[key] = dict(stamp, sha256=digest)
-            _write_json_atomic(sidecar, known)
-        except OSError as exc:
-            log.debug("cannot remember the digest of %s in %s: %s", path, sidecar, exc)
-    return digest
-
-
-# -- where the graphs live --------------------------------------------------------------------
-def _writable_dir(path: Path) -> bool:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return False
-    return os.access(path, os.W_OK | os.X_OK)
-
-
-def onnx_dir_for(checkpoint: Union[str, Path], weights_dir: Union[str, Path, None] = None) -> Path:
-    """``<weights_dir or the checkpoint's directory>/onnx``, else ``~/.cache/sam_backend/onnx``
-    when that directory cannot be written (e.g. read-only weights mounted into a container)."""
-    base = Path(weights_dir) if weights_dir else Path(checkpoint).absolute().parent
-    preferred = base / "onnx"
-    if _writable_dir(preferred):
-        return preferred
-    fallback = Path.home() / ".cache" / "sam_backend" / "onnx"
-    log.warning("%s is not writable: ONNX exports go to %s", preferred, fallback)
-    fallback.mkdir(parents=True, exist_ok=True)
-    return fallback
-
-
-def graph_path(onnx_dir: Path, digest: str, variant: Variant, part: str) -> Path:
-    return onnx_dir / f"{digest[:16]}-{variant.key.replace('/', '-')}-{part}.onnx"
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """An exclusive inter-process lock (fcntl; a no-op where fcntl does not exist)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    with open(lock_path, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-# -- the torch modules that are exported ------------------------------------------------------
-def _encoder_module(sam, hq: bool):
-    import torch
-
-    class EncoderGraph(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.image_encoder = sam.image_encoder
-
-        def forward(self, image: torch.Tensor):
-            out = self.image_encoder(image)
-            if hq:
-                # MaskDecoderHQ.forward's first line depends on the image only: compute it once
-                # per image here instead of at every click.
-                features, interm = out
-                md = sam.mask_decoder
-                hq_features = md.embedding_encoder(features) + \
-                    md.compress_vit_feat(interm[0].permute(0, 3, 1, 2))
-                return features, hq_features
-            return out
-
-    return EncoderGraph().eval()
-
-
-def _decoder_module(sam, hq: bool):
-    import torch
-
-    prompt_encoder, mask_decoder = sam.prompt_encoder, sam.mask_decoder
-
-    class DecoderGraph(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.prompt_encoder = prompt_encoder
-            self.mask_decoder = mask_decoder
-            with torch.no_grad():
-                self.register_buffer("dense_pe", prompt_encoder.get_dense_pe().detach().clone())
-            h, w = prompt_encoder.input_image_size
-            self.register_buffer("input_wh", torch.tensor([float(w), float(h)]))
-
-        def embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            pe = self.prompt_encoder
-            coords = (coords + 0.5) / self.input_wh  # PromptEncoder: shift to centre, normalise
-            embedding = pe.pe_layer._pe_encoding(coords)
-            labels = labels.unsqueeze(-1)
-            padding = (labels == -1).to(embedding.dtype)
-            embedding = embedding * (1.0 - padding) + pe.not_a_point_embed.weight * padding
-            for i in range(pe.num_point_embeddings):  # 0/1: negative/positive, 2/3: box corners
-                embedding = embedding + pe.point_embeddings[i].weight * \
-                    (labels == i).to(embedding.dtype)
-            return embedding
-
-        def embed_mask(self, mask_input: torch.Tensor, has_mask: torch.Tensor) -> torch.Tensor:
-            no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-            return has_mask * self.prompt_encoder.mask_downscaling(mask_input) + \
-                (1.0 - has_mask) * no_mask
-
-        def decode(self, image_embeddings, hq_features, point_coords, point_labels, mask_input,
-                   has_mask_input):
-            sparse = self.embed_points(point_coords, point_labels)
-            dense = self.embed_mask(mask_input, has_mask_input)
-            kwargs = dict(image_embeddings=image_embeddings, image_pe=self.dense_pe,
-                          sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense)
-            if hq_features is not None:
-                kwargs["hq_features"] = hq_features
-            masks, iou = self.mask_decoder.predict_masks(**kwargs)
-            return masks, iou
-
-        def forward(self, image_embeddings, point_coords, point_labels, mask_input,
-                    has_mask_input):
-            return self.decode(image_embeddings, None, point_coords, point_labels, mask_input,
-                               has_mask_input)
-
-    class HQDecoderGraph(DecoderGraph):
-        def forward(self, image_embeddings, hq_features, point_coords, point_labels, mask_input,
-                    has_mask_input):
-            return self.decode(image_embeddings, hq_features, point_coords, point_labels,
-                               mask_input, has_mask_input)
-
-    if hq:
-        return HQDecoderGraph().eval()
-    return DecoderGraph().eval()
-
-
-def _decoder_example(sam, hq: bool):
-    import torch
-
-    emb = torch.randn(1, 256, 64, 64)
-    # HQ: the fused HQ features at the low-res mask size (transformer_dim // 8 channels)
-    hq_features = torch.randn(1, sam.mask_decoder.transformer_dim // 8, LOW_RES, LOW_RES)
-    coords = torch.tensor([[[300.0, 400.0], [500.0, 200.0], [0.0, 0.0]]])
-    labels = torch.tensor([[1.0, 0.0, -1.0]])
-    mask_input = torch.zeros(1, 1, LOW_RES, LOW_RES)
-    has_mask = torch.zeros(1)
-    args = [emb] + ([hq_features] if hq else []) + [coords, labels, mask_input, has_mask]
-    return tuple(args)
-
-
-def _decoder_names(hq: bool):
-    inputs = ["image_embeddings"] + (["hq_features"] if hq else []) + \
-        ["point_coords", "point_labels", "mask_input", "has_mask_input"]
-    return inputs, ["low_res_masks", "iou_predictions"]
-
-
-def _torch_export(module, args, path: Path, input_names, output_names, dynamic_axes) -> str:
-    """Export with the TorchScript exporter (fast, one file for < 2 GB); fall back to the dynamo
-    exporter when it fails. Returns the exporter used."""
-    import warnings
-
-    import torch
-
-    errors = []
-    for dynamo in (False, True):
-        try:
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")
-                kwargs: Dict[str, Any] = dict(input_names=input_names, output_names=output_names,
-                                              opset_version=OPSET if not dynamo else 18,
-                                              dynamo=dynamo)
-                if dynamo:
-                    if dynamic_axes:  # the forward's argument names are the input names
-                        kwargs["dynamic_shapes"] = {
-                            name: ({i: torch.export.Dim.AUTO for i in dynamic_axes[name]}
-                                   if name in dynamic_axes else None)
-                            for name in input_names}
-                else:
-                    kwargs["dynamic_axes"] = dynamic_axes or None
-                    kwargs["do_constant_folding"] = True
-                torch.onnx.export(module, args, str(path), **kwargs)
-            return "dynamo" if dynamo else "torchscript"
-        except Exception as exc:  # noqa: BLE001 - any exporter failure: try the other one
-            errors.append(f"{'dynamo' if dynamo else 'torchscript'} exporter: "
-                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-            if not dynamo:
-                log.warning("the TorchScript exporter failed (%s): trying the dynamo exporter",
-                            errors[-1])
-            for leftover in path.parent.iterdir():
-                with contextlib.suppress(OSError):
-                    leftover.unlink()
-    raise OnnxExportError("; ".join(errors))
-
-
-def _write_graph(path: Path, export, metadata) -> None:
-    """Run ``export(tmp_path)`` (returning the exporter's name) in a private temporary directory
-    next to ``path``, add ``metadata(exporter)`` to the graph and move the result in place:
-    external weight data first, the .onnx last, each with ``os.replace``."""
-    import onnx
-
-    tmpdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.stem}."))
-    try:
-        tmp = tmpdir / path.name
-        exporter = export(tmp)
-        others = [p for p in tmpdir.iterdir() if p != tmp]
-        data_name = path.name + ".data"
-        if others and not (len(others) == 1 and others[0].name == data_name):
-            # > 2 GB: the TorchScript exporter wrote one file per tensor; gather them into one.
-            model = onnx.load(str(tmp), load_external_data=True)
-            final_dir = tmpdir / "final"
-            final_dir.mkdir()
-            onnx.save_model(model, str(final_dir / path.name), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name,
-                            size_threshold=1024)
-            del model
-            tmp = final_dir / path.name
-        model = onnx.load(str(tmp), load_external_data=False)
-        for key, value in metadata(exporter).items():
-            entry = model.metadata_props.add()
-            entry.key, entry.value = _META + key, str(value)
-        onnx.save_model(model, str(tmp))
-        data = tmp.parent / data_name
-        if data.exists():
-            os.replace(data, path.parent / data_name)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-
-
-def _quantize(source: Path, path: Path) -> str:
-    """Dynamic int8 quantisation of the MatMul/Gemm weights (per output channel)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(str(source), str(path), op_types_to_quantize=["MatMul", "Gemm"],
-                     per_channel=True, weight_type=QuantType.QInt8)
-    return "quantize_dynamic(MatMul,Gemm,QInt8,per_channel)"
-
-
-def _count_export(part: str) -> None:
-    with _export_counts_lock:
-        export_counts[part] = export_counts.get(part, 0) + 1
-
-
-# -- the model --------------------------------------------------------------------------------
-def available_memory() -> Optional[int]:
-    """Bytes of memory available to new allocations (Linux MemAvailable), None if unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def export_memory_needed(checkpoint_bytes: int) -> int:
-    """Peak memory of exporting and checking a checkpoint of this size (measured peak RSS:
-    vit_b 0.36 GB -> ~4.4 GB, vit_l 1.2 GB -> 11.7 GB; the tracer, the serialised graph and
-    the torch and onnxruntime reference runs each hold a copy of the weights)."""
-    return int(2e9 + 9 * checkpoint_bytes)
-
-
 def default_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -480,18 +123,15 @@ class OnnxSamModel(SegmentationModel):
     """A variant's checkpoint, run by onnxruntime (see the module docstring).
 
     ``weights_dir``: where the ``onnx/`` cache directory goes (default: the checkpoint's
-    directory). ``int8_encoder``: use a dynamically int8-quantised encoder (MatMul/Gemm weights);
-    it is checked against the float32 graphs when it is made and not used (with a warning) when
-    its masks differ (mask IoU < 0.99). ``threads``: onnxruntime intra-op threads (default: the
-    cores this process may use). ``validate``: check fresh exports against torch.
+    directory). ``threads``: onnxruntime intra-op threads (default: the cores this process may
+    use). ``validate``: check fresh exports against torch.
     """
 
     runtime = "onnx"
 
     def __init__(self, variant: Variant, checkpoint: Union[str, Path, None] = None,
                  device: Optional[str] = "cpu", weights_dir: Union[str, Path, None] = None,
-                 int8_encoder: bool = False, threads: Optional[int] = None,
-                 validate: bool = True):
+                 threads: Optional[int] = None, validate: bool = True):
         from sam_backend.models.loading import resolve_device
 
         self.variant = variant
@@ -509,21 +149,15 @@ class OnnxSamModel(SegmentationModel):
         self._validate = validate
         self._sam = None  # the torch module, loaded only when something must be exported
         self.paths = {part: graph_path(self.onnx_dir, self.sha256, variant, part)
-                      for part in ("encoder", "decoder", "encoder-int8")}
+                      for part in PARTS}
         try:
             sessions = self._open()
         finally:
             self._sam = None
             gc.collect()
         self._use(sessions["encoder"], sessions["decoder"])
-        self.encoder_part = "encoder"
-        if int8_encoder:
-            int8 = self._open_int8()
-            if int8 is not None:
-                self._use(int8, self.decoder)
-                self.encoder_part = "encoder-int8"
         log.info("onnx runtime for %s: %s + %s (%s, %d threads%s)", variant.key,
-                 self.paths[self.encoder_part].name, self.paths["decoder"].name,
+                 self.paths["encoder"].name, self.paths["decoder"].name,
                  self.providers[0] if isinstance(self.providers[0], str) else
                  self.providers[0][0], self.threads,
                  f", exported now: {', '.join(self.exported)}" if self.exported else "")
@@ -532,10 +166,10 @@ class OnnxSamModel(SegmentationModel):
         """Run with these sessions; the preprocessing constants come from the encoder's
         metadata (so a cached export needs no torch model)."""
         meta = encoder.get_modelmeta().custom_metadata_map
-        self.pixel_mean = np.asarray(json.loads(meta[_META + "pixel_mean"]), np.float32)
-        self.pixel_std = np.asarray(json.loads(meta[_META + "pixel_std"]), np.float32)
-        self.img_size = int(meta[_META + "img_size"])
-        self.mask_threshold = float(meta[_META + "mask_threshold"])
+        self.pixel_mean = np.asarray(json.loads(meta[META + "pixel_mean"]), np.float32)
+        self.pixel_std = np.asarray(json.loads(meta[META + "pixel_std"]), np.float32)
+        self.img_size = int(meta[META + "img_size"])
+        self.mask_threshold = float(meta[META + "mask_threshold"])
         self.transform = resize_longest_side(self.img_size)
         self.encoder, self.decoder = encoder, decoder
 
@@ -564,8 +198,7 @@ class OnnxSamModel(SegmentationModel):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Encoder and decoder sessions run at the same time (a click while an image is being
         # encoded) on few cores: threads that spin while waiting for work steal the other
-        # session's cores. Measured on 2 busy cores: a click took a median 65 ms without
-        # spinning and 106 ms with it.
+        # session's cores (measured: benchmarks/README.md, "Model layer").
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         return options
@@ -586,22 +219,21 @@ class OnnxSamModel(SegmentationModel):
             log.warning("cannot open %s (%s): exporting it again", path, exc)
             return None
         meta = session.get_modelmeta().custom_metadata_map
-        if meta.get(_META + "format") != FORMAT_VERSION or \
-                meta.get(_META + "checkpoint_sha256") != self.sha256:
+        if meta.get(META + "format") != onnx_export.FORMAT_VERSION or \
+                meta.get(META + "checkpoint_sha256") != self.sha256:
             log.info("%s is of another format or checkpoint: exporting it again", path)
             return None
         return session
 
     def _open(self) -> Dict[str, Any]:
-        parts = ("encoder", "decoder")
-        sessions = {part: self._usable(part) for part in parts}
+        sessions = {part: self._usable(part) for part in PARTS}
         if all(s is not None for s in sessions.values()):
             return sessions
-        with _exclusive(self.onnx_dir / ".export.lock"):
-            for part in parts:  # another process may have exported it while we waited
+        with file_lock(self.onnx_dir / ".export.lock"):
+            for part in PARTS:  # another process may have exported it while we waited
                 if sessions[part] is None:
                     sessions[part] = self._usable(part)
-            missing = [p for p in parts if sessions[p] is None]
+            missing = [p for p in PARTS if sessions[p] is None]
             if missing:
                 sessions.update(self._export(missing))
         return sessions
@@ -614,54 +246,15 @@ class OnnxSamModel(SegmentationModel):
             self._sam = load_model(self.variant, self.checkpoint, "cpu")
         return self._sam
 
-    def _metadata(self, sam, part: str, exporter: str) -> Dict[str, str]:
-        return {
-            "format": FORMAT_VERSION,
-            "part": part,
-            "variant": self.variant.key,
-            "family": self.variant.family,
-            "checkpoint_sha256": self.sha256,
-            "pixel_mean": json.dumps([float(v) for v in sam.pixel_mean.flatten()]),
-            "pixel_std": json.dumps([float(v) for v in sam.pixel_std.flatten()]),
-            "img_size": str(int(sam.image_encoder.img_size)),
-            "mask_threshold": str(float(sam.mask_threshold)),
-            "exporter": exporter,
-        }
-
     def _export(self, parts: Sequence[str]) -> Dict[str, Any]:
         """Export ``parts`` (encoder/decoder), check them against torch, return their sessions."""
-        import torch
-
-        needed = export_memory_needed(self.checkpoint.stat().st_size)
-        available = available_memory()
-        if available is not None and available < needed:
-            raise OnnxExportError(
-                f"exporting {self.variant.key} to ONNX needs about {needed / 1e9:.0f} GB of "
-                f"free memory, {available / 1e9:.1f} GB are available")
-        sam = self.torch_model()
+        check_export_memory(self.variant, self.checkpoint)
         started = time.perf_counter()
+        sam = self.torch_model()
         try:
-            for part in parts:
-                t0 = time.perf_counter()
-                if part == "encoder":
-                    module = _encoder_module(sam, self._hq)
-                    size = sam.image_encoder.img_size
-                    x = torch.zeros(1, 3, size, size)
-                    outputs = ["image_embeddings"] + (["hq_features"] if self._hq else [])
-                    export = (lambda p: _torch_export(module, (x,), p, ["image"], outputs, {}))
-                else:
-                    module = _decoder_module(sam, self._hq)
-                    inputs, outputs = _decoder_names(self._hq)
-                    axes = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}}
-                    example = _decoder_example(sam, self._hq)
-                    export = (lambda p: _torch_export(module, example, p, inputs, outputs, axes))
-                _write_graph(self.paths[part], export,
-                             lambda exporter, part=part: self._metadata(sam, part, exporter))
-                log.info("exported the %s of %s to %s in %.1f s", part, self.variant.key,
-                         self.paths[part], time.perf_counter() - t0)
-                self.exported.append(part)
-                _count_export(part)
-            sessions = {part: self._session(self.paths[part]) for part in ("encoder", "decoder")}
+            export_graphs(sam, self.variant, self.sha256, self.paths, parts)
+            self.exported.extend(parts)
+            sessions = {part: self._session(self.paths[part]) for part in PARTS}
             if self._validate:
                 from sam_backend.models.torch_runtime import TorchSamModel
 
@@ -673,57 +266,14 @@ class OnnxSamModel(SegmentationModel):
                     raise OnnxExportError(f"the exported graphs differ from torch: {problem}")
         except OnnxExportError as exc:
             exc.sam = sam
-            self._remove(parts)
+            remove_graphs(self.paths[part] for part in parts)
             raise
         except Exception as exc:  # noqa: BLE001 - reported as an export failure
-            self._remove(parts)
+            remove_graphs(self.paths[part] for part in parts)
             raise OnnxExportError(f"{type(exc).__name__}: {exc}", sam) from exc
         log.info("ONNX export of %s done in %.1f s (checked against torch: %s)", self.variant.key,
                  time.perf_counter() - started, self._validate)
         return sessions
-
-    def _open_int8(self):
-        """The int8 encoder's session, quantising and checking it first if needed; None (and a
-        warning) when it does not keep the masks."""
-        rejected = self.paths["encoder-int8"].with_suffix(".rejected")
-        with _exclusive(self.onnx_dir / ".export.lock"):
-            session = self._usable("encoder-int8")
-            if session is not None:
-                return session
-            if rejected.is_file():
-                log.warning("the int8 encoder of %s was rejected (%s): using float32",
-                            self.variant.key, rejected.read_text(encoding="utf-8").strip())
-                return None
-            fp32 = self.paths["encoder"]
-            meta = self.encoder.get_modelmeta().custom_metadata_map
-            metadata = {k[len(_META):]: v for k, v in meta.items() if k.startswith(_META)}
-            metadata["part"] = "encoder-int8"
-            _write_graph(self.paths["encoder-int8"], lambda p: _quantize(fp32, p),
-                         lambda exporter: dict(metadata, exporter=exporter))
-            self.exported.append("encoder-int8")
-            _count_export("encoder-int8")
-            session = self._session(self.paths["encoder-int8"])
-            fp32_session = self.encoder
-            self.encoder = session
-            try:
-                problem = self._disagreement(lambda image: self.embed(image, fp32_session),
-                                             self.decode, feature_tolerance=None)
-            finally:
-                self.encoder = fp32_session
-            if problem:
-                self._remove(["encoder-int8"])
-                _write_text_atomic(rejected, problem + "\n")
-                log.warning("the int8 encoder of %s changes the masks (%s): using float32",
-                            self.variant.key, problem)
-                return None
-            return session
-
-    def _remove(self, parts: Sequence[str]) -> None:
-        for part in parts:
-            for path in (self.paths[part], self.paths[part].with_name(
-                    self.paths[part].name + ".data")):
-                with contextlib.suppress(OSError):
-                    path.unlink()
 
     def _disagreement(self, reference_embed, reference_decode,
                       feature_tolerance: Optional[float]) -> Optional[str]:
@@ -770,10 +320,10 @@ class OnnxSamModel(SegmentationModel):
         x[0, :, :h, :w] = normalised.transpose(2, 0, 1)
         return x, (h, w)
 
-    def embed(self, image: np.ndarray, session=None) -> Embedding:
+    def embed(self, image: np.ndarray) -> Embedding:
         check_image(image)
         x, input_size = self.preprocess(image)
-        outputs = (session or self.encoder).run(None, {"image": x})
+        outputs = self.encoder.run(None, {"image": x})
         features = outputs[0]
         extra = [outputs[1]] if self._hq else None
         return Embedding(features, extra, tuple(image.shape[:2]), input_size)

@@ -11,12 +11,14 @@ the files made here for ``family == "sam2"``.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Union
 
 import torch
 
+from sam_backend.common.files import atomic_path
+from sam_backend.errors import CheckpointError
+from sam_backend.models import hub, registry
 from sam_backend.models.registry import Variant
 
 log = logging.getLogger(__name__)
@@ -35,9 +37,32 @@ def make_random_checkpoint(variant: Variant, path: Union[str, Path], seed: int =
             for name, tensor in model.state_dict().items():
                 if tensor.is_floating_point():
                     tensor.add_(torch.randn_like(tensor) * 0.02)
-    tmp = path.with_name(path.name + ".tmp")
     state = model.state_dict()
-    torch.save({"model": state} if variant.family == "sam2" else state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"model": state} if variant.family == "sam2" else state, tmp)
     log.info("wrote random-weight %s checkpoint (seed %d) to %s", variant.key, seed, path)
     return path
+
+
+RANDOM_WARNING = ("RANDOM WEIGHTS: {path} is a random-weight {key} checkpoint (seed {seed}) under "
+                  "the official file name. Its masks are MEANINGLESS: use it only for tests, "
+                  "benchmarks and offline demos, and delete it before serving real work.")
+
+
+def write_random(variant: Variant, dest_dir: Union[str, Path, None] = None, seed: int = 0,
+                 force: bool = False) -> Path:
+    """A random-weight checkpoint of ``variant`` under its official name in ``dest_dir`` (default:
+    the weights dir); never replaces an existing one unless ``force``."""
+    dest = (Path(dest_dir).expanduser() if dest_dir else registry.weights_dir()) \
+        / variant.checkpoint_name
+    if dest.exists() and not force:
+        raise CheckpointError(f"{dest} already exists: not replacing it with random weights "
+                              f"(use --force, or --dir to write elsewhere)")
+    if hub.hub_repo(variant):
+        from sam_backend.models.sam3_runtime import make_random_checkpoint_dir
+
+        make_random_checkpoint_dir(dest, seed=seed)
+    else:
+        make_random_checkpoint(variant, dest, seed=seed)
+    log.warning(RANDOM_WARNING.format(path=dest, key=variant.key, seed=seed))
+    return dest

@@ -1,41 +1,19 @@
 """Which runtime runs a variant: ``torch`` (the variant's own modules) or ``onnx`` (onnxruntime).
 
 ``runtime=auto`` picks, per variant, the fastest runtime whose masks match the torch reference
-(mask IoU >= 0.99 on four aspect ratios and five prompt kinds: tests/models/test_onnx_runtime.py).
-Measured on this project's 2-core CPU machines (busy with other work: medians of runs taken in
-turn, torch/onnx/torch/...), random-weight checkpoints, a 1920x1080 image
-(benchmarks/bench_runtimes.py -> benchmarks/results/runtimes.json):
+(mask IoU >= 0.99 on four aspect ratios and five prompt kinds: tests/models/test_onnx_runtime.py):
+``onnx`` for the variants in :data:`ONNX_DEFAULT` on a CPU device, measured faster than torch
+with the same masks (benchmarks/bench_runtimes.py; the figures are in the README's "Speed"
+section and benchmarks/README.md). It stays ``torch`` for vit_h (SAM and HQ-SAM): not measured,
+since exporting it needs more memory than the project's machines have
+(:func:`~.onnx_export.export_memory_needed`); and on GPUs, where onnxruntime would need its GPU
+build. ``runtime=onnx`` can be asked for any variant; when a checkpoint cannot be exported
+faithfully (an unsupported op, a graph that disagrees with torch, not enough memory), the torch
+runtime runs instead and the reason is logged.
 
-=================  ==================  ====================  ===============================
-variant            image encoder       a click (decoder +    onnx vs torch, 24 prompts: min
-                   torch -> onnx       upscale) torch->onnx  mask IoU, max |score difference|
-=================  ==================  ====================  ===============================
-mobile_sam/vit_t   1.47 s -> 0.48 s    50 ms -> 29 ms        0.99998, 2e-7
-sam_hq/vit_tiny    1.39 s -> 0.52 s    167 ms -> 66 ms       0.99990, 3e-7
-sam/vit_b          23.5 s -> 5.1 s     53 ms -> 35 ms        0.99999, 2e-7
-sam_hq/vit_b       13.6 s -> 4.3 s     133 ms -> 69 ms       0.99994, 2e-7
-sam/vit_l          37-46 s -> 11-17 s  46 ms -> 27 ms        0.99999 (3 prompts, one run)
-sam_hq/vit_l       60-82 s -> 26-40 s  onnx faster (noisy)   0.99999 (3 prompts, one run)
-=================  ==================  ====================  ===============================
-
-(vit_l: two interleaved runs each on a machine busy with other work, not in runtimes.json.)
-
-At 3840x2160 a click costs the same plus upscaling (torch ~8 ms, onnx ~4 ms). So ``auto`` is
-``onnx`` for the variants in :data:`ONNX_DEFAULT` on a CPU device. It stays ``torch`` for vit_h
-(SAM and HQ-SAM): not measured here — exporting a 2.5 GB checkpoint needs ~25 GB of memory
-(vit_l's measured peak was 11.7 GB), more than these machines have — and on GPUs, where
-onnxruntime would need its GPU build. ``runtime=onnx`` can be asked for any variant; when a
-checkpoint cannot be exported faithfully (an unsupported op, a graph that disagrees with torch,
-not enough memory), the torch runtime runs instead and the reason is logged.
-
-An int8 encoder (dynamic quantisation of MatMul/Gemm weights, ``OnnxSamModel(int8_encoder=True)``)
-is not used by default: on MobileSAM it ran ~1.4x faster than float32 onnx but changed masks too
-much (min mask IoU 0.985 per channel, 0.979 per tensor; 0.991 with uint8 weights, which were
-barely faster). When asked for, it is checked at creation and refused (with a warning) below
-IoU 0.99.
-
-The first start with ``onnx`` exports the graphs (~10 s for the TinyViT variants, 1.5-3 min for
-vit_b / vit_l) into ``<checkpoint dir>/onnx/``; later starts reuse them.
+The first start with ``onnx`` exports the graphs into ``<checkpoint dir>/onnx/``
+(:mod:`.onnx_export`); later starts reuse them. SAM 2 and SAM 3 choose their runtime in their own
+factories (``registry.Variant.factory``).
 """
 from __future__ import annotations
 

@@ -26,8 +26,9 @@ Runtimes: ``torch`` (all of the above in torch) and ``onnx`` (the default on CPU
 encoder stays torch, the prompt encoder + mask decoder run in onnxruntime (two graphs: multimask
 and single-mask, the latter with SAM 2's stability fallback inside). Masks are the same as torch's
 (checked at creation on seeded random embeddings, and over HTTP in tests/models/test_sam2.py); the decoder
-is what every click pays, and it ran ~3x faster in onnxruntime here. The graphs are exported once
-into ``<checkpoint dir>/onnx/`` (a few seconds), keyed by the checkpoint's SHA-256. The Hiera
+is what every click pays, and it runs faster in onnxruntime (figures in the README's SAM 2
+section). The graphs are exported once into ``<checkpoint dir>/onnx/``, keyed by the checkpoint's
+SHA-256. The Hiera
 encoder's export is not attempted (:data:`ONNX_ENCODER_REASON`): a first click costs a torch encoder
 run with either runtime. When the decoder cannot be exported or disagrees with torch, torch runs and
 the reason is logged.
@@ -42,7 +43,8 @@ import numpy as np
 import torch
 
 from sam_backend.models.loading import load_model, resolve_device
-from sam_backend.models.base import Embedding, Prediction, Prompt, SegmentationModel, check_image
+from sam_backend.models.base import (Embedding, Prediction, Prompt, SegmentationModel,
+                                     best_candidate, check_image)
 from sam_backend.models.registry import Variant
 
 log = logging.getLogger(__name__)
@@ -162,13 +164,12 @@ class Sam2Model(SegmentationModel):
 
     @torch.inference_mode()
     def decode(self, embedding: Embedding, prompt: Prompt) -> Prediction:
-        low_res, iou = self.decode_low_res(embedding, prompt)
-        best = int(torch.argmax(iou))
-        chosen = low_res[best:best + 1]
-        upscaled = self.transforms.postprocess_masks(chosen[None], embedding.original_size)
-        mask = (upscaled[0, 0] > self.mask_threshold).cpu().numpy()
-        logits = torch.clamp(chosen, -32.0, 32.0).float().cpu().numpy()
-        return Prediction(mask, float(iou[best]), logits)
+        def to_mask(chosen: torch.Tensor) -> np.ndarray:
+            upscaled = self.transforms.postprocess_masks(chosen[None], embedding.original_size)
+            return (upscaled[0, 0] > self.mask_threshold).cpu().numpy()
+
+        # the predictor returns the logits clamped to [-32, 32]
+        return best_candidate(*self.decode_low_res(embedding, prompt), to_mask, logit_bound=32.0)
 
 
 class _DecoderGraph(torch.nn.Module):
@@ -205,19 +206,22 @@ class Sam2OnnxModel(Sam2Model):
 
     def __init__(self, variant: Variant, checkpoint: Optional[str] = None,
                  device: Optional[str] = "cpu", model: Optional[torch.nn.Module] = None):
-        from sam_backend.models import onnx_runtime as ox
+        from sam_backend.common.files import file_lock
+        from sam_backend.models.onnx_export import (HASH_SIDECAR, checkpoint_sha256, graph_path,
+                                                    onnx_dir_for)
+        from sam_backend.models.onnx_runtime import default_threads
         from sam_backend.models.registry import default_checkpoint
 
         super().__init__(variant, checkpoint, device, model=model)
         path = Path(checkpoint) if checkpoint else default_checkpoint(variant)
-        onnx_dir = ox.onnx_dir_for(path)
-        digest = ox.checkpoint_sha256(path, onnx_dir / ox.HASH_SIDECAR)
-        self.threads = ox.default_threads()
+        onnx_dir = onnx_dir_for(path)
+        digest = checkpoint_sha256(path, onnx_dir / HASH_SIDECAR)
+        self.threads = default_threads()
         self.providers = ["CPUExecutionProvider"]
         self.sessions = {}
         for part in self.PARTS:
-            graph = ox.graph_path(onnx_dir, digest, variant, part)
-            with ox._exclusive(graph.with_name(graph.name + ".lock")):
+            graph = graph_path(onnx_dir, digest, variant, part)
+            with file_lock(graph.with_name(graph.name + ".lock")):
                 if not graph.is_file():
                     self._export(part, graph)
             self.sessions[part] = self._session(graph)
@@ -244,13 +248,13 @@ class Sam2OnnxModel(Sam2Model):
                    torch.zeros(1, 64, 128, 128), torch.zeros(1, 2, 2),
                    torch.ones(1, 2, dtype=torch.int32), torch.zeros(1, 1, 256, 256),
                    torch.tensor(0.0))
-        tmp = path.with_name(f".{path.name}.tmp")
-        with warnings.catch_warnings(), torch.no_grad():
+        from sam_backend.common.files import atomic_path
+
+        with warnings.catch_warnings(), torch.no_grad(), atomic_path(path) as tmp:
             warnings.simplefilter("ignore")
             torch.onnx.export(graph, example, str(tmp), input_names=_INPUTS,
                               output_names=["low_res", "iou"], opset_version=17, dynamo=False,
                               dynamic_axes={"coords": {1: "points"}, "labels": {1: "points"}})
-        tmp.replace(path)
         log.info("exported the %s of %s to %s in %.1f s", part, self.variant.key, path,
                  time.perf_counter() - started)
 

@@ -44,7 +44,8 @@ import torch
 
 from sam_backend.errors import CheckpointError
 from sam_backend.models.loading import check_fits, resolve_device
-from sam_backend.models.base import Embedding, Prediction, Prompt, SegmentationModel, check_image
+from sam_backend.models.base import (Embedding, Prediction, Prompt, SegmentationModel,
+                                     best_candidate, check_image)
 from sam_backend.models.registry import Variant
 
 log = logging.getLogger(__name__)
@@ -292,13 +293,13 @@ class Sam3ClickModel(SegmentationModel):
 
     @torch.inference_mode()
     def decode(self, embedding: Embedding, prompt: Prompt) -> Prediction:
-        low_res, iou = self.decode_low_res(embedding, prompt)
-        best = int(torch.argmax(iou))
-        chosen = low_res[best:best + 1]
-        # (image, object, mask, h, w) in, a list over images of (object, mask, H, W) bool out
-        mask = self.processor.post_process_masks(chosen[None, None],
-                                                 [list(embedding.original_size)])[0]
-        return Prediction(mask[0, 0].cpu().numpy(), float(iou[best]), chosen.float().cpu().numpy())
+        def to_mask(chosen: torch.Tensor) -> np.ndarray:
+            # (image, object, mask, h, w) in, a list over images of (object, mask, H, W) bool out
+            masks = self.processor.post_process_masks(chosen[None, None],
+                                                      [list(embedding.original_size)])[0]
+            return masks[0, 0].cpu().numpy()
+
+        return best_candidate(*self.decode_low_res(embedding, prompt), to_mask)
 
 
 def create_sam3_model(variant: Variant, checkpoint, device: str, runtime: str = "auto"):

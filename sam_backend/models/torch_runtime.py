@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from sam_backend.models.loading import load_model, resolve_device
-from sam_backend.models.base import (Embedding, Prediction, Prompt, SegmentationModel, check_image,
-                    resize_longest_side)
+from sam_backend.models.base import (Embedding, Prediction, Prompt, SegmentationModel,
+                                     best_candidate, check_image, resize_longest_side)
 from sam_backend.models.registry import Variant
 
 
@@ -94,10 +94,9 @@ class TorchSamModel(SegmentationModel):
 
     @torch.inference_mode()
     def decode(self, embedding: Embedding, prompt: Prompt) -> Prediction:
-        low_res, iou = self.decode_low_res(embedding, prompt)
-        best = int(torch.argmax(iou))
-        chosen = low_res[best:best + 1]
-        upscaled = self.sam.postprocess_masks(chosen[None], embedding.input_size,
-                                              embedding.original_size)
-        mask = (upscaled[0, 0] > self.sam.mask_threshold).cpu().numpy()
-        return Prediction(mask, float(iou[best]), chosen.float().cpu().numpy())
+        def to_mask(chosen: torch.Tensor) -> np.ndarray:
+            upscaled = self.sam.postprocess_masks(chosen[None], embedding.input_size,
+                                                  embedding.original_size)
+            return (upscaled[0, 0] > self.sam.mask_threshold).cpu().numpy()
+
+        return best_candidate(*self.decode_low_res(embedding, prompt), to_mask)

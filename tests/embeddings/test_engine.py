@@ -129,3 +129,36 @@ def test_float16_storage_halves_bytes_and_keeps_masks(mobile_sam, image_factory)
         assert abs(a.score - b.score) < 1e-3
     assert half.cache.nbytes * 2 == exact.cache.nbytes
     assert min(ious) >= 0.99, ious
+
+
+def test_float16_cache_is_converted_to_float32_once_per_image(mobile_sam, image_factory,
+                                                              monkeypatch):
+    """Clicks on an image cached in float16 hand the decoder the same float32 embedding: it is
+    converted at the first click, not at every one."""
+    import torch
+
+    seen = []
+    real_decode = mobile_sam.decode
+    monkeypatch.setattr(mobile_sam, "decode", lambda e, p: seen.append(e) or real_decode(e, p))
+    segmenter = Segmenter(mobile_sam, EmbeddingCache(1 << 30), store_float16=True,
+                          decode_images=2)
+    images = {name: image_factory(120, 160, seed=seed) for seed, name in enumerate("abc")}
+    click = Prompt(np.array([[60.0, 50.0]]), np.array([1]))
+    two = Prompt(np.array([[60.0, 50.0], [100.0, 80.0]]), np.array([1, 0]))
+    first = segmenter.segment("a", lambda: images["a"], click)
+    second = segmenter.segment("a", lambda: images["a"], two)
+    cached = segmenter.cache.get(segmenter.embedding_key("a"))
+    assert cached.features.dtype == torch.float16  # the cache keeps half the bytes
+    assert seen[0].features.dtype == torch.float32
+    assert seen[1].features is seen[0].features  # not converted again
+    assert all(b is a for a, b in zip(seen[0].extra or [], seen[1].extra or []))
+    assert np.array_equal(first.mask, real_decode(cached.to_float32(), click).mask)
+    assert second.mask.shape == (120, 160)
+
+    segmenter.segment("b", lambda: images["b"], click)  # two images are kept converted
+    segmenter.segment("a", lambda: images["a"], click)
+    assert seen[-1].features is seen[0].features
+    segmenter.segment("c", lambda: images["c"], click)  # "b" is now the oldest: dropped
+    segmenter.segment("b", lambda: images["b"], click)
+    assert seen[-1].features is not seen[2].features
+    assert len(segmenter._decodable) == 2

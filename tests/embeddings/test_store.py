@@ -15,12 +15,13 @@ import torch
 from redis_utils import RedisServer, redis_server  # noqa: F401  (fixture)
 from sam_backend.embeddings.memory import EmbeddingCache
 from sam_backend.embeddings.engine import Segmenter
+from sam_backend.common.text import redact_url
 from sam_backend.errors import ConfigError
 from sam_backend.models.base import Embedding, Prompt
 from sam_backend.models.registry import get_variant
 from sam_backend.settings import Settings
 from sam_backend.embeddings.store import (EmbeddingStore, StoreFormatError, decode_embedding,
-                               encode_embedding, redact_redis_url)
+                               encode_embedding)
 from sam_backend.models.torch_runtime import TorchSamModel
 from server_utils import free_port
 
@@ -132,8 +133,8 @@ def test_settings_and_urls():
         Settings.load({"embedding_store": "http://127.0.0.1:6379"}, environ={})
     with pytest.raises(ConfigError):
         Settings.load({"embedding_store_ttl": "-1"}, environ={})
-    assert redact_redis_url("redis://:s3cret@h:6379/0") == "redis://:***@h:6379/0"
-    assert "s3cret" not in redact_redis_url("redis://user:s3cret@h/0")
+    assert redact_url("redis://:s3cret@h:6379/0") == "redis://:***@h:6379/0"
+    assert "s3cret" not in redact_url("redis://user:s3cret@h/0")
 
 
 # -- the Redis tier -------------------------------------------------------------------------------

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from sam_backend.models import onnx_runtime
+from sam_backend.models import onnx_export
 from sam_backend.models.base import Embedding, Prompt
-from sam_backend.models.onnx_runtime import (OnnxExportError, OnnxSamModel, checkpoint_sha256,
-                                      graph_path, mask_iou, upscale_logits, upscale_mask)
+from sam_backend.models.onnx_export import OnnxExportError, checkpoint_sha256, graph_path
+from sam_backend.models.onnx_runtime import OnnxSamModel, mask_iou, upscale_logits, upscale_mask
 from sam_backend.models.registry import get_variant
 from sam_backend.models.runtimes import create_model, default_runtime
 from sam_backend.models.torch_runtime import TorchSamModel
@@ -187,15 +187,20 @@ def test_sessions_serve_concurrent_threads(checkpoint_factory, image_factory):
 
 # -- the export cache ----------------------------------------------------------------------------
 def test_export_is_cached_next_to_the_weights_and_reused(checkpoint_factory, tmp_path,
-                                                         monkeypatch):
+                                                         monkeypatch, caplog):
     weights = tmp_path / "weights"
     weights.mkdir()
     checkpoint = weights / "mobile_sam.pt"
     shutil.copy(checkpoint_factory("mobile_sam", "vit_t"), checkpoint)
     variant = get_variant("mobile_sam", "vit_t")
 
+    def exports():  # the record each export writes
+        return sorted(r.getMessage().split()[2] for r in caplog.records
+                      if r.name == onnx_export.__name__ and r.getMessage().startswith("exported the"))
+
+    caplog.set_level(logging.INFO, logger=onnx_export.__name__)
     first = OnnxSamModel(variant, checkpoint, "cpu", validate=False)
-    assert sorted(first.exported) == ["decoder", "encoder"]
+    assert sorted(first.exported) == ["decoder", "encoder"] == exports()
     digest = checkpoint_sha256(checkpoint)
     onnx_dir = weights / "onnx"
     assert first.onnx_dir == onnx_dir
@@ -205,18 +210,17 @@ def test_export_is_cached_next_to_the_weights_and_reused(checkpoint_factory, tmp
     assert files["encoder"] == graph_path(onnx_dir, digest, variant, "encoder")
     assert not [p for p in onnx_dir.iterdir() if p.name.endswith(".tmp") or p.is_dir()]
     mtimes = {part: p.stat().st_mtime_ns for part, p in files.items()}
-    counts = dict(onnx_runtime.export_counts)
+    caplog.clear()
 
     # a second start: no export, not even a torch model
     def no_torch(self):
         raise AssertionError("a cached export must not load the torch model")
 
     monkeypatch.setattr(OnnxSamModel, "torch_model", no_torch)
-    monkeypatch.setattr(onnx_runtime, "file_sha256",
+    monkeypatch.setattr(onnx_export, "sha256_of",
                         lambda path: pytest.fail("the digest must come from the sidecar"))
     second = OnnxSamModel(variant, checkpoint, "cpu")
-    assert second.exported == []
-    assert onnx_runtime.export_counts == counts
+    assert second.exported == [] and exports() == []
     assert {part: p.stat().st_mtime_ns for part, p in files.items()} == mtimes
     image = np.zeros((64, 96, 3), np.uint8)
     prompt = Prompt(np.array([[40.0, 30.0]]), np.array([1]))
@@ -236,7 +240,7 @@ def test_explicit_weights_dir_and_stale_format(checkpoint_factory, tmp_path, mon
     shutil.copy(cached.paths["encoder"], onnx_dir / cached.paths["encoder"].name)
     model = OnnxSamModel(variant, path, "cpu", weights_dir=tmp_path, validate=False)
     assert model.onnx_dir == onnx_dir and model.exported == ["decoder"]
-    monkeypatch.setattr(onnx_runtime, "FORMAT_VERSION", "0-older")
+    monkeypatch.setattr(onnx_export, "FORMAT_VERSION", "0-older")
     again = OnnxSamModel(variant, path, "cpu", weights_dir=tmp_path, validate=False)
     assert sorted(again.exported) == ["decoder", "encoder"]
 
@@ -250,8 +254,8 @@ def test_checkpoint_digest_is_remembered_by_size_and_mtime(tmp_path, monkeypatch
 
     assert digest == hashlib.sha256(b"abc" * 1000).hexdigest()
     calls = []
-    real = onnx_runtime.file_sha256
-    monkeypatch.setattr(onnx_runtime, "file_sha256", lambda p: calls.append(p) or real(p))
+    real = onnx_export.sha256_of
+    monkeypatch.setattr(onnx_export, "sha256_of", lambda p: calls.append(p) or real(p))
     assert checkpoint_sha256(checkpoint, sidecar) == digest and calls == []
     checkpoint.write_bytes(b"abd" * 1000)  # same size, new content and mtime
     os.utime(checkpoint, ns=(1, 10 ** 18))
@@ -269,7 +273,7 @@ def test_a_wrong_export_is_rejected_and_torch_takes_over(checkpoint_factory, tmp
     checkpoint = weights / "mobile_sam.pt"
     shutil.copy(checkpoint_factory("mobile_sam", "vit_t"), checkpoint)
     shutil.copy(cached.paths["encoder"], weights / "onnx" / cached.paths["encoder"].name)
-    real = onnx_runtime._decoder_module
+    real = onnx_export._decoder_module
 
     def broken(sam, hq):  # an exporter bug: negative and positive labels swapped
         module = real(sam, hq)
@@ -279,7 +283,7 @@ def test_a_wrong_export_is_rejected_and_torch_takes_over(checkpoint_factory, tmp
                                 torch.where(labels == 1, torch.zeros_like(labels), labels)))
         return module
 
-    monkeypatch.setattr(onnx_runtime, "_decoder_module", broken)
+    monkeypatch.setattr(onnx_export, "_decoder_module", broken)
     variant = get_variant("mobile_sam", "vit_t")
     with pytest.raises(OnnxExportError, match="differ from torch"):
         OnnxSamModel(variant, checkpoint, "cpu")
@@ -296,13 +300,13 @@ def test_no_export_without_the_memory_for_it(checkpoint_factory, tmp_path, monke
     much available the torch runtime runs instead of the process being killed mid-export."""
     checkpoint = tmp_path / "mobile_sam.pt"
     shutil.copy(checkpoint_factory("mobile_sam", "vit_t"), checkpoint)
-    monkeypatch.setattr(onnx_runtime, "available_memory", lambda: 500 * 2 ** 20)
+    monkeypatch.setattr(onnx_export, "available_memory", lambda: 500 * 2 ** 20)
     variant = get_variant("mobile_sam", "vit_t")
     with caplog.at_level(logging.WARNING, logger="sam_backend.models.runtimes"):
         model = create_model(variant, checkpoint, "cpu", runtime="onnx")
     assert isinstance(model, TorchSamModel)
     assert "free memory" in caplog.text
-    assert onnx_runtime.export_memory_needed(2_564_550_879) > 24e9  # vit_h
+    assert onnx_export.export_memory_needed(2_564_550_879) > 24e9  # vit_h
 
 
 def test_runtime_selection(checkpoint_factory):
@@ -403,7 +407,7 @@ def test_graphs_are_written_atomically_with_their_weights(tmp_path, layout):
                             location=path.name + ".data" if one else None, size_threshold=0)
         return "test"
 
-    onnx_runtime._write_graph(final, export, lambda exporter: {"format": "x", "by": exporter})
+    onnx_export.write_graph(final, export, lambda exporter: {"format": "x", "by": exporter})
     names = sorted(p.name for p in tmp_path.iterdir())
     expected = [final.name] + ([] if layout == "inline" else [final.name + ".data"])
     assert names == sorted(expected)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import requests
 
-from sam_backend.models import weights
+from sam_backend.models.checkpoints import infer_variant
+from sam_backend.models.download import download
 from sam_backend.cli import main
 from sam_backend.errors import CheckpointError
 from sam_backend.models.loading import load_model
@@ -170,12 +171,12 @@ def test_registry_names_and_file_recognition():
                                              "hiera_large") for s in ("", "_v2.0")}
     assert get_variant("sam2").key == "sam2/hiera_tiny"
     assert TINY.url == "https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_tiny.pt"
-    old = weights.infer_variant(checkpoint="/w/sam2_hiera_large.pt")
+    old = infer_variant(checkpoint="/w/sam2_hiera_large.pt")
     assert old.key == "sam2/hiera_large_v2.0"
     assert old.url.endswith("/072824/sam2_hiera_large.pt")
-    assert weights.infer_variant(checkpoint="sam2.1_hiera_small.pt").key == "sam2/hiera_small"
+    assert infer_variant(checkpoint="sam2.1_hiera_small.pt").key == "sam2/hiera_small"
     # SAM 2.0's file under its 2.1 config name: that file's layout is used
-    assert weights.infer_variant("sam2", "hiera_tiny", "sam2_hiera_tiny.pt").key == \
+    assert infer_variant("sam2", "hiera_tiny", "sam2_hiera_tiny.pt").key == \
         "sam2/hiera_tiny_v2.0"
 
 
@@ -203,7 +204,7 @@ def test_weights_download_verifies_and_lists_sam2(mirror, sam2_file, tmp_path, c
     # a file of another config is refused by the strict load, and nothing is left behind
     mirror.files["sam2.1_hiera_small.pt"] = sam2_file
     with pytest.raises(CheckpointError, match="check 3"):
-        weights.download(get_variant("sam2", "hiera_small"))
+        download(get_variant("sam2", "hiera_small"))
     assert leftovers(tmp_path) == ["sam2.1_hiera_tiny.pt"]
 
 

@@ -20,7 +20,8 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 
-from sam_backend.models import weights
+from sam_backend.models.checkpoints import ensure_checkpoint, infer_variant, resolve_names
+from sam_backend.models.download import download
 from sam_backend.cli import main
 from sam_backend.errors import CheckpointError, ConfigError
 from sam_backend.models.registry import VARIANTS, get_variant
@@ -155,7 +156,7 @@ def test_download_then_load_and_segment(mirror, mobile_file, tmp_path, caplog):
     # A published digest in `sha256sum` format is checked too.
     mirror.sidecars["mobile_sam.pt"] = f"{sha256_of(mobile_file)}  mobile_sam.pt\n"
     caplog.set_level("INFO", logger="sam_backend")
-    path = weights.download(MOBILE)
+    path = download(MOBILE)
     assert path == weights_dir(tmp_path) / "mobile_sam.pt"
     assert sha256_of(path) == sha256_of(mobile_file)
     assert leftovers(tmp_path) == ["mobile_sam.pt"]
@@ -171,7 +172,7 @@ def test_download_then_load_and_segment(mirror, mobile_file, tmp_path, caplog):
 
     # Already present: no second transfer.
     before = len(mirror.requests)
-    assert weights.download(MOBILE) == path
+    assert download(MOBILE) == path
     assert len(mirror.requests) == before
 
 
@@ -183,7 +184,7 @@ def test_sam_file_whose_digest_does_not_match_its_name_is_refused(mirror, checkp
     assert not sha256_of(random_vit_b).startswith("01ec64")
     mirror.files["sam_vit_b_01ec64.pth"] = random_vit_b
     with pytest.raises(CheckpointError, match=r"failed check 1 .*does not start with 01ec64"):
-        weights.download(variant, progress=False)
+        download(variant, progress=False)
     assert leftovers(tmp_path) == []
 
 
@@ -192,7 +193,7 @@ def test_truncated_file_is_refused(mirror, mobile_file, tmp_path):
     data = mobile_file.read_bytes()
     mirror.files["mobile_sam.pt"] = data[: len(data) // 2]  # Content-Length of the half
     with pytest.raises(CheckpointError, match=r"failed check 3 \(loads into mobile_sam/vit_t\)"):
-        weights.download(MOBILE, progress=False)
+        download(MOBILE, progress=False)
     assert leftovers(tmp_path) == []
 
 
@@ -200,7 +201,7 @@ def test_wrong_architecture_is_refused(mirror, checkpoint_factory, tmp_path):
     # sam_hq's tiny file served as mobile_sam.pt: readable, but extra keys.
     mirror.files["mobile_sam.pt"] = checkpoint_factory("sam_hq", "vit_tiny")
     with pytest.raises(CheckpointError, match=r"check 3 .*unexpected keys.*sam_hq/vit_tiny"):
-        weights.download(MOBILE, progress=False)
+        download(MOBILE, progress=False)
     assert leftovers(tmp_path) == []
 
 
@@ -209,7 +210,7 @@ def test_wrong_published_sha256_is_refused(mirror, mobile_file, tmp_path):
     mirror.files["mobile_sam.pt"] = mobile_file
     mirror.sidecars["mobile_sam.pt"] = "0" * 64 + "\n"
     with pytest.raises(CheckpointError, match=r"failed check 2 \(the mirror's mobile_sam.pt.sha256\)"):
-        weights.download(MOBILE, progress=False)
+        download(MOBILE, progress=False)
     assert leftovers(tmp_path) == []
 
 
@@ -217,7 +218,7 @@ def test_malformed_published_sha256_is_refused_before_downloading(mirror, mobile
     mirror.files["mobile_sam.pt"] = mobile_file
     mirror.sidecars["mobile_sam.pt"] = "<html>oops</html>"
     with pytest.raises(CheckpointError, match="does not hold a SHA-256"):
-        weights.download(MOBILE, progress=False)
+        download(MOBILE, progress=False)
     assert [r["path"] for r in mirror.requests] == ["mobile_sam.pt.sha256"]
     assert leftovers(tmp_path) == []
 
@@ -225,11 +226,11 @@ def test_malformed_published_sha256_is_refused_before_downloading(mirror, mobile
 def test_given_sha256(mirror, mobile_file, tmp_path):
     mirror.files["mobile_sam.pt"] = mobile_file
     with pytest.raises(CheckpointError, match=r"failed check 2 \(--sha256\)"):
-        weights.download(MOBILE, sha256="ab" * 32, progress=False)
+        download(MOBILE, sha256="ab" * 32, progress=False)
     assert leftovers(tmp_path) == []
     with pytest.raises(ConfigError, match="64 hex digits"):
-        weights.download(MOBILE, sha256="abc", progress=False)
-    path = weights.download(MOBILE, sha256=sha256_of(mobile_file).upper(), progress=False)
+        download(MOBILE, sha256="abc", progress=False)
+    path = download(MOBILE, sha256=sha256_of(mobile_file).upper(), progress=False)
     assert sha256_of(path) == sha256_of(mobile_file)
 
 
@@ -239,13 +240,13 @@ def test_interrupted_download_resumes(mirror, mobile_file, tmp_path):
     cut = 5 * 1024 * 1024 + 123
     mirror.cut_once["mobile_sam.pt"] = cut
     with pytest.raises(CheckpointError, match="interrupted.*kept.*resume"):
-        weights.download(MOBILE, progress=False)
+        download(MOBILE, progress=False)
     part = weights_dir(tmp_path) / "mobile_sam.pt.part"
     assert leftovers(tmp_path) == ["mobile_sam.pt.part"]
     kept = part.stat().st_size
     assert 0 < kept <= cut
 
-    path = weights.download(MOBILE, progress=False)
+    path = download(MOBILE, progress=False)
     file_gets = [r for r in mirror.requests if r["path"] == "mobile_sam.pt"]
     assert [r["range"] for r in file_gets] == [None, f"bytes={kept}-"]
     assert path.read_bytes() == mobile_file.read_bytes()
@@ -257,7 +258,7 @@ def test_server_ignoring_range_restarts_from_zero(mirror, mobile_file, tmp_path)
     mirror.ignore_range = True
     weights_dir(tmp_path).mkdir(parents=True)
     (weights_dir(tmp_path) / "mobile_sam.pt.part").write_bytes(b"junk" * 1000)
-    path = weights.download(MOBILE, progress=False)
+    path = download(MOBILE, progress=False)
     assert mirror.requests[-1]["range"] == "bytes=4000-"
     assert path.read_bytes() == mobile_file.read_bytes()
     assert leftovers(tmp_path) == ["mobile_sam.pt"]
@@ -276,7 +277,7 @@ def test_unreachable_mirror_fails_at_once_leaving_nothing(monkeypatch, tmp_path)
     monkeypatch.delenv("SAM_BACKEND_OFFLINE", raising=False)
     started = time.monotonic()
     with pytest.raises(CheckpointError) as err:
-        weights.download(MOBILE, progress=False)
+        download(MOBILE, progress=False)
     assert time.monotonic() - started < 5
     message = str(err.value)
     assert "unreachable (connection refused)" in message
@@ -288,55 +289,81 @@ def test_unreachable_mirror_fails_at_once_leaving_nothing(monkeypatch, tmp_path)
 
 def test_offline_refuses(mirror, mobile_file, monkeypatch, tmp_path):
     mirror.files["mobile_sam.pt"] = mobile_file
-    monkeypatch.setenv("SAM_BACKEND_OFFLINE", "1")
-    with pytest.raises(CheckpointError, match="SAM_BACKEND_OFFLINE is set") as err:
-        weights.download(MOBILE)
+    with pytest.raises(CheckpointError, match="downloads are off") as err:
+        download(MOBILE, offline=True)
     assert str(weights_dir(tmp_path) / "mobile_sam.pt") in str(err.value)
     with pytest.raises(CheckpointError, match=r"sam-backend weights download mobile_sam/vit_t"):
-        weights.ensure_checkpoint(MOBILE)
+        ensure_checkpoint(MOBILE, offline=True)
+    # the command line reads SAM_BACKEND_OFFLINE through the settings, and --offline
+    monkeypatch.setenv("SAM_BACKEND_OFFLINE", "1")
+    assert main(["weights", "download", "mobile_sam"]) == 2
     monkeypatch.delenv("SAM_BACKEND_OFFLINE")
-    with pytest.raises(CheckpointError, match="downloads are off"):
-        weights.ensure_checkpoint(MOBILE, offline=True)
+    assert main(["weights", "download", "mobile_sam", "--offline"]) == 2
     assert mirror.requests == []
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("option,env,downloads", [("false", "1", True), ("true", "0", False)])
+def test_offline_option_beats_the_environment(mirror, mobile_file, monkeypatch, tmp_path,
+                                              option, env, downloads):
+    """README: an option (``--with offline=...``) beats the environment variable. The start-up
+    path (settings -> checkpoint -> model) with ``offline=false`` downloads although
+    ``SAM_BACKEND_OFFLINE=1``, and ``offline=true`` refuses although ``SAM_BACKEND_OFFLINE=0``."""
+    from sam_backend.labelstudio.service import build_model
+    from sam_backend.settings import Settings
+
+    mirror.files["mobile_sam.pt"] = mobile_file
+    monkeypatch.setenv("SAM_BACKEND_OFFLINE", env)
+    settings = Settings.load({"model_name": "mobile_sam", "offline": option, "runtime": "torch",
+                              "device": "cpu"})
+    if downloads:
+        model = build_model(settings)
+        assert model.variant == MOBILE
+        assert (weights_dir(tmp_path) / "mobile_sam.pt").read_bytes() == mobile_file.read_bytes()
+        assert [r["path"] for r in mirror.requests].count("mobile_sam.pt") == 1
+    else:
+        with pytest.raises(CheckpointError, match="downloads are off"):
+            build_model(settings)
+        assert mirror.requests == []
+        assert leftovers(tmp_path) == []
 
 
 # -- the backend's start-up path -----------------------------------------------------------------
 def test_ensure_checkpoint_downloads_a_missing_default(mirror, mobile_file, tmp_path, caplog):
     mirror.files["mobile_sam.pt"] = mobile_file
     caplog.set_level("INFO", logger="sam_backend")
-    path = weights.ensure_checkpoint(MOBILE)
+    path = ensure_checkpoint(MOBILE)
     assert path == weights_dir(tmp_path) / "mobile_sam.pt"
     assert path.read_bytes() == mobile_file.read_bytes()
     messages = [r.getMessage() for r in caplog.records]
     assert any("missing: downloading" in m for m in messages)
     assert any(re.search(r"mobile_sam.pt:\s+\d+%", m) for m in messages)
     count = len(mirror.requests)
-    assert weights.ensure_checkpoint(MOBILE, str(path)) == path
+    assert ensure_checkpoint(MOBILE, str(path)) == path
     assert len(mirror.requests) == count
 
     # An explicit path with the official name is downloaded into its own directory ...
     elsewhere = tmp_path / "other" / "mobile_sam.pt"
-    assert weights.ensure_checkpoint(MOBILE, elsewhere) == elsewhere
+    assert ensure_checkpoint(MOBILE, elsewhere) == elsewhere
     assert elsewhere.is_file()
     # ... any other missing path is an error, not a download.
     count = len(mirror.requests)
     with pytest.raises(CheckpointError, match="not named like mobile_sam/vit_t's official"):
-        weights.ensure_checkpoint(MOBILE, tmp_path / "mine.pt")
+        ensure_checkpoint(MOBILE, tmp_path / "mine.pt")
     assert len(mirror.requests) == count
 
 
 # -- names ---------------------------------------------------------------------------------------
 def test_resolve_names():
-    keys = lambda names: [v.key for v in weights.resolve_names(names)]  # noqa: E731
+    keys = lambda names: [v.key for v in resolve_names(names)]  # noqa: E731
     assert keys(["mobile_sam"]) == ["mobile_sam/vit_t"]
     assert keys(["sam"]) == ["sam/vit_b"]
     assert keys(["sam_hq/vit_tiny", "sam_vit_h_4b8939.pth", "sam_hq/vit_tiny"]) == \
         ["sam_hq/vit_tiny", "sam/vit_h"]
-    assert len(weights.resolve_names(["all"])) == len(VARIANTS)
+    assert len(resolve_names(["all"])) == len(VARIANTS)
     with pytest.raises(ConfigError, match=r"unknown checkpoint name 'sam9'.*mobile_sam.*"
                                           r"sam_hq/vit_tiny.*sam_vit_b_01ec64.pth.*all"):
-        weights.resolve_names(["sam9"])
+        resolve_names(["sam9"])
 
 
 @pytest.mark.parametrize("kwargs,key", [
@@ -351,16 +378,16 @@ def test_resolve_names():
     (dict(checkpoint="/w/sam_hq_vit_l.pth", sam_config="vit_l"), "sam_hq/vit_l"),
 ])
 def test_infer_variant(kwargs, key):
-    assert weights.infer_variant(**kwargs).key == key
+    assert infer_variant(**kwargs).key == key
 
 
 def test_infer_variant_errors():
     with pytest.raises(ConfigError, match=r"cannot tell which model .*finetuned.pth.*Set model_name"):
-        weights.infer_variant(checkpoint="/w/finetuned.pth")
+        infer_variant(checkpoint="/w/finetuned.pth")
     with pytest.raises(ConfigError, match="does not match"):
-        weights.infer_variant(checkpoint="sam_vit_h_4b8939.pth", sam_config="vit_b")
+        infer_variant(checkpoint="sam_vit_h_4b8939.pth", sam_config="vit_b")
     with pytest.raises(ConfigError, match="unknown model_name"):
-        weights.infer_variant(model_name="sam4")
+        infer_variant(model_name="sam4")
 
 
 # -- command line --------------------------------------------------------------------------------
