@@ -8,7 +8,7 @@ from typing import Union
 
 import numpy as np
 
-from sam_backend.models.random_init import make_random_checkpoint
+from sam_backend.models.random_init import make_random_checkpoint, seeded_random_model
 from sam_backend.models.registry import get_variant
 
 # Test and benchmark checkpoints are deterministic (seeded), so they are kept between runs; the
@@ -46,11 +46,12 @@ def synthetic_image(height: int, width: int, seed: int = 0) -> np.ndarray:
 def cached_random_sam3(reduced: bool = True) -> Path:
     """The seeded random-weight SAM 3 checkpoint directory (official layout), made once into
     ``CACHE_DIR``; ``reduced``: the small configuration of the same classes (fast tests)."""
-    from sam_backend.models.sam3_runtime import make_random_checkpoint_dir
+    from sam_backend.models.random_init import make_random_sam3_dir
 
     path = CACHE_DIR / f"seed{CACHE_SEED}" / ("sam3-reduced" if reduced else "sam3")
     if not (path / "config.json").is_file():
-        make_random_checkpoint_dir(path, seed=CACHE_SEED, reduced=reduced)
+        make_random_sam3_dir(path, seed=CACHE_SEED,
+                             config=reduced_sam3_config() if reduced else None)
     return path
 
 
@@ -66,7 +67,6 @@ def make_random_grounding_dino(directory: Union[str, Path], size: str = "tiny",
     tokenizer (no download): ``size="tiny"`` is a reduced configuration of the same classes (for
     the fast tests), ``size="full"`` the architecture of ``grounding-dino-tiny`` (Swin-T + a
     BERT-base text encoder). Masks from it are meaningless; the computation is the real one."""
-    import torch
     from transformers import (BertConfig, BertTokenizerFast, GroundingDinoConfig,
                               GroundingDinoForObjectDetection, GroundingDinoImageProcessor,
                               GroundingDinoProcessor, SwinConfig)
@@ -95,13 +95,7 @@ def make_random_grounding_dino(directory: Union[str, Path], size: str = "tiny",
             text_config=BertConfig())
     else:
         raise ValueError(f"size must be tiny or full, got {size!r}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = GroundingDinoForObjectDetection(config).eval()
-        with torch.no_grad():  # every weight matters, as in trained weights
-            for tensor in model.state_dict().values():
-                if tensor.is_floating_point():
-                    tensor.add_(torch.randn_like(tensor) * 0.02)
+    model = seeded_random_model(lambda: GroundingDinoForObjectDetection(config).eval(), seed)
     model.save_pretrained(str(directory))
     processor.save_pretrained(str(directory))
     return directory
@@ -125,3 +119,19 @@ def write_test_tokenizer(directory: Path) -> Path:
                                    unk_token="[UNK]", model_max_length=32)
     Sam3Processor(Sam3ImageProcessor(), fast).save_pretrained(str(directory))
     return Path(directory)
+
+
+def reduced_sam3_config() -> dict:
+    """A reduced SAM 3 (the same classes; a 2-layer, 32-wide ViT and a 1-layer text encoder, DETR
+    encoder and decoder) for fast tests: input size, patch size, FPN and the click model's prompt
+    encoder and mask decoder are the published ones, so every tensor a click touches has its real
+    shape."""
+    backbone = dict(model_type="sam3_vit_model", hidden_size=32, intermediate_size=64,
+                    num_hidden_layers=2, num_attention_heads=2, global_attn_indexes=[1])
+    return dict(
+        detector_config=dict(
+            vision_config=dict(backbone_config=backbone),
+            text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=2, projection_dim=32),
+            detr_encoder_config=dict(num_layers=1), detr_decoder_config=dict(num_layers=1)),
+        tracker_config=dict(vision_config=dict(backbone_config=backbone)))
