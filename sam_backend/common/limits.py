@@ -39,8 +39,7 @@ _trim = threading.Event()  # set when a large load or mask has finished since th
 
 def release_memory() -> None:
     """Collect unreachable objects and hand the C heap's free pages back to the system
-    (glibc keeps freed heap mapped otherwise; measured: +1.4 GB held after failed downloads,
-    +0.6 GB after four clicks on 25-megapixel images)."""
+    (glibc keeps freed heap mapped otherwise: see "Memory notes" in benchmarks/README.md)."""
     _trim.clear()
     gc.collect()
     try:

@@ -182,8 +182,8 @@ def load_click_model(variant: Variant, directory: Union[str, Path],
     state = click_model_state(directory)
     model = Sam3TrackerModel(tracker_cfg)
     check_fits(model, state, variant, directory)
-    # assign: the parameters become the file's tensors (no second copy of 1.8 GB in memory;
-    # measured peak RSS 2.8 GB instead of 4.5 GB when loading the full-size click model)
+    # assign: the parameters become the file's tensors, with no second copy of the weights in
+    # memory (peak RSS: "Memory notes" in benchmarks/README.md)
     model.load_state_dict(state, strict=True, assign=True)
     del state
     model.eval()
