@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from e2e.ls_harness import BackendProcess as _Process
 from e2e.ls_harness import free_port  # noqa: F401  (re-exported for the tests)
@@ -20,3 +21,28 @@ def BackendProcess(cmd: List[str], port: int, env: Optional[Dict[str, str]] = No
     full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full_env.get("PATH", "")
     full_env.update(env or {})
     return _Process(cmd, port, log_path=log_path, env=full_env, cwd=REPO, name="sam-backend")
+
+
+def run_together(call: Callable[[int], Any], count: int, timeout: float, barrier_timeout: float
+                 ) -> Tuple[List[Any], List[BaseException]]:
+    """``call(0) .. call(count - 1)`` in ``count`` threads released at once by a barrier
+    (waited for at most ``barrier_timeout`` seconds); returns
+    their results (None where a call failed) and the exceptions raised, each thread joined within
+    ``timeout`` seconds."""
+    barrier = threading.Barrier(count)
+    results: List[Any] = [None] * count
+    errors: List[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait(barrier_timeout)
+            results[i] = call(i)
+        except Exception as exc:  # reported to the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    return results, errors

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import struct
-import threading
 import time
 
 import numpy as np
@@ -23,7 +22,7 @@ from sam_backend.settings import Settings
 from sam_backend.embeddings.store import (EmbeddingStore, StoreFormatError, decode_embedding,
                                encode_embedding)
 from sam_backend.models.torch_runtime import TorchSamModel
-from server_utils import free_port
+from server_utils import free_port, run_together
 
 KEY = "sam_backend:emb:v1:test:abc"
 
@@ -163,21 +162,8 @@ def test_a_second_replica_gets_the_first_ones_encode(mobile_sam, image, redis_se
 def test_eight_concurrent_first_requests_over_two_replicas_encode_once(mobile_sam, image,
                                                                       redis_server):
     replicas = [replica(mobile_sam, redis_server.url), replica(mobile_sam, redis_server.url)]
-    barrier = threading.Barrier(8)
-    results, errors = [None] * 8, []
-
-    def click(i):
-        try:
-            barrier.wait(10)
-            results[i] = replicas[i % 2].embedding("img-8", lambda: image)
-        except Exception as exc:  # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=click, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    results, errors = run_together(
+        lambda i: replicas[i % 2].embedding("img-8", lambda: image), 8, timeout=60, barrier_timeout=10)
     assert not errors
     assert sum(r.encodes for r in replicas) == 1
     assert sum(r.cache.tier.hits for r in replicas) == 1  # the other replica read the entry

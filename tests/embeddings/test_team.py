@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
 import time
 
 import cv2
@@ -18,7 +17,7 @@ from sam_backend.models.base import Prompt
 from random_weights import synthetic_image
 from sam_backend.models.registry import get_variant
 from sam_backend.models.torch_runtime import TorchSamModel
-from server_utils import REPO
+from server_utils import REPO, run_together
 from team_utils import (API_TOKEN, CLI, FakeLabelStudioAPI, WorkerProcess, model_options,
                         process_env, start_replica)
 from payloads import FULL_CONFIG, H, W, decode_brush, keypoint, payload
@@ -147,21 +146,8 @@ def test_eight_concurrent_first_clicks_over_both_replicas_encode_once(team, refe
     a, b = team["replicas"]
     before = [metrics(r)["encodes"] for r in (a, b)]
     worker_before = len(team["worker"].encoded())
-    masks, errors = [None] * 8, []
-    barrier = threading.Barrier(8)
-
-    def one(i):
-        try:
-            barrier.wait(30)
-            masks[i] = click((a, b)[i % 2], OTHER_IMAGES[0], 55.0, 40.0)
-        except Exception as exc:  # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
+    masks, errors = run_together(
+        lambda i: click((a, b)[i % 2], OTHER_IMAGES[0], 55.0, 40.0), 8, timeout=300, barrier_timeout=30)
     assert not errors, errors
     after = [metrics(r) for r in (a, b)]
     assert sum(m["encodes"] for m in after) - sum(before) == 1
