@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Union
+from typing import Dict, Tuple, Union
 
 import numpy as np
 
@@ -41,6 +41,20 @@ def synthetic_image(height: int, width: int, seed: int = 0) -> np.ndarray:
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         cv2.circle(image, centre, radius, colour, -1)
     return image
+
+
+def write_synthetic_images(root: Path, sizes: Dict[str, Tuple[int, int]]
+                           ) -> Dict[str, np.ndarray]:
+    """``root/<name>.png`` for each ``name: (height, width)`` of ``sizes`` (seeds 5, 6, ... in
+    order); returns the HxWx3 uint8 RGB arrays by name."""
+    import cv2
+
+    images = {}
+    for seed, (name, (h, w)) in enumerate(sizes.items()):
+        image = synthetic_image(h, w, seed=seed + 5)
+        cv2.imwrite(str(root / f"{name}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        images[name] = image
+    return images
 
 
 def cached_random_sam3(reduced: bool = True) -> Path:

@@ -3,7 +3,6 @@ masks of the official ``SAM2ImagePredictor`` on the same (seeded random) weights
 command knows, downloads and verifies the SAM 2 files; the registry recognises them by name."""
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import pytest
 import requests
@@ -28,15 +27,10 @@ SIZES = {"wide": (360, 540), "tall": (480, 300)}  # two aspect ratios (H, W)
 
 @pytest.fixture(scope="module")
 def docroot(tmp_path_factory):
-    from random_weights import synthetic_image
+    from random_weights import write_synthetic_images
 
     root = tmp_path_factory.mktemp("docroot")
-    images = {}
-    for seed, (name, (h, w)) in enumerate(SIZES.items()):
-        image = synthetic_image(h, w, seed=seed + 5)
-        cv2.imwrite(str(root / f"{name}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-        images[name] = image
-    return root, images
+    return root, write_synthetic_images(root, SIZES)
 
 
 @pytest.fixture(scope="module", params=["torch", "auto"])

@@ -16,14 +16,13 @@ import subprocess
 import sys
 import zlib
 
-import cv2
 import numpy as np
 import pytest
 import requests
 import torch
 
 from fake_hub import FakeHub
-from random_weights import cached_random_sam3, synthetic_image
+from random_weights import synthetic_image, write_synthetic_images
 from sam_backend.models.registry import get_variant
 from server_utils import REPO, BackendProcess, free_port
 from payloads import FULL_CONFIG, decode_brush, keypoint, payload, rectangle
@@ -47,12 +46,7 @@ def weights_root(official_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     root = tmp_path_factory.mktemp("docroot")
-    out = {}
-    for seed, (name, (h, w)) in enumerate(SIZES.items()):
-        image = synthetic_image(h, w, seed=seed + 5)
-        cv2.imwrite(str(root / f"{name}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-        out[name] = image
-    return root, out
+    return root, write_synthetic_images(root, SIZES)
 
 
 @pytest.fixture(scope="module")
