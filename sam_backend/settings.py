@@ -145,6 +145,9 @@ class Settings:
     request_timeout: float = option(
         10.0, "sam-backend serve: seconds to receive a request's headers and body; a slower client"
         " is disconnected")
+    predict_timeout: float = option(
+        90.0, "seconds a /predict may work (Label Studio gives up after 100 s); past it the work "
+        "stops and the answer is 503, and work whose client disconnected stops too")
 
     concept_model: str = option(
         "none", "label by concept (text -> every instance): none, grounding_dino (an "

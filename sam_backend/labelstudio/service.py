@@ -26,6 +26,7 @@ from sam_backend.errors import RequestError
 from sam_backend.images.config import ImageAccessSettings
 from sam_backend.images.loader import ImageLoader
 from sam_backend.labelstudio.label_config import LabelConfig, LabelConfigCache
+from sam_backend.common.deadline import UNBOUNDED, WorkScope
 from sam_backend.common.limits import MIB, LoadGate, MemoryBudget, check_count, shown
 from sam_backend.labelstudio.prompts import PromptRequest, parse_context
 from sam_backend.labelstudio.regions import brush_region, mask_bbox, mask_polygons, polygon_region, rectangle_region
@@ -145,8 +146,10 @@ class PredictionService:
 
     # -- /predict ------------------------------------------------------------------------------
     def predict(self, tasks: Any, label_config: Optional[str], context: Any,
-                project: Any = None) -> List[Dict[str, Any]]:
-        """One result per task (Label Studio uses the first), or [] when there is no prompt."""
+                project: Any = None, scope: WorkScope = UNBOUNDED) -> List[Dict[str, Any]]:
+        """One result per task (Label Studio uses the first), or [] when there is no prompt.
+        ``scope``: the request's deadline and whether its client is still there; long steps
+        check it between units of work."""
         if not isinstance(tasks, list) or not tasks:
             raise RequestError("the request has no tasks: /predict expects {\"tasks\": [{...}], "
                                "\"label_config\": \"<View>...</View>\", \"params\": {\"context\": "

@@ -32,6 +32,7 @@ import ujson
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, RequestTimeout
 
+from sam_backend.common.deadline import WorkScope
 from sam_backend.common.limits import MIB, printable, release_memory_if_due
 from sam_backend.errors import BusyError, RequestError, SamBackendError
 from sam_backend.labelstudio.service import PredictionService
@@ -203,7 +204,10 @@ def create_app(service: PredictionService) -> Flask:
         results = service.predict(
             body.get("tasks"),
             _optional(body, "label_config", str, "the labeling config XML (a string)"),
-            context, _optional(body, "project", (str, int), "a string or an integer"))
+            context, _optional(body, "project", (str, int), "a string or an integer"),
+            scope=WorkScope(service.settings.predict_timeout,
+                            request.environ.get("waitress.client_disconnected"),
+                            "predict_timeout"))
         log.info("predict: %d result(s) in %.0f ms", len(results),
                  (time.perf_counter() - started) * 1000)
         return _json_response({"results": results, "model_version": service.model_version})

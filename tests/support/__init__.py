@@ -1,0 +1,1 @@
+"""Helpers the tests share (processes, payloads, random weights, loopback hosts)."""
