@@ -223,7 +223,7 @@ class Settings:
                               "precompute_job_timeout must be positive")
         for name in ("max_points", "max_tasks", "max_request_mb", "max_label_config_kb",
                      "label_config_cache_mb", "max_projects", "image_memory_mb",
-                     "max_concurrent_loads", "request_timeout", "max_image_pixels",
+                     "max_concurrent_loads", "request_timeout", "predict_timeout", "max_image_pixels",
                      "max_image_bytes", "image_timeout"):
             value = getattr(self, name)
             if not (value > 0 and value < float("inf")):
