@@ -228,12 +228,31 @@ def variant_for_file(file_name: str) -> Optional[Variant]:
     return None
 
 
+# The source checkout this package runs from (an editable install or a clone run in place):
+# ``<checkout>/sam_backend/models/registry.py``; it is a checkout when ``setup.py`` sits beside
+# the package.
+_CHECKOUT = Path(__file__).resolve().parents[2]
+
+
 def weights_dir() -> Path:
-    """Where checkpoints live: ``$SAM_BACKEND_WEIGHTS_DIR``, else ``weights/`` of the repo."""
+    """Where checkpoints live; the first that applies:
+
+    1. ``$SAM_BACKEND_WEIGHTS_DIR``;
+    2. ``weights/`` of the source checkout the package runs from (a clone, editable install);
+    3. ``weights/`` of the current directory, when it exists;
+    4. ``$XDG_CACHE_HOME/sam_backend/weights`` (``~/.cache/sam_backend/weights``): an installed
+       package never writes checkpoints into site-packages.
+    """
     env = os.environ.get("SAM_BACKEND_WEIGHTS_DIR")
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parent.parent / "weights"
+    if (_CHECKOUT / "setup.py").is_file() and (_CHECKOUT / "sam_backend").is_dir():
+        return _CHECKOUT / "weights"
+    here = Path.cwd() / "weights"
+    if here.is_dir():
+        return here
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache).expanduser() / "sam_backend" / "weights"
 
 
 def default_checkpoint(variant: Variant) -> Path:

@@ -96,8 +96,8 @@ def register_cli(subparsers) -> None:
     commands = weights.add_subparsers(dest="weights_command", required=True)
 
     listing = commands.add_parser("list", help="every known checkpoint and whether it is present")
-    listing.add_argument("--dir", help="weights directory (default: $SAM_BACKEND_WEIGHTS_DIR or "
-                                       "weights/ of the repo)")
+    listing.add_argument("--dir", help="weights directory (default: $SAM_BACKEND_WEIGHTS_DIR, else "
+                                       "weights/ of the clone; README: Weights)")
     listing.set_defaults(func=_cmd_list)
 
     fetch = commands.add_parser(

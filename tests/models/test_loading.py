@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import torch
+from pathlib import Path
+
 import pytest
 
 from sam_backend.errors import CheckpointError, ConfigError
@@ -26,6 +28,28 @@ def test_registry_defaults_and_names():
 def test_weights_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("SAM_BACKEND_WEIGHTS_DIR", str(tmp_path))
     assert default_checkpoint(get_variant("mobile_sam")) == tmp_path / "mobile_sam.pt"
+
+
+def test_weights_dir_rule_for_a_checkout_and_an_installed_package(monkeypatch, tmp_path):
+    """A checkout: its own ``weights/`` (never a folder inside the package). Installed
+    (site-packages): ``weights/`` of the current directory when it exists, else the user's
+    cache directory."""
+    from sam_backend.models import registry
+
+    monkeypatch.delenv("SAM_BACKEND_WEIGHTS_DIR", raising=False)
+    checkout = Path(registry.__file__).resolve().parents[2]
+    assert registry.weights_dir() == checkout / "weights"
+
+    site = tmp_path / "site-packages"  # no setup.py beside the package: installed
+    (site / "sam_backend").mkdir(parents=True)
+    monkeypatch.setattr(registry, "_CHECKOUT", site)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert registry.weights_dir() == tmp_path / "cache" / "sam_backend" / "weights"
+    (work / "weights").mkdir()
+    assert registry.weights_dir() == work / "weights"
 
 
 @pytest.mark.parametrize("model_name,config,match", [
