@@ -30,13 +30,12 @@ import cv2
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from sam_backend.concepts.base import concepts_of  # noqa: E402
 from sam_backend.images.config import ImageAccessSettings  # noqa: E402
 from sam_backend.images.loader import ImageLoader  # noqa: E402
 from sam_backend.labelstudio.label_config import parse_label_config  # noqa: E402
-from random_weights import CACHE_DIR, cached_random_checkpoint, synthetic_image  # noqa: E402
+from tests.support.random_weights import CACHE_DIR, cached_random_checkpoint, synthetic_image  # noqa: E402
 from sam_backend.labelstudio.service import PredictionService, segmenter_for  # noqa: E402
 from sam_backend.settings import Settings  # noqa: E402
 
@@ -49,7 +48,7 @@ CONFIG = """<View>
 
 def engine_options(engine: str) -> Dict[str, str]:
     if engine == "grounding_dino":
-        from random_weights import make_random_grounding_dino
+        from tests.support.random_weights import make_random_grounding_dino
 
         directory = CACHE_DIR / "grounding-dino-full-v2-seed0"
         if not (directory / "config.json").is_file():
@@ -58,8 +57,8 @@ def engine_options(engine: str) -> Dict[str, str]:
                 "sam_checkpoint_file": str(cached_random_checkpoint("mobile_sam")),
                 "concept_model": "grounding_dino", "concept_checkpoint": str(directory)}
     if engine == "sam3":
-        from random_weights import cached_random_sam3
-        from random_weights import write_test_tokenizer
+        from tests.support.random_weights import cached_random_sam3
+        from tests.support.random_weights import write_test_tokenizer
 
         source = cached_random_sam3(reduced=False)  # 3.4 GB, built once (~5 GB of memory)
         directory = CACHE_DIR / "sam3-full-with-tokenizer"
@@ -143,7 +142,7 @@ def profile_pass(service: PredictionService, image_path: Path, out: Path,
 
 
 def project_run(service: PredictionService, images: List[Path], labels: str) -> Dict[str, Any]:
-    from e2e.ls_harness import LabelStudio
+    from tests.support.ls_harness import LabelStudio
 
     from sam_backend.concepts.annotate import LabelStudioAPI, annotate_project
 

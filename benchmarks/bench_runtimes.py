@@ -30,10 +30,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from sam_backend.models.base import Prompt  # noqa: E402
-from random_weights import cached_random_checkpoint, synthetic_image  # noqa: E402
+from tests.support.random_weights import cached_random_checkpoint, synthetic_image  # noqa: E402
 from sam_backend.models.registry import get_variant  # noqa: E402
 
 

@@ -22,10 +22,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path[:0] = [str(ROOT), str(HERE), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(HERE)]
 
 import bench_http  # noqa: E402  (machine facts, checkpoints, images)
-from redis_utils import RedisServer  # noqa: E402
+from tests.support.redis_utils import RedisServer  # noqa: E402
 
 
 def main(argv=None) -> int:

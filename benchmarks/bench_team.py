@@ -49,11 +49,11 @@ import requests
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path[:0] = [str(ROOT), str(HERE), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(HERE)]
 
 import bench_http  # noqa: E402  (machine facts, processes, images, payloads)
-from redis_utils import RedisServer  # noqa: E402
-from team_utils import API_TOKEN, FakeLabelStudioAPI, WorkerProcess  # noqa: E402
+from tests.support.redis_utils import RedisServer  # noqa: E402
+from tests.support.team_utils import API_TOKEN, FakeLabelStudioAPI, WorkerProcess  # noqa: E402
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>

@@ -10,4 +10,5 @@ python="${PYTHON:-}"
 if [[ -z "$python" ]]; then
     if [[ -x "$root/.venv/bin/python" ]]; then python="$root/.venv/bin/python"; else python=python3; fi
 fi
-exec "$python" "$root/tests/e2e/ls_harness.py" setup
+cd "$root"
+exec "$python" -m tests.support.ls_harness setup

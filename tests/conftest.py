@@ -10,10 +10,8 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))  # test helpers
-
-from random_weights import CACHE_DIR, CACHE_SEED, cached_random_checkpoint, cached_random_sam3, synthetic_image  # noqa: E402
-from server_utils import REPO  # noqa: E402
+from tests.support.random_weights import CACHE_DIR, CACHE_SEED, cached_random_checkpoint, cached_random_sam3, synthetic_image
+from tests.support.server_utils import REPO
 
 
 @pytest.fixture(scope="session")

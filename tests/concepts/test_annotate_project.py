@@ -8,11 +8,11 @@ from __future__ import annotations
 import cv2
 import pytest
 
-from random_weights import synthetic_image
+from tests.support.random_weights import synthetic_image
 from sam_backend import cli
-from random_weights import make_random_grounding_dino
-from server_utils import free_port
-from team_utils import API_TOKEN, FakeLabelStudioAPI
+from tests.support.random_weights import make_random_grounding_dino
+from tests.support.server_utils import free_port
+from tests.support.team_utils import API_TOKEN, FakeLabelStudioAPI
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>

@@ -15,16 +15,16 @@ import torch
 
 from sam_backend.concepts.base import Concept, Selection, concepts_of, parse_text_prompt
 from sam_backend.errors import ConfigError, RequestError
-from random_weights import make_random_grounding_dino
+from tests.support.random_weights import make_random_grounding_dino
 from sam_backend.concepts.grounding_dino import GroundingDinoEngine, query_text
 from sam_backend.images.config import ImageAccessSettings
 from sam_backend.images.loader import ImageLoader
 from sam_backend.labelstudio.label_config import parse_label_config
-from random_weights import synthetic_image
+from tests.support.random_weights import synthetic_image
 from sam_backend.models.registry import get_variant
 from sam_backend.labelstudio.service import PredictionService, segmenter_for
 from sam_backend.settings import Settings
-from server_utils import BackendProcess, free_port
+from tests.support.server_utils import BackendProcess, free_port
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>

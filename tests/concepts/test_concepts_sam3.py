@@ -14,8 +14,8 @@ from sam_backend.concepts.base import Selection
 from sam_backend.images.config import ImageAccessSettings
 from sam_backend.images.loader import ImageLoader
 from sam_backend.models.base import Prompt
-from random_weights import cached_random_sam3, synthetic_image
-from random_weights import write_test_tokenizer
+from tests.support.random_weights import cached_random_sam3, synthetic_image
+from tests.support.random_weights import write_test_tokenizer
 from sam_backend.labelstudio.service import PredictionService, segmenter_for
 from sam_backend.settings import Settings
 

@@ -25,11 +25,9 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
 
-import ls_harness  # noqa: E402
-from ls_harness import BackendProcess, LabelStudio, free_port  # noqa: E402,F401
+from tests.support import ls_harness
+from tests.support.ls_harness import BackendProcess, LabelStudio, free_port  # noqa: F401
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -7,8 +7,8 @@ import cv2
 import pytest
 
 from sam_backend import cli
-from random_weights import make_random_grounding_dino
-from random_weights import synthetic_image
+from tests.support.random_weights import make_random_grounding_dino
+from tests.support.random_weights import synthetic_image
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>

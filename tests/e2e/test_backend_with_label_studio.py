@@ -22,7 +22,7 @@ from PIL import Image
 
 from sam_backend import cli
 from sam_backend.labelstudio.rle import rle_to_mask
-from server_utils import REPO, free_port
+from tests.support.server_utils import REPO, free_port
 
 TEMPLATES = sorted((REPO / "xml_templates").glob("*.xml"))
 H, W = 240, 360  # the upright (browser) size of both images

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from ls_harness import LabelStudioAPIError
-from server_utils import REPO, free_port
-from test_backend_with_label_studio import check_answer, click, images, keypoint_region  # noqa: F401
+from tests.support.ls_harness import LabelStudioAPIError
+from tests.support.server_utils import REPO, free_port
+from tests.e2e.test_backend_with_label_studio import check_answer, click, images, keypoint_region  # noqa: F401
 
 USER = "label-studio"
 PASSWORD = "e2e-" + os.urandom(9).hex()

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ls_harness import free_port
+from tests.support.ls_harness import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "xml_templates" / "point_to_brush.xml"

@@ -27,11 +27,11 @@ import pytest
 import requests
 from PIL import Image
 
-from random_weights import synthetic_image
-from random_weights import make_random_grounding_dino
+from tests.support.random_weights import synthetic_image
+from tests.support.random_weights import make_random_grounding_dino
 from sam_backend.labelstudio.rle import rle_to_mask
-from server_utils import REPO
-from test_backend_with_label_studio import start_backend
+from tests.support.server_utils import REPO
+from tests.e2e.test_backend_with_label_studio import start_backend
 
 TEMPLATE = (REPO / "xml_templates" / "concepts.xml").read_text()
 THRESHOLD = 0.3

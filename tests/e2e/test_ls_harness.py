@@ -12,8 +12,8 @@ import requests
 from label_studio_converter.brush import decode_rle, mask2rle
 from PIL import Image
 
-import ls_harness
-from ls_harness import BackendProcess, HarnessError, LabelStudioClient, unzip_json
+from tests.support import ls_harness
+from tests.support.ls_harness import BackendProcess, HarnessError, LabelStudioClient, unzip_json
 
 KP_BRUSH_CONFIG = (
     '<View><Image name="image" value="$image" zoom="true"/>'

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import requests
 
-from test_backend_with_label_studio import (EXPECTED, H, W, check_answer, click, images,  # noqa: F401
+from tests.e2e.test_backend_with_label_studio import (EXPECTED, H, W, check_answer, click, images,  # noqa: F401
                                             keypoint_region, rectangle_region, scene,
                                             start_backend)
 from sam_backend.labelstudio.rle import rle_to_mask
 from sam_backend.models.onnx_runtime import mask_iou as iou
-from server_utils import REPO
+from tests.support.server_utils import REPO
 
 
 def test_sam2_click_alt_click_and_box(label_studio, session_backend_process, checkpoint_factory,

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from server_utils import REPO, free_port
-from test_backend_with_label_studio import (check_answer, click, images,  # noqa: F401 (fixture)
+from tests.support.server_utils import REPO, free_port
+from tests.e2e.test_backend_with_label_studio import (check_answer, click, images,  # noqa: F401 (fixture)
                                             keypoint_region, rectangle_region)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -16,9 +16,9 @@ import pytest
 import requests
 from PIL import Image
 
-from redis_utils import RedisServer
-from server_utils import REPO, free_port
-from team_utils import CLI, WorkerProcess, model_options
+from tests.support.redis_utils import RedisServer
+from tests.support.server_utils import REPO, free_port
+from tests.support.team_utils import CLI, WorkerProcess, model_options
 
 H, W = 200, 300
 

@@ -9,8 +9,8 @@ from sam_backend.images.config import ImageAccessSettings
 from sam_backend.images.loader import ImageLoader
 from sam_backend.embeddings.precompute import precompute_project, project_tasks
 from sam_backend.settings import Settings
-from team_utils import API_TOKEN, FakeLabelStudioAPI
-from payloads import FULL_CONFIG
+from tests.support.team_utils import API_TOKEN, FakeLabelStudioAPI
+from tests.support.payloads import FULL_CONFIG
 
 
 @pytest.fixture

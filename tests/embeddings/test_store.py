@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from redis_utils import RedisServer, redis_server  # noqa: F401  (fixture)
+from tests.support.redis_utils import RedisServer, redis_server  # noqa: F401  (fixture)
 from sam_backend.embeddings.memory import EmbeddingCache
 from sam_backend.embeddings.engine import Segmenter
 from sam_backend.common.text import redact_url
@@ -22,7 +22,7 @@ from sam_backend.settings import Settings
 from sam_backend.embeddings.store import (EmbeddingStore, StoreFormatError, decode_embedding,
                                encode_embedding)
 from sam_backend.models.torch_runtime import TorchSamModel
-from server_utils import free_port, run_together
+from tests.support.server_utils import free_port, run_together
 
 KEY = "sam_backend:emb:v1:test:abc"
 
@@ -34,7 +34,7 @@ def mobile_sam(checkpoint_factory):
 
 @pytest.fixture(scope="module")
 def image():
-    from random_weights import synthetic_image
+    from tests.support.random_weights import synthetic_image
 
     return synthetic_image(240, 320, seed=5)
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from redis_utils import redis_server  # noqa: F401  (fixture)
+from tests.support.redis_utils import redis_server  # noqa: F401  (fixture)
 from sam_backend.models.base import Prompt
-from random_weights import synthetic_image
+from tests.support.random_weights import synthetic_image
 from sam_backend.models.registry import get_variant
 from sam_backend.models.runtimes import create_model
 from sam_backend.embeddings.store import EmbeddingStore
-from test_store import same
+from tests.embeddings.test_store import same
 
 # (name, variant args, keep_vision_state, arrays in the embedding: features + extra)
 FAMILIES = {"sam2": (("sam2", "hiera_tiny"), None, 3), "sam3": (("sam3",), False, 3),

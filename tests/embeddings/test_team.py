@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import requests
 
-from redis_utils import RedisServer
+from tests.support.redis_utils import RedisServer
 from sam_backend.models.base import Prompt
-from random_weights import synthetic_image
+from tests.support.random_weights import synthetic_image
 from sam_backend.models.registry import get_variant
 from sam_backend.models.torch_runtime import TorchSamModel
-from server_utils import REPO, run_together
-from team_utils import (API_TOKEN, CLI, FakeLabelStudioAPI, WorkerProcess, model_options,
+from tests.support.server_utils import REPO, run_together
+from tests.support.team_utils import (API_TOKEN, CLI, FakeLabelStudioAPI, WorkerProcess, model_options,
                         process_env, start_replica)
-from payloads import FULL_CONFIG, H, W, decode_brush, keypoint, payload
+from tests.support.payloads import FULL_CONFIG, H, W, decode_brush, keypoint, payload
 
 PROJECT_IMAGES = ["p1.png", "p2.png", "p3.png"]
 OTHER_IMAGES = ["n1.png", "n2.png", "n3.png", "n4.png", "n5.png"]

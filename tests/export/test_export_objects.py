@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from export_data import (answer, block, box_prompt, disc, keypoint_prompt, rectangle_region,
+from tests.support.export_data import (answer, block, box_prompt, disc, keypoint_prompt, rectangle_region,
                          write_export)
 from sam_backend import cli
 from sam_backend.export.convert import convert

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from export_data import answer, block, disc, keypoint_prompt, rectangle_region, write_export
+from tests.support.export_data import answer, block, disc, keypoint_prompt, rectangle_region, write_export
 from sam_backend import cli
 from sam_backend.export.yolo import join_parts
 

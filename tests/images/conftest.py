@@ -9,7 +9,7 @@ import pytest
 from sam_backend.images.config import ImageAccessSettings
 from sam_backend.images.loader import ImageLoader
 
-from loopback_hosts import Clock, FakeLabelStudio, FakeStorage, exif_rotated_jpeg, rgb_png
+from tests.support.loopback_hosts import Clock, FakeLabelStudio, FakeStorage, exif_rotated_jpeg, rgb_png
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ from sam_backend.errors import SamBackendError
 from sam_backend.images.config import ImageAccessSettings
 from sam_backend.settings import Settings
 
-from loopback_hosts import LEGACY_TOKEN
+from tests.support.loopback_hosts import LEGACY_TOKEN
 
 
 def test_settings_from_the_environment_names_the_image_layer_always_took(tmp_path):

@@ -10,7 +10,7 @@ from sam_backend.common.text import redact_url
 from sam_backend.errors import ImageError
 from sam_backend.images.credentials import token_kind
 
-from loopback_hosts import LEGACY_TOKEN, SIGNATURE, assert_rotated_cat, make_jwt
+from tests.support.loopback_hosts import LEGACY_TOKEN, SIGNATURE, assert_rotated_cat, make_jwt
 
 
 def test_token_kinds_and_redaction():

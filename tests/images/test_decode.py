@@ -13,7 +13,7 @@ from PIL import Image, ImageFile
 from sam_backend.errors import ImageError
 from sam_backend.images.decode import decode_image
 
-from loopback_hosts import BLUE, GREEN, RED, assert_rotated_cat, close, encode, exif_rotated_jpeg
+from tests.support.loopback_hosts import BLUE, GREEN, RED, assert_rotated_cat, close, encode, exif_rotated_jpeg
 
 
 def test_exif_rotation_applied():

@@ -9,7 +9,7 @@ import pytest
 from sam_backend.errors import ImageError
 from sam_backend.images.disk_cache import DiskCache
 
-from loopback_hosts import LEGACY_TOKEN, rgb_png
+from tests.support.loopback_hosts import LEGACY_TOKEN, rgb_png
 
 
 def test_disk_cache_survives_a_new_process(ls, make_loader, tmp_path):

@@ -15,7 +15,7 @@ import pytest
 from sam_backend.errors import ImageError
 from sam_backend.images.fetch import MAX_RETRIES
 
-from loopback_hosts import LEGACY_TOKEN, SIGNATURE, assert_rotated_cat, exif_rotated_jpeg, rgb_png
+from tests.support.loopback_hosts import LEGACY_TOKEN, SIGNATURE, assert_rotated_cat, exif_rotated_jpeg, rgb_png
 
 
 def test_download_size_limit_and_data_urls(ls, make_loader):

@@ -12,9 +12,9 @@ from sam_backend.images.loader import ImageLoader
 from sam_backend.labelstudio.service import PredictionService, segmenter_for
 from sam_backend.settings import Settings
 
-from loopback_hosts import LEGACY_TOKEN, encode
-from payloads import FULL_CONFIG, H, W, keypoint
-from random_weights import synthetic_image
+from tests.support.loopback_hosts import LEGACY_TOKEN, encode
+from tests.support.payloads import FULL_CONFIG, H, W, keypoint
+from tests.support.random_weights import synthetic_image
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from sam_backend.images.netpolicy import (
     blocked_reason,
     parse_image_hosts,
 )
-from loopback_hosts import LEGACY_TOKEN, FakeLabelStudio, Redirector, _Handler, rgb_png  # noqa: F401
+from tests.support.loopback_hosts import LEGACY_TOKEN, FakeLabelStudio, Redirector, _Handler, rgb_png  # noqa: F401
 
 # --------------------------------------------------------------------------------------------
 # Every socket.connect of this process, from Python's audit events (a hook cannot be removed, so

@@ -9,7 +9,7 @@ import pytest
 from sam_backend.common.text import redact_url
 from sam_backend.errors import ImageError
 
-from loopback_hosts import LEGACY_TOKEN, SIGNATURE, assert_rotated_cat, rgb_png
+from tests.support.loopback_hosts import LEGACY_TOKEN, SIGNATURE, assert_rotated_cat, rgb_png
 
 
 def test_other_label_studio_url_forms(ls, storage, make_loader):

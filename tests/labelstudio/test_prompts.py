@@ -7,7 +7,7 @@ import pytest
 from sam_backend.errors import RequestError
 from sam_backend.labelstudio.label_config import parse_label_config
 from sam_backend.labelstudio.prompts import parse_context
-from payloads import FULL_CONFIG, H, W, keypoint, rectangle
+from tests.support.payloads import FULL_CONFIG, H, W, keypoint, rectangle
 
 CONFIG = parse_label_config(FULL_CONFIG)
 

@@ -15,11 +15,11 @@ from sam_backend.models.loading import load_model
 from sam_backend.models.base import Prompt
 from sam_backend.models.registry import VARIANTS, get_variant
 from sam_backend.models.runtimes import create_model
-from server_utils import BackendProcess, free_port
-from payloads import decode_brush, payload
-from payloads import keypoint as server_keypoint
-from payloads import rectangle as server_rectangle
-from test_weights import leftovers, mirror, sha256_of, weights_dir  # noqa: F401 (fixture)
+from tests.support.server_utils import BackendProcess, free_port
+from tests.support.payloads import decode_brush, payload
+from tests.support.payloads import keypoint as server_keypoint
+from tests.support.payloads import rectangle as server_rectangle
+from tests.models.test_weights import leftovers, mirror, sha256_of, weights_dir  # noqa: F401 (fixture)
 
 TINY = get_variant("sam2", "hiera_tiny")
 SIZES = {"wide": (360, 540), "tall": (480, 300)}  # two aspect ratios (H, W)
@@ -27,7 +27,7 @@ SIZES = {"wide": (360, 540), "tall": (480, 300)}  # two aspect ratios (H, W)
 
 @pytest.fixture(scope="module")
 def docroot(tmp_path_factory):
-    from random_weights import write_synthetic_images
+    from tests.support.random_weights import write_synthetic_images
 
     root = tmp_path_factory.mktemp("docroot")
     return root, write_synthetic_images(root, SIZES)
@@ -219,7 +219,7 @@ def test_every_sam2_config_builds_and_is_recognised_from_its_weights(release_mem
 def test_onnx_decoder_matches_torch_on_four_aspect_ratios(sam2_file, release_memory):
     """runtime=auto (onnxruntime decoder) against runtime=torch: every prompt kind, 4 shapes."""
     from sam_backend.models.onnx_runtime import mask_iou
-    from random_weights import synthetic_image
+    from tests.support.random_weights import synthetic_image
 
     onnx = create_model(TINY, sam2_file, "cpu", "auto")
     torch_model = create_model(TINY, sam2_file, "cpu", "torch")

@@ -21,11 +21,11 @@ import pytest
 import requests
 import torch
 
-from fake_hub import FakeHub
-from random_weights import synthetic_image, write_synthetic_images
+from tests.support.fake_hub import FakeHub
+from tests.support.random_weights import synthetic_image, write_synthetic_images
 from sam_backend.models.registry import get_variant
-from server_utils import REPO, BackendProcess, free_port
-from payloads import FULL_CONFIG, decode_brush, keypoint, payload, rectangle
+from tests.support.server_utils import REPO, BackendProcess, free_port
+from tests.support.payloads import FULL_CONFIG, decode_brush, keypoint, payload, rectangle
 
 # two aspect ratios: landscape and portrait (the processor squashes both to 1008x1008)
 SIZES = {"landscape": (360, 540), "portrait": (500, 300)}

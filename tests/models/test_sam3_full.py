@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import requests
 
-from server_utils import REPO, BackendProcess, free_port
-from test_sam3 import ask, box, click
+from tests.support.server_utils import REPO, BackendProcess, free_port
+from tests.models.test_sam3 import ask, box, click
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +68,7 @@ json.dump(answers, open(out + ".json", "w"))
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
-    from random_weights import synthetic_image
+    from tests.support.random_weights import synthetic_image
 
     root = tmp_path_factory.mktemp("docroot")
     cv2.imwrite(str(root / "full.png"), cv2.cvtColor(synthetic_image(*SIZE, seed=11),

@@ -437,7 +437,7 @@ def test_backend_start_downloads_the_missing_default_checkpoint(mirror, mobile_f
     downloads weights/mobile_sam.pt from the mirror, loads it, and serves clicks."""
     import cv2
     import requests
-    from server_utils import BackendProcess, free_port
+    from tests.support.server_utils import BackendProcess, free_port
 
     mirror.files["mobile_sam.pt"] = mobile_file
     image_path = tmp_path / "cat.png"

@@ -15,8 +15,8 @@ from sam_backend.models.registry import get_variant
 from sam_backend.models.torch_runtime import TorchSamModel
 from sam_backend.server.app import build_app
 from sam_backend.settings import Settings
-from payloads import FULL_CONFIG, H, W, decode_brush, keypoint, payload, rectangle
-from random_weights import synthetic_image
+from tests.support.payloads import FULL_CONFIG, H, W, decode_brush, keypoint, payload, rectangle
+from tests.support.random_weights import synthetic_image
 
 IMAGE_ENV = ("LABEL_STUDIO_URL", "LABEL_STUDIO_HOST", "LABEL_STUDIO_API_KEY",
              "LABEL_STUDIO_ACCESS_TOKEN", "IMAGE_HOSTS", "LOCAL_FILES_DOCUMENT_ROOT")

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import requests
 
-from server_utils import BackendProcess, free_port
+from tests.support.server_utils import BackendProcess, free_port
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -199,7 +199,7 @@ def assert_client_error(response: requests.Response, *needles: str, status=(400,
 # -- the backend --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def docroot(tmp_path_factory):
-    from random_weights import synthetic_image
+    from tests.support.random_weights import synthetic_image
 
     root = tmp_path_factory.mktemp("docroot")
     cv2.imwrite(str(root / "ok.png"), cv2.cvtColor(synthetic_image(H, W, seed=1), cv2.COLOR_RGB2BGR))

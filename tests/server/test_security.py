@@ -11,11 +11,11 @@ import requests
 from PIL import Image
 
 from sam_backend.errors import ConfigError
-from random_weights import synthetic_image
+from tests.support.random_weights import synthetic_image
 from sam_backend.settings import Settings
-from server_utils import REPO, BackendProcess, free_port
-from loopback_hosts import LEGACY_TOKEN, Clock, FakeLabelStudio, Redirector
-from payloads import FULL_CONFIG, H, W, keypoint, payload
+from tests.support.server_utils import REPO, BackendProcess, free_port
+from tests.support.loopback_hosts import LEGACY_TOKEN, Clock, FakeLabelStudio, Redirector
+from tests.support.payloads import FULL_CONFIG, H, W, keypoint, payload
 
 USER = "label-studio"
 PASSWORD = "Pw-8f3kq!zx-S3cret-\u00fc"  # one Latin-1 letter: requests sends basic auth in Latin-1

@@ -14,8 +14,8 @@ import requests
 from sam_backend.models.base import Prompt
 from sam_backend.models.registry import get_variant
 from sam_backend.models.torch_runtime import TorchSamModel
-from payloads import FULL_CONFIG, H, W, decode_brush, keypoint, payload, rectangle
-from server_utils import BackendProcess, free_port
+from tests.support.payloads import FULL_CONFIG, H, W, decode_brush, keypoint, payload, rectangle
+from tests.support.server_utils import BackendProcess, free_port
 
 OTHER_CONFIG = """<View>
   <Image name="photo" value="$img"/>
@@ -37,7 +37,7 @@ def image_file(tmp_path_factory, image_factory_module):
 
 @pytest.fixture(scope="module")
 def image_factory_module():
-    from random_weights import synthetic_image
+    from tests.support.random_weights import synthetic_image
 
     return synthetic_image
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from server_utils import BackendProcess, free_port
+from tests.support.server_utils import BackendProcess, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,7 +11,7 @@ from typing import Optional
 import pytest
 import redis
 
-from server_utils import free_port
+from tests.support.server_utils import free_port
 
 
 class RedisServer:

@@ -7,10 +7,10 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from e2e.ls_harness import BackendProcess as _Process
-from e2e.ls_harness import free_port  # noqa: F401  (re-exported for the tests)
+from tests.support.ls_harness import BackendProcess as _Process
+from tests.support.ls_harness import free_port  # noqa: F401  (re-exported for the tests)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def BackendProcess(cmd: List[str], port: int, env: Optional[Dict[str, str]] = None,

@@ -13,7 +13,7 @@ Importable without pytest. The pieces:
   ``GET /health`` == 200, logs to a file, and can be restarted.
 
 What was learned from the real Label Studio 1.23.2 is written down in ``README.md`` next to this
-file. Command line: ``python tests/e2e/ls_harness.py setup`` (install only) or ``... serve``
+file. Command line: ``python -m tests.support.ls_harness setup`` (install only) or ``... serve``
 (start one instance and print its URL and credentials until Ctrl-C).
 """
 

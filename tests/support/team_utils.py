@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 from urllib.parse import parse_qs, urlsplit
 
-from server_utils import REPO, BackendProcess, free_port
+from tests.support.server_utils import REPO, BackendProcess, free_port
 
 CLI = [sys.executable, "-m", "sam_backend.cli"]
 API_TOKEN = "0123456789abcdef0123456789abcdef01234567"
