@@ -254,47 +254,36 @@ def build_app(settings: Settings) -> Flask:
 # -- the command line -----------------------------------------------------------------------------
 
 def serve(args) -> int:
-    """Run the app on gunicorn: one process (the model is loaded once), many threads."""
-    from gunicorn.app.base import BaseApplication
+    """Run the app on waitress (:mod:`sam_backend.server.http`): one process (the model is loaded
+    once, before the port opens), a pool of ``--threads`` threads that only ever get complete
+    requests."""
+    from sam_backend.server import http
 
     settings = settings_from_args(args)
-
-    from sam_backend.server.gunicorn_worker import worker_class
-
+    if args.threads < 1:
+        raise SamBackendError(f"--threads {args.threads}: at least 1")
     if args.threads < settings.max_concurrent_loads + 4:
         log.warning("--threads %d leaves fewer than 4 threads beside max_concurrent_loads=%d: "
                     "clicks and /health may wait behind image loads", args.threads,
                     settings.max_concurrent_loads)
-
-    class Server(BaseApplication):
-        def load_config(self):
-            self.cfg.set("bind", f"{args.host}:{args.port}")
-            self.cfg.set("workers", 1)
-            # gthread, with a deadline for receiving each request (request_timeout)
-            self.cfg.set("worker_class", worker_class(settings.request_timeout))
-            self.cfg.set("threads", args.threads)
-            # idle kept-alive connections wait in the poller, not in a thread; 2 s (gunicorn's
-            # default) makes clients that pause between clicks race the server's close
-            self.cfg.set("keepalive", 10)
-            self.cfg.set("timeout", 300)  # a first vit_h encode on CPU takes a while
-            self.cfg.set("accesslog", "-" if args.access_log else None)
-            self.cfg.set("loglevel", args.log_level.lower())
-
-        def load(self):
-            # Loaded in the worker, after the fork: torch's thread pools do not survive a fork.
-            return build_app(settings)
-
-    Server().run()
+    app = build_app(settings)
+    try:
+        http.run(app, settings, args.host, args.port, threads=args.threads,
+                 access=args.access_log)
+    except OSError as exc:
+        raise SamBackendError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
     return 0
 
 
 def register_cli(subparsers) -> None:
     parser = subparsers.add_parser(
-        "serve", help="run the backend on a production WSGI server (gunicorn, threaded)")
+        "serve", help="run the backend on a production WSGI server (waitress: requests are read "
+                 "in an event loop, complete ones run in a thread pool)")
     add_listen_arguments(parser)
     parser.add_argument("--threads", type=int, default=32,
-                        help="request threads (default 32; at most max_concurrent_loads of them "
-                             "load new images, the rest stay free for clicks and /health)")
+                        help="request threads (default 32; a thread only gets a request that has "
+                             "fully arrived; at most max_concurrent_loads of them load new "
+                             "images, the rest stay free for clicks and /health)")
     parser.add_argument("--access-log", action="store_true", help="log every request")
     add_option_arguments(parser)
     parser.set_defaults(func=serve)
