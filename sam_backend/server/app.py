@@ -76,8 +76,9 @@ def _json_response(body: Any) -> Response:
 
 
 def _read_body(limit: int) -> bytes:
-    """The request body, at most ``limit`` bytes (413 past it, with or without Content-Length;
-    408 when the client stops sending: the server's request read timeout)."""
+    """The request body, at most ``limit`` bytes (413 past it, with or without Content-Length).
+    The server has it whole already (server/http.py answers 408 to a client too slow to send
+    it); the 408 below is for a WSGI server that streams the body instead."""
     too_large = (f"the request body is larger than {limit / MIB:g} MiB (max_request_mb)")
     if request.content_length is not None and request.content_length > limit:
         raise RequestEntityTooLarge(too_large)
@@ -133,7 +134,10 @@ def create_app(service: PredictionService) -> Flask:
     else:
         app.config["JSON_SORT_KEYS"] = False
     body_limit = int(service.settings.max_request_mb * MIB)
-    app.config["MAX_CONTENT_LENGTH"] = body_limit
+    # The server refuses larger bodies before the app (server/http.py); _read_body checks again.
+    # Werkzeug bounds a server-terminated stream at MAX_CONTENT_LENGTH and answers 413 to the
+    # read that finds the end of a body of exactly that size: one byte of room for that read.
+    app.config["MAX_CONTENT_LENGTH"] = body_limit + 1
     model = service.segmenter.model
     auth = basic_auth.BasicAuth(service.settings.basic_auth_user, service.settings.basic_auth_pass)
     basic_auth.install(app, auth, _error)
@@ -156,10 +160,9 @@ def create_app(service: PredictionService) -> Flask:
 
     @app.errorhandler(HTTPException)
     def http_error(exc):
-        response = _error(f"{exc.code} {exc.name}: {exc.description}", exc.code or 500)
-        if exc.code in (408, 413):  # the rest of the body is not wanted: do not wait for it
-            response.headers["Connection"] = "close"
-        return response
+        # (no Connection header: WSGI apps may not set it; the server closes after its own
+        # 408 and 413, which it answers before the app sees the request)
+        return _error(f"{exc.code} {exc.name}: {exc.description}", exc.code or 500)
 
     @app.errorhandler(Exception)
     def internal_error(exc):

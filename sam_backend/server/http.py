@@ -235,6 +235,9 @@ class _Channel(HTTPChannel):
             request.error = RequestTimeout(
                 f"the request was not received within {seconds:g} s (request_timeout)")
             request.completed = True
+            if not request.headers_finished:  # the version is not parsed yet: answer as 1.1
+                first_line = request.header_plus.lstrip().split(b"\r\n", 1)[0]
+                request.version = "1.0" if first_line.endswith(b" HTTP/1.0") else "1.1"
             self.request = None
             self.timed_out = True
             self.requests.append(request)
