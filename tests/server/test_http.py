@@ -265,3 +265,42 @@ def test_the_open_files_limit_is_raised_to_fit_max_connections():
         assert now >= min(2256, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_run_serves_until_sigterm_then_exits_0_and_a_busy_port_is_an_error(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from server_utils import free_port
+
+    port = free_port()
+    code = ("import logging, sys\nfrom flask import Flask\nfrom sam_backend.server import http\n"
+            "logging.basicConfig(level='INFO')\n"
+            "from sam_backend.settings import Settings\n"
+            "app = Flask('probe')\napp.route('/health')(lambda: 'UP')\n"
+            "http.run(app, Settings.load({}, environ={}), '127.0.0.1', int(sys.argv[1]), 2, "
+            "access=True)\n")
+    repo = Path(__file__).resolve().parents[2]
+    process = subprocess.Popen([sys.executable, "-c", code, str(port)], cwd=repo, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert requests.get(f"http://127.0.0.1:{port}/health", timeout=2).text == "UP"
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline and process.poll() is None
+                time.sleep(0.2)
+        app, _ = make_app()
+        with pytest.raises(OSError):  # the port is taken: an error, not a silent second server
+            http.make_server(app, Settings.load({}, environ={}), "127.0.0.1", port)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=20)
+    finally:
+        process.kill()
+    assert process.returncode == 0, output
+    assert f"serving on http://127.0.0.1:{port}" in output
+    assert '"GET /health HTTP/1.1" 200' in output  # the access log
