@@ -69,7 +69,7 @@ def payload(image="ok.png", regions=None, task_id=1):
 
 
 def process_tree_rss(pid: int) -> int:
-    """RSS in bytes of ``pid`` and its descendants (gunicorn's arbiter and its worker)."""
+    """RSS in bytes of ``pid`` and its descendants (the server and any process it starts)."""
     total, todo = 0, [pid]
     while todo:
         current = todo.pop()
