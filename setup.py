@@ -44,7 +44,7 @@ setup(
         "ujson",
         "tqdm",
         "filelock",
-        "gunicorn",
+        "waitress==3.0.2",  # the HTTP server of both start commands (sam_backend/server/http.py)
         "PyYAML",  # export-yolo's data.yaml
         # SAM 3 (model_name=sam3): one code path on CPU and GPU; hub downloads
         "transformers==5.23.0",

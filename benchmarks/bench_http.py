@@ -6,7 +6,7 @@ Usage:
                                     [--cache-dir DIR] [--out benchmarks/results/http.json]
 
 For every variant (random-weight checkpoint) and runtime, the backend is started the production
-way, ``sam-backend serve`` (gunicorn, one worker, gthread with 8 threads), on a loopback port,
+way, ``sam-backend serve`` (waitress, one process, 8 threads), on a loopback port,
 with ``device=cpu runtime=<runtime> out_poly=true`` and every other option at its default
 (float16 embedding cache of 1024 MiB, precompute on). Images are JPEG files served the way Label
 Studio's local storage does: ``/data/local-files/?d=<path>`` with ``LOCAL_FILES_DOCUMENT_ROOT``.
@@ -29,7 +29,7 @@ first clicks on the 1080p and 4K images used below), measured in this order:
 5. ``busy_click_1080p``: a first click on a new image is fired from another thread; 100 ms later
    a click on the embedded 1080p image is timed (``busy_background_first_click`` is the other
    request's time). Its ratio to the idle ``embedded_click_1080p`` median is reported.
-6. Process memory (VmRSS / VmHWM of the gunicorn worker, which holds the model) and the
+6. Process memory (VmRSS / VmHWM of the server process, which holds the model) and the
    embedding cache (GET /health) divided by its image count.
 7. ``reencode_click_1080p``: the single clicks of 1. on the same backend started with
    ``embedding_cache_mb=1``: an embedding (2 MiB in float16 for MobileSAM) does not fit, so every
@@ -152,7 +152,7 @@ def machine_info() -> Dict[str, Any]:
 def versions() -> Dict[str, Optional[str]]:
     out: Dict[str, Optional[str]] = {}
     for name in ("sam_backend", "torch", "torchvision", "onnxruntime", "onnx", "numpy",
-                 "opencv-python-headless", "opencv-python", "gunicorn", "flask", "timm"):
+                 "opencv-python-headless", "opencv-python", "waitress", "flask", "timm"):
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -555,7 +555,7 @@ def start_backend(checkpoint: Path, runtime: str, doc_root: Path, log_path: Path
 
 def failure_reason(message: str, log_path: Path) -> str:
     """The most telling line of a failed start: the last exception line of a traceback, else
-    the last error line that is not gunicorn's own shutdown chatter, else the last line."""
+    the last error line that is not the server's own shutdown chatter, else the last line."""
     try:
         lines = log_path.read_text(errors="replace").splitlines()
     except OSError:
@@ -1040,7 +1040,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "machine": machine_info(),
         "versions": versions(),
         "load_average_before": loadavg(),
-        "server": "`sam-backend serve` (gunicorn, 1 worker, gthread 8 threads) on 127.0.0.1, "
+        "server": "`sam-backend serve` (waitress, 1 process, 8 threads) on 127.0.0.1, "
                   "device=cpu out_poly=true, other options at their defaults",
         "plan": {"variants": variants, "runtimes": runtimes, "repeats": plan.repeats,
                  "embedded_repeats": plan.embedded_repeats, "sequences": plan.sequences,

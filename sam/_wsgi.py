@@ -1,8 +1,9 @@
 """Entry point of ``label-studio-ml start sam [--with key=value ...] [-p PORT] [--host HOST]``.
 
 label-studio-ml runs ``python sam/_wsgi.py <its arguments>``; this file takes the same arguments
-as label-studio-ml's own template and serves the sam_backend app on a threaded server. For
-production use ``sam-backend serve`` (gunicorn).
+as label-studio-ml's own template and serves the sam_backend app on the same server as
+``sam-backend serve`` (waitress, :func:`sam_backend.server.http.run`, 32 threads): a thread only
+ever gets a request that has fully arrived.
 """
 import argparse
 import logging
@@ -12,6 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sam_backend.errors import SamBackendError  # noqa: E402
+from sam_backend.server import http  # noqa: E402
 from sam_backend.server.app import build_app  # noqa: E402
 from sam_backend.settings import add_listen_arguments, from_environment, settings_from_args  # noqa: E402
 
@@ -42,8 +44,11 @@ def main() -> int:
     if args.check:
         log.info("model loaded; --check given, not serving")
         return 0
-    log.info("serving on http://%s:%d", args.host, args.port)
-    app.run(host=args.host, port=args.port, debug=False, use_reloader=False, threaded=True)
+    try:
+        http.run(app, settings, args.host, args.port)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
+        return 2
     return 0
 
 

@@ -143,8 +143,11 @@ class Settings:
         4, "requests loading or encoding a new image at once; more get 503 at once, so clicks on "
         "embedded images and /health always find a free thread")
     request_timeout: float = option(
-        10.0, "sam-backend serve: seconds to receive a request's headers and body; a slower client"
-        " is disconnected")
+        10.0, "seconds from a request's first byte to its last (headers and body); a slower "
+        "client is answered 408 and disconnected (a deadline: trickling bytes do not extend it)")
+    max_connections: int = option(
+        1000, "open client connections at once; more wait in the listen backlog (slow or idle "
+        "clients hold a connection, never a thread)")
     predict_timeout: float = option(
         90.0, "seconds a /predict may work (Label Studio gives up after 100 s); past it the work "
         "stops and the answer is 503, and work whose client disconnected stops too")
@@ -223,8 +226,8 @@ class Settings:
                               "precompute_job_timeout must be positive")
         for name in ("max_points", "max_tasks", "max_request_mb", "max_label_config_kb",
                      "label_config_cache_mb", "max_projects", "image_memory_mb",
-                     "max_concurrent_loads", "request_timeout", "predict_timeout", "max_image_pixels",
-                     "max_image_bytes", "image_timeout"):
+                     "max_concurrent_loads", "request_timeout", "max_connections",
+                     "predict_timeout", "max_image_pixels", "max_image_bytes", "image_timeout"):
             value = getattr(self, name)
             if not (value > 0 and value < float("inf")):
                 raise ConfigError(f"{name}={value!r} must be a positive number")

@@ -76,8 +76,9 @@ def _json_response(body: Any) -> Response:
 
 
 def _read_body(limit: int) -> bytes:
-    """The request body, at most ``limit`` bytes (413 past it, with or without Content-Length;
-    408 when the client stops sending: the server's request read timeout)."""
+    """The request body, at most ``limit`` bytes (413 past it, with or without Content-Length).
+    The server has it whole already (server/http.py answers 408 to a client too slow to send
+    it); the 408 below is for a WSGI server that streams the body instead."""
     too_large = (f"the request body is larger than {limit / MIB:g} MiB (max_request_mb)")
     if request.content_length is not None and request.content_length > limit:
         raise RequestEntityTooLarge(too_large)
@@ -133,7 +134,10 @@ def create_app(service: PredictionService) -> Flask:
     else:
         app.config["JSON_SORT_KEYS"] = False
     body_limit = int(service.settings.max_request_mb * MIB)
-    app.config["MAX_CONTENT_LENGTH"] = body_limit
+    # The server refuses larger bodies before the app (server/http.py); _read_body checks again.
+    # Werkzeug bounds a server-terminated stream at MAX_CONTENT_LENGTH and answers 413 to the
+    # read that finds the end of a body of exactly that size: one byte of room for that read.
+    app.config["MAX_CONTENT_LENGTH"] = body_limit + 1
     model = service.segmenter.model
     auth = basic_auth.BasicAuth(service.settings.basic_auth_user, service.settings.basic_auth_pass)
     basic_auth.install(app, auth, _error)
@@ -156,10 +160,9 @@ def create_app(service: PredictionService) -> Flask:
 
     @app.errorhandler(HTTPException)
     def http_error(exc):
-        response = _error(f"{exc.code} {exc.name}: {exc.description}", exc.code or 500)
-        if exc.code in (408, 413):  # the rest of the body is not wanted: do not wait for it
-            response.headers["Connection"] = "close"
-        return response
+        # (no Connection header: WSGI apps may not set it; the server closes after its own
+        # 408 and 413, which it answers before the app sees the request)
+        return _error(f"{exc.code} {exc.name}: {exc.description}", exc.code or 500)
 
     @app.errorhandler(Exception)
     def internal_error(exc):
@@ -254,47 +257,36 @@ def build_app(settings: Settings) -> Flask:
 # -- the command line -----------------------------------------------------------------------------
 
 def serve(args) -> int:
-    """Run the app on gunicorn: one process (the model is loaded once), many threads."""
-    from gunicorn.app.base import BaseApplication
+    """Run the app on waitress (:mod:`sam_backend.server.http`): one process (the model is loaded
+    once, before the port opens), a pool of ``--threads`` threads that only ever get complete
+    requests."""
+    from sam_backend.server import http
 
     settings = settings_from_args(args)
-
-    from sam_backend.server.gunicorn_worker import worker_class
-
+    if args.threads < 1:
+        raise SamBackendError(f"--threads {args.threads}: at least 1")
     if args.threads < settings.max_concurrent_loads + 4:
         log.warning("--threads %d leaves fewer than 4 threads beside max_concurrent_loads=%d: "
                     "clicks and /health may wait behind image loads", args.threads,
                     settings.max_concurrent_loads)
-
-    class Server(BaseApplication):
-        def load_config(self):
-            self.cfg.set("bind", f"{args.host}:{args.port}")
-            self.cfg.set("workers", 1)
-            # gthread, with a deadline for receiving each request (request_timeout)
-            self.cfg.set("worker_class", worker_class(settings.request_timeout))
-            self.cfg.set("threads", args.threads)
-            # idle kept-alive connections wait in the poller, not in a thread; 2 s (gunicorn's
-            # default) makes clients that pause between clicks race the server's close
-            self.cfg.set("keepalive", 10)
-            self.cfg.set("timeout", 300)  # a first vit_h encode on CPU takes a while
-            self.cfg.set("accesslog", "-" if args.access_log else None)
-            self.cfg.set("loglevel", args.log_level.lower())
-
-        def load(self):
-            # Loaded in the worker, after the fork: torch's thread pools do not survive a fork.
-            return build_app(settings)
-
-    Server().run()
+    app = build_app(settings)
+    try:
+        http.run(app, settings, args.host, args.port, threads=args.threads,
+                 access=args.access_log)
+    except OSError as exc:
+        raise SamBackendError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
     return 0
 
 
 def register_cli(subparsers) -> None:
     parser = subparsers.add_parser(
-        "serve", help="run the backend on a production WSGI server (gunicorn, threaded)")
+        "serve", help="run the backend on a production WSGI server (waitress: requests are read "
+                 "in an event loop, complete ones run in a thread pool)")
     add_listen_arguments(parser)
     parser.add_argument("--threads", type=int, default=32,
-                        help="request threads (default 32; at most max_concurrent_loads of them "
-                             "load new images, the rest stay free for clicks and /health)")
+                        help="request threads (default 32; a thread only gets a request that has "
+                             "fully arrived; at most max_concurrent_loads of them load new "
+                             "images, the rest stay free for clicks and /health)")
     parser.add_argument("--access-log", action="store_true", help="log every request")
     add_option_arguments(parser)
     parser.set_defaults(func=serve)

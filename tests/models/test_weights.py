@@ -433,7 +433,7 @@ def test_cli_random(tmp_path, capsys, monkeypatch):
 
 def test_backend_start_downloads_the_missing_default_checkpoint(mirror, mobile_file, tmp_path,
                                                                 image_factory):
-    """The production entry (`sam-backend serve`, gunicorn) with no checkpoint on disk: it
+    """The production entry (`sam-backend serve`, waitress) with no checkpoint on disk: it
     downloads weights/mobile_sam.pt from the mirror, loads it, and serves clicks."""
     import cv2
     import requests

@@ -69,7 +69,7 @@ def payload(image="ok.png", regions=None, task_id=1):
 
 
 def process_tree_rss(pid: int) -> int:
-    """RSS in bytes of ``pid`` and its descendants (gunicorn's arbiter and its worker)."""
+    """RSS in bytes of ``pid`` and its descendants (the server and any process it starts)."""
     total, todo = 0, [pid]
     while todo:
         current = todo.pop()
@@ -477,6 +477,225 @@ def test_health_answers_while_clients_stall_and_image_hosts_hang(server):
         for s in stalled:
             s.close()
     assert max(health_times) < HEALTH_BOUND
+
+
+def read_answer(sock: socket.socket) -> tuple:
+    """(status line + headers, body) of one HTTP answer with a Content-Length."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before an answer: {data[:200]!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "closed in the middle of the answer"
+        body += chunk
+    return head, body
+
+
+def assert_closed(sock: socket.socket, within: float = 5.0) -> None:
+    """The server closed the connection (EOF or reset) within ``within`` s."""
+    sock.settimeout(within)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+
+
+class SlowClients:
+    """``n`` loopback connections that each send an unfinished request line, headers or body,
+    then one byte a second; a connection the server answers or drops is reconnected. One thread,
+    non-blocking sockets; it stops itself after ``seconds`` (or at :meth:`stop`)."""
+
+    STARTS = (b"POST /predi",  # an unfinished request line
+              b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Slow: ",
+              b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 100000\r\n\r\n{\"tasks\": ")
+
+    def __init__(self, port: int, n: int, seconds: float):
+        self.port, self.n = port, n
+        self.answers: Dict[bytes, int] = {}  # status code -> how many
+        self.connects = self.drops = 0
+        self.max_open = 0
+        self._stop = threading.Event()
+        self._until = time.monotonic() + seconds
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _connect(self, index: int):
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        s.setblocking(False)
+        self.connects += 1
+        return [s, self.STARTS[index % 3], b""]  # socket, start still to send, what came back
+
+    def _run(self):
+        conns = [self._connect(i) for i in range(self.n)]
+        try:
+            while not self._stop.is_set() and time.monotonic() < self._until:
+                open_now = 0
+                for i, conn in enumerate(conns):
+                    s, pending, got = conn
+                    alive = True
+                    try:
+                        data = s.recv(65536)
+                        if data:
+                            conn[2] = got + data
+                        else:
+                            alive = False
+                    except BlockingIOError:
+                        pass
+                    except OSError:
+                        alive = False
+                    if alive:
+                        try:  # the start at once, then one byte a second
+                            conn[1] = pending[s.send(pending or b"x"):]
+                        except BlockingIOError:
+                            pass
+                        except OSError:
+                            alive = False
+                    if not alive:
+                        status = conn[2][9:12]
+                        self.answers[status] = self.answers.get(status, 0) + 1
+                        self.drops += 1
+                        s.close()
+                        conns[i] = self._connect(i)
+                    else:
+                        open_now += 1
+                self.max_open = max(self.max_open, open_now)
+                self._stop.wait(1.0)
+        finally:
+            for conn in conns:
+                conn[0].close()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(timeout=30)
+        assert not self._thread.is_alive()
+
+
+def test_a_hundred_slow_clients_do_not_lock_out_health_or_clicks(server):
+    """Issue 21 (3): with 100 connections sending one byte a second, /health answered 0 of 15
+    polls and a click timed out. A thread only gets a complete request now: /health answers
+    every poll within its bound, clicks keep answering, the slow ones are cut at the deadline."""
+    port = int(server.rsplit(":", 1)[1])
+    seconds = 3 * REQUEST_TIMEOUT + 3
+    slow = SlowClients(port, 100, seconds)
+    health_times: List[float] = []
+    click_times: List[float] = []
+    try:
+        time.sleep(1.5)  # every slow connection open and started
+        started = time.monotonic()
+        i = 0
+        while time.monotonic() - started < seconds - 2.5:
+            t0 = time.monotonic()
+            try:
+                response = requests.get(server + "/health", timeout=HEALTH_BOUND)
+            except requests.Timeout:
+                pytest.fail(f"/health took > {HEALTH_BOUND} s at {t0 - started:.1f} s; the "
+                            f"earlier ones: {health_times}")
+            assert response.status_code == 200
+            health_times.append(round(time.monotonic() - t0, 3))
+            if i % 2 == 0:
+                t0 = time.monotonic()
+                click = post(server + "/predict", payload(regions=[keypoint(20.0 + i, 30.0)]),
+                             timeout=30)
+                assert click.status_code == 200, click.text[:300]
+                click_times.append(round(time.monotonic() - t0, 3))
+            i += 1
+            time.sleep(0.5)
+    finally:
+        slow.stop()
+    print(f"/health under 100 slow clients: {len(health_times)} polls, median "
+          f"{sorted(health_times)[len(health_times) // 2] * 1000:.0f} ms, max "
+          f"{max(health_times) * 1000:.0f} ms; clicks: {len(click_times)}, max "
+          f"{max(click_times) * 1000:.0f} ms; slow connections: {slow.connects} opened, "
+          f"answers {slow.answers}")
+    assert len(health_times) >= 10 and max(health_times) < HEALTH_BOUND
+    assert slow.max_open >= 90  # they really were there at once
+    assert slow.answers.get(b"408", 0) >= 100, slow.answers  # each cut at request_timeout
+
+
+def test_a_body_not_received_within_request_timeout_is_408_and_closed(server):
+    port = int(server.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=REQUEST_TIMEOUT + 10) as s:
+        started = time.monotonic()
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n{")
+        s.setblocking(False)
+        data = b""
+        while b"\r\n\r\n" not in data and time.monotonic() - started < REQUEST_TIMEOUT + 5:
+            try:
+                s.send(b" ")  # a byte a second does not extend the deadline
+            except OSError:
+                break
+            time.sleep(1.0)
+            try:
+                data += s.recv(65536)
+            except BlockingIOError:
+                pass
+        elapsed = time.monotonic() - started
+        s.setblocking(True)
+        s.settimeout(10)
+        while b"\r\n\r\n" not in data:
+            data += s.recv(65536)
+        head, body = data.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 408 408 Request Timeout: the request was not "
+                               b"received within 4 s (request_timeout)\r\n"), head
+        assert b"Connection: close" in head
+        assert body.startswith(b'{"status": "error", "errors": ["408 Request Timeout')
+        assert_closed(s)
+    assert REQUEST_TIMEOUT - 0.1 < elapsed < REQUEST_TIMEOUT + 2, elapsed
+
+
+def test_chunked_and_sized_bodies_of_exactly_max_request_mb_are_taken(server):
+    """Issue 21 (8): a chunked body of exactly 32 MiB was 413 while the same body with a
+    Content-Length was 200. Both are taken; one byte more is 413 both ways, and the connection
+    is closed after it (also while the client is still sending)."""
+    limit = 32 * MB
+    body = json.dumps(payload()).encode()
+    body += b" " * (limit - len(body))
+
+    def pieces(data: bytes):
+        for start in range(0, len(data), MB):
+            yield data[start:start + MB]
+
+    headers = {"Content-Type": "application/json"}
+    for data in (body, pieces(body)):
+        response = requests.post(server + "/predict", data=data, headers=headers, timeout=60)
+        assert response.status_code == 200, response.text[:300]
+    port = int(server.rsplit(":", 1)[1])
+    for chunked in (False, True):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            data = body + b" "
+            if chunked:
+                s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                          b"\r\n")
+                for piece in pieces(data):
+                    s.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n")
+                s.sendall(b"0\r\n\r\n")
+            else:
+                s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                          % len(data))  # refused from the header: the body is not sent
+            head, answer = read_answer(s)
+            assert head.startswith(b"HTTP/1.1 413 413 Request Entity Too Large: the request "
+                                   b"body is larger than 32 MiB (max_request_mb)"), head
+            assert b"Connection: close" in head and b'"errors"' in answer
+            assert_closed(s)
+    # a 413 while the client is still sending: the answer, then the connection closed
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"%x\r\n" % (limit + 4096) + b" " * (limit + 1))
+        head, _ = read_answer(s)
+        assert head.startswith(b"HTTP/1.1 413"), head
+        started = time.monotonic()
+        with pytest.raises(OSError):  # reset or broken pipe once the server has closed
+            while time.monotonic() - started < 15:
+                s.sendall(b" " * 65536)
+        assert time.monotonic() - started < 10
 
 
 # -- 5. a 400 naming the field, never a 500 -----------------------------------------------------

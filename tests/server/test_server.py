@@ -308,3 +308,38 @@ def test_exif_rotated_photo_gets_a_mask_in_the_rotated_frame(backend, image_file
     model, _ = reference
     want = model.decode(model.embed(viewed), Prompt(np.array([[0.4 * W, 0.5 * H]]), np.array([1])))
     assert np.array_equal(decode_brush(brush), want.mask)
+
+
+def test_label_studio_ml_start_closes_after_a_413_and_takes_a_chunked_body_of_the_limit(backend):
+    """Issue 21 (8), `label-studio-ml start` path: Werkzeug's development server kept the socket
+    open after a 413 whose body was still being sent, and refused a chunked body of exactly
+    max_request_mb. It runs on the same server as `sam-backend serve` now."""
+    import socket
+
+    limit = 32 * 2 ** 20
+    body = json.dumps(payload([keypoint(40.0, 50.0)])).encode()
+    body += b" " * (limit - len(body))
+    pieces = (body[i:i + 2 ** 20] for i in range(0, len(body), 2 ** 20))
+    response = requests.post(backend.url + "/predict", data=pieces, timeout=60,
+                             headers={"Content-Type": "application/json"})
+    assert response.status_code == 200, response.text[:300]
+
+    port = int(backend.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % (limit + 1) + b" " * 65536)  # and no more
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(65536)
+            assert chunk, data
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 413"), data[:300]
+        assert b"Connection: close" in data.split(b"\r\n\r\n")[0]
+        started = time.monotonic()
+        try:
+            while s.recv(65536):  # the rest of the answer, then the server's close
+                pass
+        except ConnectionResetError:
+            pass
+        assert time.monotonic() - started < 5
+    assert requests.get(backend.url + "/health", timeout=5).status_code == 200
