@@ -273,7 +273,7 @@ def test_run_serves_until_sigterm_then_exits_0_and_a_busy_port_is_an_error(tmp_p
     import sys
     from pathlib import Path
 
-    from server_utils import free_port
+    from tests.support.server_utils import free_port
 
     port = free_port()
     code = ("import logging, sys\nfrom flask import Flask\nfrom sam_backend.server import http\n"
