@@ -260,10 +260,11 @@ class ConceptAnnotator:
     def annotate_typed(self, tasks: Sequence[Dict[str, Any]], config: LabelConfig,
                        region: Tuple[int, dict], scope: WorkScope = UNBOUNDED
                        ) -> List[Dict[str, Any]]:
-        """The phrases of a textarea region (:func:`~sam_backend.concepts.phrases.text_prompt_region`) on every task: the
-        prompt is read within its bounds (``max_phrases``, ``max_phrase_chars``), each phrase
-        checked against the engine's text encoder, then one pass per task, all under ``scope``
-        (the request's deadline and client)."""
+        """The phrases of a textarea region (from
+        :func:`~sam_backend.concepts.phrases.text_prompt_region`) on every task: the prompt is
+        read within its bounds (``max_phrases``, ``max_phrase_chars``), each phrase checked
+        against the engine's text encoder, then one pass per task, all under ``scope`` (the
+        request's deadline and client)."""
         concepts = concepts_of_region(region, config, PhraseLimits.from_settings(self.settings),
                                       scope)
         answers = []

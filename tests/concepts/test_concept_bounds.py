@@ -270,3 +270,23 @@ def test_duplicate_suppression_and_max_instances_hold_per_label_across_its_phras
     assert sum(alone) > len(boxes)
     scores = [r["score"] for r in both["result"] if r["type"] == "rectanglelabels"]
     assert scores == sorted(scores, reverse=True)
+
+
+def test_background_passes_waiting_at_once_are_bounded(checkpoint_factory, dino_dir, tmp_path):
+    """At most max_tasks passes wait or run in the background; a task beyond them is answered
+    [] at once (Label Studio asks again later) and nothing is queued for it."""
+    paths = []
+    for seed in (21, 22, 23):
+        path = tmp_path / f"scene{seed}.png"
+        cv2.imwrite(str(path), synthetic_image(720, 960, seed=seed))
+        paths.append(path)
+    service = dino_service(checkpoint_factory, tmp_path, dino_dir, auto_annotate=True,
+                           concept_timeout=0.001, max_tasks=2)
+    tasks = [{"id": i, "data": {"image": str(p)}} for i, p in enumerate(paths)]
+    assert service.predict(tasks[:2], CONFIG, None) == [[], []]  # two passes: the bound
+    assert service.predict(tasks[2:], CONFIG, None) == [[]]
+    pending = list(service.concepts._pending.values())
+    assert len(pending) <= 2
+    for future in pending:
+        future.result(timeout=300)
+    assert len(service.concepts._results) == 2  # the third task was not queued

@@ -102,8 +102,8 @@ def serve_backend(options: List[str], log_dir: Path, env: Optional[Dict[str, str
 def many_labels_config(count: int, hints: bool = False) -> str:
     """A labeling config with a TextArea and ``count`` labels (``l0`` ...) in one BrushLabels on
     one image; with ``hints``, each label has a hint (``thing N``)."""
-    labels = "".join(f'<Label value="l{i}" hint="thing {i}"/>' if hints else f'<Label value="l{i}"/>'
-                     for i in range(count))
+    labels = "".join(f'<Label value="l{i}" hint="thing {i}"/>' if hints
+                     else f'<Label value="l{i}"/>' for i in range(count))
     return ('<View><Image name="image" value="$image"/>'
             '<TextArea name="phrase" toName="image" editable="true"/>'
             f'<BrushLabels name="brush" toName="image">{labels}</BrushLabels></View>')
