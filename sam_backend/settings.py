@@ -171,6 +171,15 @@ class Settings:
     concept_timeout: float = option(
         20.0, "seconds an auto-annotation /predict waits for the concept pass; later it finishes "
         "in the background and the next ask is answered from its result")
+    max_phrases: int = option(
+        32, "phrases in one typed concept prompt (split at commas and lines); more is refused with "
+        "400")
+    max_phrase_chars: int = option(
+        200, "characters of one typed phrase; a longer one is refused with 400 (and so is a phrase "
+        "longer than the concept model's text encoder takes, in tokens)")
+    max_concept_labels: int = option(
+        100, "labels one concept pass asks for (auto-annotation: the config's labels, or "
+        "concept_labels); more is refused with 400")
 
     @classmethod
     def option_names(cls):
@@ -238,6 +247,9 @@ class Settings:
             raise ConfigError("concept_threshold and concept_nms_iou must be between 0 and 1")
         if self.max_instances <= 0 or self.concept_timeout <= 0:
             raise ConfigError("max_instances and concept_timeout must be positive")
+        for name in ("max_phrases", "max_phrase_chars", "max_concept_labels"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be a positive number")
         if self.auto_annotate and self.concept_model == "none":
             raise ConfigError("auto_annotate=true needs a concept model: add "
                               "concept_model=grounding_dino (or sam3)")

@@ -11,7 +11,8 @@ regions through the same code as clicks (:meth:`PredictionService.mask_regions`)
 
 Three ways to ask, all answered here:
 
-* a ``TextArea`` prompt in the task (:func:`parse_text_prompt`);
+* a ``TextArea`` prompt in the task (:func:`~sam_backend.concepts.phrases.parse_text_prompt`,
+  :meth:`ConceptAnnotator.annotate_typed`);
 * a task opened / "Retrieve predictions" with ``auto_annotate=true``
   (:meth:`ConceptAnnotator.auto_annotate`, bounded by ``concept_timeout``);
 * ``sam-backend annotate`` (:mod:`sam_backend.concepts.annotate`), a whole project through
@@ -27,123 +28,34 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple, Type
+from typing import (Any, Callable, Dict, Hashable, Iterable, List, Optional, Sequence, Tuple,
+                    Type, Union)
 
 import numpy as np
 
+from sam_backend.common.deadline import UNBOUNDED, WorkScope
+from sam_backend.common.limits import shown
+from sam_backend.concepts.phrases import Concept, PhraseLimits, concepts_of, concepts_of_region
 from sam_backend.errors import ConfigError, RequestError
-from sam_backend.labelstudio.label_config import OUTPUT_TYPES, LabelConfig
+from sam_backend.labelstudio.label_config import LabelConfig
 
 log = logging.getLogger(__name__)
 
 ImageLoaderFn = Callable[[], np.ndarray]
 
 
-# -- concepts from the label config ---------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Concept:
-    """One label on one image, and the phrase the model is asked for."""
-
-    label: str
-    phrase: str
-    to_name: str
-
-
-def concepts_of(config: LabelConfig, only_labels: Optional[Sequence[str]] = None) -> List[Concept]:
-    """Every label of the config's output controls, once per image (config order).
-
-    ``only_labels``: keep these labels only (``concept_labels``); None keeps all."""
-    wanted = set(only_labels) if only_labels else None
-    found: "OrderedDict[Tuple[str, str], str]" = OrderedDict()
-    for control in config.controls:
-        if control.type not in OUTPUT_TYPES or control.to_name not in config.images:
-            continue
-        for label in control.labels:
-            if wanted is not None and label not in wanted:
-                continue
-            key = (control.to_name, label)
-            hint = control.hint(label)
-            if key not in found or (hint and found[key] == label):
-                found[key] = hint or label
-    return [Concept(label, phrase, to_name) for (to_name, label), phrase in found.items()]
-
-
-def _labels_on(config: LabelConfig, to_name: str) -> List[Concept]:
-    return [c for c in concepts_of(config) if c.to_name == to_name]
-
-
-def resolve_phrase(text: str, config: LabelConfig, to_name: str) -> Concept:
-    """What an annotator typed -> (label, phrase).
-
-    ``phrase_Label`` names the label explicitly (the part after the last ``_`` is a label of the
-    image's output controls); otherwise a phrase equal to a label's value or hint (case-insensitive)
-    takes that label; a config with a single label takes any phrase under it."""
-    text = " ".join(text.split())
-    candidates = _labels_on(config, to_name)
-    if not candidates:
-        raise RequestError(f"the labeling config has no BrushLabels, PolygonLabels or "
-                           f"RectangleLabels control on {to_name!r}: nowhere to put instances")
-    by_label = {c.label: c for c in candidates}
-    if "_" in text:
-        phrase, _, label = text.rpartition("_")
-        label = label.strip()
-        matched = by_label.get(label) or next(
-            (c for c in candidates if c.label.lower() == label.lower()), None)
-        if matched and phrase.strip():
-            return Concept(matched.label, phrase.strip(), to_name)
-    for concept in candidates:
-        if text.lower() in (concept.label.lower(), concept.phrase.lower()):
-            return concept
-    if len(candidates) == 1:
-        return Concept(candidates[0].label, text, to_name)
-    raise RequestError(
-        f"which label is {text!r}? Type a label's name, or phrase_label (e.g. "
-        f"'{text}_{candidates[0].label}'); labels: {', '.join(c.label for c in candidates)}")
-
-
-def parse_text_prompt(context: Any, config: LabelConfig) -> Optional[List[Concept]]:
-    """The concepts typed into a ``TextArea`` (``params.context`` of /predict), or None when the
-    context holds no text region. Label Studio sends ``{"result": [{"type": "textarea",
-    "from_name": ..., "to_name": "image", "value": {"text": ["red car"]}}]}``; several phrases
-    may be separated by commas or lines."""
-    if not isinstance(context, dict) or not isinstance(context.get("result"), list):
-        return None
-    items = [item for item in context["result"]
-             if isinstance(item, dict) and item.get("type") == "textarea"]
-    if not items:
-        return None
-    item = items[-1]
-    value = item.get("value") if isinstance(item.get("value"), dict) else {}
-    text = value.get("text")
-    if isinstance(text, str):
-        text = [text]
-    if not isinstance(text, list) or not all(isinstance(t, str) for t in text):
-        raise RequestError("context.result: a textarea region needs value.text, a list of strings")
-    to_name = item.get("to_name")
-    if not to_name:
-        inputs = [t for t in config.text_inputs if t.name == item.get("from_name")]
-        to_name = inputs[0].to_name if inputs else next(iter(config.images), None)
-    if to_name not in config.images:
-        raise RequestError(f"the text prompt's to_name {to_name!r} is not an Image of the "
-                           f"labeling config")
-    parts = [p.strip() for t in text for line in t.splitlines() for p in line.split(",")]
-    parts = [p for p in parts if p]
-    if not parts:
-        raise RequestError("the text prompt is empty: type a phrase (e.g. 'car', or 'red car_Car')")
-    return [resolve_phrase(part, config, to_name) for part in parts]
-
-
 # -- instances ------------------------------------------------------------------------------------
 
 @dataclass
 class Instances:
-    """N instances of one phrase on one image.
+    """N instances of one label (from one or more phrases) on one image.
 
-    ``masks``: (N, H, W) bool, image frame; ``boxes``: (N, 4) float32 (x0, y0, x1, y1) pixels of
-    that frame; ``scores``: (N,) float32 in 0..1, highest first after :func:`select`."""
+    ``masks``: (N, H, W) bool, image frame, or None while not decoded yet (an engine that finds
+    boxes first decodes the masks of the kept instances only); ``boxes``: (N, 4) float32
+    (x0, y0, x1, y1) pixels of that frame; ``scores``: (N,) float32 in 0..1, highest first after
+    :meth:`Selection.keep`."""
 
-    masks: np.ndarray
+    masks: Optional[np.ndarray]
     boxes: np.ndarray
     scores: np.ndarray
 
@@ -154,6 +66,17 @@ class Instances:
     def empty(cls, height: int, width: int) -> "Instances":
         return cls(np.zeros((0, height, width), bool), np.zeros((0, 4), np.float32),
                    np.zeros((0,), np.float32))
+
+    def take(self, indices: np.ndarray) -> "Instances":
+        """These instances (an index array into N), in that order."""
+        return Instances(None if self.masks is None else self.masks[indices],
+                         self.boxes[indices], self.scores[indices])
+
+    def concat(self, other: "Instances") -> "Instances":
+        masks = None if self.masks is None or other.masks is None else \
+            np.concatenate([self.masks, other.masks])
+        return Instances(masks, np.concatenate([self.boxes, other.boxes]).astype(np.float32),
+                         np.concatenate([self.scores, other.scores]).astype(np.float32))
 
 
 @dataclass(frozen=True)
@@ -178,7 +101,13 @@ class Selection:
 
 class ConceptEngine(ABC):
     """Phrases -> instances on one image. Engines share the click model's embedding cache, so a
-    click after a concept pass (or the other way round) encodes nothing again."""
+    click after a concept pass (or the other way round) encodes nothing again.
+
+    An engine says what it needs of an image once (:meth:`image_state`), finds one phrase's
+    instances on it (:meth:`find`) and, if it found boxes only, decodes the masks of the kept
+    ones (:meth:`with_masks`); :meth:`detect` puts these together per label. Its text encoder
+    takes at most :attr:`max_phrase_tokens` tokens: :meth:`check_phrases` refuses a longer phrase
+    with a 400 before any work on the image."""
 
     name: str
 
@@ -189,12 +118,59 @@ class ConceptEngine(ABC):
         self.segmenter = segmenter
 
     @abstractmethod
-    def detect(self, image_key: str, load_image: ImageLoaderFn, phrases: Sequence[str],
-               threshold: float, selection: Selection) -> List[Instances]:
-        """One :class:`Instances` per phrase: score above ``threshold``, ``selection`` applied.
+    def image_state(self, image_key: str, load_image: ImageLoaderFn) -> Tuple[Any, Tuple[int, int]]:
+        """What :meth:`find` needs of the image (its pixels, its cached features), and its
+        (height, width). ``image_key`` identifies the image in the embedding cache;
+        ``load_image`` returns it as HxWx3 uint8 RGB and is called only if pixels are needed."""
 
-        ``image_key`` identifies the image in the embedding cache; ``load_image`` returns it as
-        HxWx3 uint8 RGB and is called only if the engine needs pixels."""
+    @abstractmethod
+    def find(self, state: Any, phrase: str, threshold: float) -> Instances:
+        """Every instance of ``phrase`` scoring above ``threshold`` (masks may be None)."""
+
+    def with_masks(self, state: Any, instances: Instances,
+                   scope: WorkScope = UNBOUNDED) -> Instances:
+        """``instances`` with their masks (engines that find masks directly have them)."""
+        return instances
+
+    @property
+    @abstractmethod
+    def max_phrase_tokens(self) -> int:
+        """Tokens the text encoder takes, special tokens included (read from its config)."""
+
+    @abstractmethod
+    def phrase_tokens(self, phrase: str) -> int:
+        """Tokens ``phrase`` becomes as this engine sends it, special tokens included."""
+
+    def check_phrases(self, phrases: Iterable[str]) -> None:
+        """A RequestError (400) naming the first phrase longer than the text encoder takes
+        (asked as is, it would fail inside the model)."""
+        limit = self.max_phrase_tokens
+        for phrase in phrases:
+            tokens = self.phrase_tokens(phrase)
+            if tokens > limit:
+                raise RequestError(
+                    f"the phrase {shown(phrase)} is {tokens} tokens long; {self.name}'s text "
+                    f"encoder takes at most {limit} (its start and end tokens included): use "
+                    f"fewer words")
+
+    def detect(self, image_key: str, load_image: ImageLoaderFn,
+               phrases: Sequence[Union[str, Sequence[str]]], threshold: float,
+               selection: Selection, scope: WorkScope = UNBOUNDED) -> List[Instances]:
+        """One :class:`Instances` per entry of ``phrases``: score above ``threshold``,
+        ``selection`` applied. An entry is a phrase, or the phrases of one label: their
+        instances are pooled, so duplicate suppression and ``max_instances`` hold per label,
+        across its phrases. ``scope`` is checked before each phrase (and each mask decode)."""
+        state, (height, width) = self.image_state(image_key, load_image)
+        found: List[Instances] = []
+        for entry in phrases:
+            pool = Instances.empty(height, width)
+            for phrase in ((entry,) if isinstance(entry, str) else entry):
+                scope.check(f"the concept pass ({shown(phrase, 40)})")
+                # kept as it goes: at most max_instances (+ one phrase's) instances held
+                pool = pool.concat(self.find(state, phrase, threshold))
+                pool = pool.take(selection.keep(pool.boxes, pool.scores))
+            found.append(self.with_masks(state, pool, scope))
+        return found
 
 
 def load_pretrained(directory: Path, classes: Sequence[type], error: Type[Exception],
@@ -245,6 +221,8 @@ class ConceptAnnotator:
         self._lock = threading.Lock()
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="concepts")
         self.max_results = max_results
+        # background passes waiting or running at once; more tasks are answered [] at once
+        self.max_pending = self.settings.max_tasks
 
     @property
     def engine(self) -> ConceptEngine:
@@ -262,32 +240,73 @@ class ConceptAnnotator:
     def selection(self) -> Selection:
         return Selection(self.settings.concept_nms_iou, self.settings.max_instances)
 
+    def check_label_count(self, concepts: Sequence[Concept]) -> None:
+        """A RequestError (400) when one pass would ask for more labels than
+        ``max_concept_labels`` (the engine's cost grows with each label)."""
+        labels = len({(c.to_name, c.label) for c in concepts})
+        if labels > self.settings.max_concept_labels:
+            raise RequestError(
+                f"a concept pass would ask for {labels:,} labels, more than the limit of "
+                f"{self.settings.max_concept_labels} (max_concept_labels): choose the labels "
+                f"that take part with concept_labels=label1,label2,... or raise the limit")
+
     def configured_concepts(self, config: LabelConfig) -> List[Concept]:
         labels = [x.strip() for x in (self.settings.concept_labels or "").split(",") if x.strip()]
-        return concepts_of(config, labels or None)
+        concepts = concepts_of(config, labels or None)
+        self.check_label_count(concepts)
+        return concepts
+
+    # -- a typed prompt ------------------------------------------------------------------------
+    def annotate_typed(self, tasks: Sequence[Dict[str, Any]], config: LabelConfig,
+                       region: Tuple[int, dict], scope: WorkScope = UNBOUNDED
+                       ) -> List[Dict[str, Any]]:
+        """The phrases of a textarea region (from
+        :func:`~sam_backend.concepts.phrases.text_prompt_region`) on every task: the prompt is
+        read within its bounds (``max_phrases``, ``max_phrase_chars``), each phrase checked
+        against the engine's text encoder, then one pass per task, all under ``scope`` (the
+        request's deadline and client)."""
+        concepts = concepts_of_region(region, config, PhraseLimits.from_settings(self.settings),
+                                      scope)
+        answers = []
+        for task in tasks:
+            scope.check("the concept pass")
+            answers.append(self.annotate_task(task, config, concepts, scope))
+        return answers
 
     # -- one task ------------------------------------------------------------------------------
     def annotate_task(self, task: Dict[str, Any], config: LabelConfig,
-                      concepts: Sequence[Concept]) -> Dict[str, Any]:
+                      concepts: Sequence[Concept], scope: WorkScope = UNBOUNDED
+                      ) -> Dict[str, Any]:
         """Every instance of every concept on the task's image(s) -> one prediction
-        ``{"result": [regions], "score": mean instance score, "model_version": ...}``."""
+        ``{"result": [regions], "score": mean instance score, "model_version": ...}``.
+
+        Concepts of one label (several phrases typed for it) are one selection: duplicates are
+        suppressed and ``max_instances`` kept per label, across its phrases. ``scope`` is checked
+        between images, phrases, mask decodes and instances."""
+        self.check_label_count(concepts)
         engine = self.engine
+        # a phrase the text encoder cannot take is refused before the image is touched
+        engine.check_phrases(dict.fromkeys(c.phrase for c in concepts))
         regions: List[Dict[str, Any]] = []
         scores: List[float] = []
-        by_image: "OrderedDict[str, List[Concept]]" = OrderedDict()
+        # image -> label -> its phrases (each once), in the order asked
+        by_image: "OrderedDict[str, OrderedDict[str, Dict[str, None]]]" = OrderedDict()
         for concept in concepts:
-            by_image.setdefault(concept.to_name, []).append(concept)
-        for to_name, group in by_image.items():
+            by_image.setdefault(concept.to_name, OrderedDict()).setdefault(
+                concept.label, {})[concept.phrase] = None
+        for to_name, labels in by_image.items():
+            scope.check("the concept pass")
             url, task_id = config.image_url(task, to_name), task.get("id")
             image = self.service.images.locate(url, task_id)  # resolved once
-            found = engine.detect(image.key, image.load, [c.phrase for c in group],
-                                  self.settings.concept_threshold, self.selection)
-            for concept, instances in zip(group, found):
-                log.info("task %s: %d instance(s) of %r (%r)", task_id, len(instances),
-                         concept.label, concept.phrase)
+            found = engine.detect(image.key, image.load, [list(p) for p in labels.values()],
+                                  self.settings.concept_threshold, self.selection, scope)
+            for (label, phrases), instances in zip(labels.items(), found):
+                log.info("task %s: %d instance(s) of %r (%s)", task_id, len(instances), label,
+                         ", ".join(repr(p) for p in phrases))
                 for mask, box, score in zip(instances.masks, instances.boxes, instances.scores):
+                    scope.check("the concept pass's regions")
                     regions += self.service.mask_regions(
-                        mask, float(score), config, concept.label, to_name,
+                        mask, float(score), config, label, to_name,
                         bbox=tuple(float(v) for v in box))
                     scores.append(float(score))
         return {"result": regions, "score": float(np.mean(scores)) if scores else 0.0,
@@ -305,7 +324,9 @@ class ConceptAnnotator:
                 self.settings.out_bbox, tuple(config.controls))
 
     def _submit(self, key: Hashable, task: Dict[str, Any], config: LabelConfig,
-                concepts: Sequence[Concept]) -> concurrent.futures.Future:
+                concepts: Sequence[Concept]) -> Optional[concurrent.futures.Future]:
+        """The pass for ``key``: finished, running, or queued now; None when ``max_pending``
+        passes are already waiting (the task is answered [] and asked again later)."""
         with self._lock:
             future = self._pending.get(key)
             if future is not None:
@@ -314,15 +335,25 @@ class ConceptAnnotator:
             if key in self._results:
                 future.set_result(self._results[key])
                 return future
+            if len(self._pending) >= self.max_pending:
+                return None
 
             def run() -> Dict[str, Any]:
+                # a background pass has its own deadline, from its start: nobody may be
+                # waiting for it, but it must not run unbounded either
+                scope = WorkScope(self.settings.predict_timeout, None,
+                                  "predict_timeout, for a background concept pass")
                 try:
-                    prediction = self.annotate_task(task, config, concepts)
+                    prediction = self.annotate_task(task, config, concepts, scope)
                     with self._lock:
                         self._results[key] = prediction
                         while len(self._results) > self.max_results:
                             self._results.popitem(last=False)
                     return prediction
+                except Exception as exc:
+                    log.warning("task %s: background concept pass failed: %s", task.get("id"),
+                                exc)
+                    raise
                 finally:
                     with self._lock:
                         self._pending.pop(key, None)
@@ -331,19 +362,24 @@ class ConceptAnnotator:
             self._pending[key] = future
             return future
 
-    def auto_annotate(self, tasks: List[Dict[str, Any]], config: LabelConfig) -> List[Any]:
+    def auto_annotate(self, tasks: List[Dict[str, Any]], config: LabelConfig,
+                      scope: WorkScope = UNBOUNDED) -> List[Any]:
         """One entry per task, in order: its prediction when the concept pass finished within
-        ``concept_timeout`` seconds (counted from this call), else ``[]`` (Label Studio stores
-        nothing for that task, so it asks again later); unfinished passes go on in the background
-        and their result answers the next ask at once."""
+        ``concept_timeout`` seconds (counted from this call; sooner if ``scope`` ends first),
+        else ``[]`` (Label Studio stores nothing for that task, so it asks again later);
+        unfinished passes go on in the background (each bounded by ``predict_timeout`` from its
+        start) and their result answers the next ask at once."""
         concepts = self.configured_concepts(config)
         if not concepts:
             log.info("auto_annotate: no labels take part (concept_labels=%r)",
                      self.settings.concept_labels)
             return [[] for _ in tasks]
-        self.engine  # a missing concept model is reported now, before anything is queued
-        futures = []
+        # a missing concept model, or a hint longer than the text encoder takes, is reported
+        # now, before anything is queued
+        self.engine.check_phrases(dict.fromkeys(c.phrase for c in concepts))
+        futures: List[Optional[concurrent.futures.Future]] = []
         for task in tasks:
+            scope.check("queueing concept passes")
             try:
                 key = self._key(task, config, concepts)
             except Exception as exc:  # e.g. a task without an image: the others still get theirs
@@ -352,9 +388,22 @@ class ConceptAnnotator:
                 futures.append(failed)
                 continue
             futures.append(self._submit(key, task, config, concepts))
-        concurrent.futures.wait(futures, timeout=self.settings.concept_timeout)
+        waiting = [f for f in futures if f is not None]
+        until = time.monotonic() + min(self.settings.concept_timeout, max(scope.remaining(), 0))
+        while waiting and time.monotonic() < until:
+            _, pending = concurrent.futures.wait(
+                waiting, timeout=min(0.5, max(until - time.monotonic(), 0)))
+            if not pending:
+                break
+            if scope.client_gone():  # nobody to answer; the passes go on in the background
+                scope.check("waiting for concept passes")
         answers: List[Any] = []
         for task, future in zip(tasks, futures):
+            if future is None:
+                log.info("task %s: %d concept passes already wait; asked again later",
+                         task.get("id"), self.max_pending)
+                answers.append([])
+                continue
             if not future.done():
                 log.info("task %s: concept pass still running after %.0f s; it finishes in the "
                          "background", task.get("id"), self.settings.concept_timeout)

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 
-from sam_backend.concepts.base import ConceptEngine, ImageLoaderFn, Instances, Selection
-from sam_backend.concepts.base import load_pretrained
+from sam_backend.common.deadline import UNBOUNDED, WorkScope
+from sam_backend.concepts.base import ConceptEngine, ImageLoaderFn, Instances, load_pretrained
 from sam_backend.errors import ConfigError
 from sam_backend.models.base import Prompt
 from sam_backend.models.registry import weights_dir
@@ -83,20 +83,38 @@ class GroundingDinoEngine(ConceptEngine):
         return (result["boxes"].float().cpu().numpy().reshape(-1, 4),
                 result["scores"].float().cpu().numpy())
 
-    def detect(self, image_key: str, load_image: ImageLoaderFn, phrases: Sequence[str],
-               threshold: float, selection: Selection) -> List[Instances]:
+    @property
+    def max_phrase_tokens(self) -> int:
+        """The detector takes ``max_text_len`` text tokens (256 for grounding-dino-tiny), and
+        its BERT at most its position embeddings."""
+        config = self.model.config
+        return min(config.max_text_len, config.text_config.max_position_embeddings)
+
+    def phrase_tokens(self, phrase: str) -> int:
+        return len(self.processor.tokenizer(query_text(phrase))["input_ids"])
+
+    def image_state(self, image_key: str, load_image: ImageLoaderFn):
         image = load_image()
-        height, width = image.shape[:2]
         embedding = self.segmenter.embedding(image_key, lambda: image)
-        found: List[Instances] = []
-        for phrase in phrases:
-            boxes, scores = self.boxes(image, phrase, threshold)
-            boxes = np.clip(boxes, 0, [width, height, width, height]).astype(np.float32)
-            keep = selection.keep(boxes, scores)
-            keep = keep[(boxes[keep, 2] > boxes[keep, 0]) & (boxes[keep, 3] > boxes[keep, 1])]
-            masks = [self.segmenter.decode(image_key, embedding, Prompt(box=boxes[i])).mask
-                     for i in keep]
-            found.append(Instances(
-                np.stack(masks) if masks else np.zeros((0, height, width), bool),
-                boxes[keep], scores[keep].astype(np.float32)))
-        return found
+        return (image_key, image, embedding), image.shape[:2]
+
+    def find(self, state, phrase: str, threshold: float) -> Instances:
+        """The detector's boxes (clipped to the image; empty ones dropped); masks come later,
+        for the kept boxes only (:meth:`with_masks`)."""
+        _, image, _ = state
+        height, width = image.shape[:2]
+        boxes, scores = self.boxes(image, phrase, threshold)
+        boxes = np.clip(boxes, 0, [width, height, width, height]).astype(np.float32)
+        area = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        return Instances(None, boxes[area], scores[area].astype(np.float32))
+
+    def with_masks(self, state, instances: Instances,
+                   scope: WorkScope = UNBOUNDED) -> Instances:
+        """Each kept box -> a mask, decoded by the click model on the image's embedding."""
+        image_key, image, embedding = state
+        masks = []
+        for box in instances.boxes:
+            scope.check("the concept pass's masks")
+            masks.append(self.segmenter.decode(image_key, embedding, Prompt(box=box)).mask)
+        masks = np.stack(masks) if masks else np.zeros((0,) + image.shape[:2], bool)
+        return Instances(masks, instances.boxes, instances.scores)

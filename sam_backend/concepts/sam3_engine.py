@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict
 
 import numpy as np
 
-from sam_backend.concepts.base import ConceptEngine, ImageLoaderFn, Instances, Selection
-from sam_backend.concepts.base import load_pretrained
+from sam_backend.concepts.base import ConceptEngine, ImageLoaderFn, Instances, load_pretrained
 from sam_backend.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -121,26 +120,31 @@ class Sam3ConceptEngine(ConceptEngine):
                                         fpn_position_encoding=positions),
                 embedding.original_size)
 
-    def detect(self, image_key: str, load_image: ImageLoaderFn, phrases: Sequence[str],
-               threshold: float, selection: Selection) -> List[Instances]:
+    @property
+    def max_phrase_tokens(self) -> int:
+        """SAM 3's CLIP text encoder has 32 positions (its config's max_position_embeddings)."""
+        return self.detector.config.text_config.max_position_embeddings
+
+    def phrase_tokens(self, phrase: str) -> int:
+        return len(self.processor.tokenizer(" ".join(phrase.split()))["input_ids"])
+
+    def image_state(self, image_key: str, load_image: ImageLoaderFn):
+        vision, size = self.vision_embeds(image_key, load_image)
+        return (vision, size), size
+
+    def find(self, state, phrase: str, threshold: float) -> Instances:
+        """Masks, boxes and scores of the phrase's instances, from transformers' own
+        post-processing, on the cached image state."""
         import torch
 
-        vision, (height, width) = self.vision_embeds(image_key, load_image)
-        found: List[Instances] = []
-        for phrase in phrases:
-            text = self.processor(text=" ".join(phrase.split()), return_tensors="pt")
-            with torch.inference_mode():
-                outputs = self.detector(vision_embeds=vision,
-                                        input_ids=text["input_ids"].to(self.detector.device),
-                                        attention_mask=text["attention_mask"].to(
-                                            self.detector.device))
-            result = self.processor.post_process_instance_segmentation(
-                outputs, threshold=threshold, mask_threshold=0.5,
-                target_sizes=[(height, width)])[0]
-            boxes = result["boxes"].float().cpu().numpy().reshape(-1, 4)
-            scores = result["scores"].float().cpu().numpy()
-            masks = result["masks"].cpu().numpy().astype(bool).reshape(-1, height, width)
-            keep = selection.keep(boxes, scores)
-            found.append(Instances(masks[keep], boxes[keep].astype(np.float32),
-                                   scores[keep].astype(np.float32)))
-        return found
+        vision, (height, width) = state
+        text = self.processor(text=" ".join(phrase.split()), return_tensors="pt")
+        with torch.inference_mode():
+            outputs = self.detector(vision_embeds=vision,
+                                    input_ids=text["input_ids"].to(self.detector.device),
+                                    attention_mask=text["attention_mask"].to(self.detector.device))
+        result = self.processor.post_process_instance_segmentation(
+            outputs, threshold=threshold, mask_threshold=0.5, target_sizes=[(height, width)])[0]
+        return Instances(result["masks"].cpu().numpy().astype(bool).reshape(-1, height, width),
+                         result["boxes"].float().cpu().numpy().reshape(-1, 4).astype(np.float32),
+                         result["scores"].float().cpu().numpy().astype(np.float32))

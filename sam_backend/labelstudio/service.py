@@ -20,7 +20,8 @@ import numpy as np
 
 from sam_backend import __version__
 from sam_backend.embeddings.memory import EmbeddingCache
-from sam_backend.concepts.base import ConceptAnnotator, create_concept_engine, parse_text_prompt
+from sam_backend.concepts.base import ConceptAnnotator, create_concept_engine
+from sam_backend.concepts.phrases import text_prompt_region
 from sam_backend.embeddings.engine import Segmenter, get_segmenter
 from sam_backend.errors import RequestError
 from sam_backend.images.config import ImageAccessSettings
@@ -163,14 +164,16 @@ class PredictionService:
                     isinstance(task_id, str) and len(task_id) <= 100
                     or isinstance(task_id, int) and abs(task_id) < 2 ** 63)):
                 raise RequestError(f"tasks[{index}].id must be an integer, got {shown(task_id)}")
+        typed = text_prompt_region(context, self.settings.max_points)
+        # without a concept model a typed prompt is refused before the prompt or the config is read
+        concepts = self.concept_annotator() if typed is not None else None
         config = self.label_config_for(project, label_config)
-        typed = parse_text_prompt(context, config)
         if typed is not None:
-            return [self.concept_annotator().annotate_task(task, config, typed) for task in tasks]
+            return concepts.annotate_typed(tasks, config, typed, scope)
         prompt = parse_context(context, config, self.settings.max_points)
         if prompt is None:
             if self.settings.auto_annotate:
-                return self.concept_annotator().auto_annotate(tasks, config)
+                return self.concept_annotator().auto_annotate(tasks, config, scope)
             if self.settings.precompute:
                 for task in tasks:
                     self.precompute(task, config)

@@ -13,7 +13,8 @@ import pytest
 import requests
 import torch
 
-from sam_backend.concepts.base import Concept, Selection, concepts_of, parse_text_prompt
+from sam_backend.concepts.base import Selection
+from sam_backend.concepts.phrases import Concept, concepts_of, parse_text_prompt
 from sam_backend.errors import ConfigError, RequestError
 from tests.support.random_weights import make_random_grounding_dino
 from sam_backend.concepts.grounding_dino import GroundingDinoEngine, query_text
