@@ -211,6 +211,10 @@ def docroot(tmp_path_factory):
     os.mkfifo(root / "fifo.png")
     (root / "zero.png").symlink_to("/dev/zero")
     (root / "dir.png").mkdir()
+    outside = tmp_path_factory.mktemp("outside")  # links out of the root, to a real PNG too
+    cv2.imwrite(str(outside / "secret.png"), np.full((64, 64, 3), 66, np.uint8))
+    (root / "outlink").symlink_to(outside)
+    (root / "etclink").symlink_to("/etc")
     return root
 
 
@@ -272,7 +276,8 @@ def server(backend):
 # -- 1. local files -----------------------------------------------------------------------------
 LOCAL_REFUSED = ["/dev/zero", "file:///dev/zero", "/etc/passwd", "/etc/shadow", "file:///etc/passwd",
                  "../../../../etc/passwd", "fifo.png", "zero.png", "dir.png", "nope.png",
-                 "/proc/self/environ", "ok.png\x00.txt", "file://otherhost/etc/passwd"]
+                 "/proc/self/environ", "ok.png\x00.txt", "file://otherhost/etc/passwd",
+                 "etclink/shadow", "outlink/secret.png"]
 
 
 def test_local_paths_outside_the_root_devices_and_fifos_are_one_message(server, docroot):
