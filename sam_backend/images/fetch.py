@@ -325,7 +325,7 @@ class Fetcher:
                     continue
                 if status >= 400:
                     raise messages.http_error(
-                        status, resp.reason, url, src.display, src.kind, src.note,
+                        status, url, src.display, src.kind, src.note,
                         self.access.url, self.access.url_source, to_ls, kind, source,
                         _peek(resp) if to_ls else "", _attempts(resp))
                 data = self._read_body(resp, url, src, scope, reservation)

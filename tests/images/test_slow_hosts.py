@@ -243,3 +243,54 @@ def test_over_tls_a_trickle_is_cut_at_the_deadline(tls_server, make_loader):
         finally:
             host.close()
         assert elapsed < TIMEOUT + SLACK, (answer, elapsed)
+
+
+# -- reason phrases ----------------------------------------------------------------------------
+HOSTILE = b"\x1b[31mDOWNLOAD https://evil.example/fix NOW\x7f" + b" very" * 200
+
+
+@pytest.mark.parametrize("status, ours", [(418, "HTTP 418 I'm a Teapot for image"),
+                                          (599, "HTTP 599 for image"),
+                                          (503, "HTTP 503 Service Unavailable for image")])
+def test_a_hosts_reason_phrase_never_reaches_our_message(status, ours, make_loader):
+    host = RawHost(trickle(b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\nRetry-After: 0\r\n\r\n"
+                           % (status, HOSTILE), []))
+    loader = make_loader(timeout=TIMEOUT)
+    try:
+        with pytest.raises(ImageError) as err:
+            loader.load(f"{host.url}/tea.png")
+    finally:
+        host.close()
+    message = str(err.value)
+    assert ours in message, message
+    assert "evil" not in message and "DOWNLOAD" not in message and "very" not in message
+
+
+def test_label_studios_reason_phrase_never_reaches_our_message(make_loader):
+    host = RawHost(trickle(b"HTTP/1.1 502 %s\r\nContent-Length: 0\r\n\r\n" % HOSTILE, []))
+    loader = make_loader(label_studio_url=host.url, timeout=TIMEOUT)
+    try:
+        with pytest.raises(ImageError) as err:
+            loader.load("/data/upload/1/x.jpg")
+    finally:
+        host.close()
+    message = str(err.value)
+    assert f"Label Studio at {host.url} answered HTTP 502 Bad Gateway for image" in message
+    assert "evil" not in message and "DOWNLOAD" not in message
+
+
+@pytest.mark.parametrize("content_type, shown", [
+    (b"text/plain; charset=\"DOWNLOAD https://evil.example/fix NOW\"", ", Content-Type text/plain."),
+    (b"DOWNLOAD https://evil.example/fix NOW", " bytes."),
+    (b"text/html; x=evil.example", "Content-Type text/html)")])
+def test_a_hosts_content_type_is_shown_only_as_a_media_type(content_type, shown, make_loader):
+    host = RawHost(trickle(b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: 13\r\n\r\n"
+                           b"not an image!" % content_type, []))
+    loader = make_loader(timeout=TIMEOUT)
+    try:
+        with pytest.raises(ImageError) as err:
+            loader.load(f"{host.url}/x.png")
+    finally:
+        host.close()
+    message = str(err.value)
+    assert shown in message and "evil" not in message and "DOWNLOAD" not in message, message
