@@ -419,9 +419,10 @@ def test_setup_remembers_a_bounded_number_of_projects(server, backend):
 
 
 # -- 4. time ------------------------------------------------------------------------------------
-def dribble(conn: socket.socket):
+def dribble(conn: socket.socket, version: str = "1.1"):
     read_request(conn)
-    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n")
+    conn.sendall(f"HTTP/{version} 200 OK\r\nContent-Type: image/png\r\nContent-Length: 100000"
+                 "\r\n\r\n".encode())
     for _ in range(100000):
         conn.sendall(b"\0")
         time.sleep(0.5)
@@ -431,8 +432,9 @@ def black_hole(conn: socket.socket):
     time.sleep(IMAGE_TIMEOUT * 4)
 
 
-def test_a_slow_image_server_is_given_one_deadline_for_the_whole_download(server):
-    remote = RawServer(dribble)
+@pytest.mark.parametrize("version", ["1.0", "1.1"])  # http.client handles their sockets apart
+def test_a_slow_image_server_is_given_one_deadline_for_the_whole_download(server, version):
+    remote = RawServer(lambda conn: dribble(conn, version))
     try:
         started = time.monotonic()
         response = post(server + "/predict", payload(image=f"{remote.url}/slow.png"))
