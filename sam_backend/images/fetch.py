@@ -59,6 +59,7 @@ MAX_RETRIES = 2
 BACKOFF = 0.25  # seconds; urllib3 waits 0, then 2 x BACKOFF
 RETRY_STATUSES = frozenset({502, 503, 504})
 
+
 class DownloadScope:
     """One download's deadline (:func:`deadline_in`), kept by shutting down its sockets.
 
@@ -68,8 +69,9 @@ class DownloadScope:
     headers or the body, whatever the HTTP version: http.client takes the socket off the
     connection of an answer that closes the connection (every HTTP/1.0 answer), so the socket is
     held here from the moment it is connected, as a duplicate of its descriptor (a TLS wrapper
-    replaces the socket object, not the connection). Read timeouts alone cannot do this: each one
-    bounds a single gap between bytes, and a host that sends a byte now and then resets it."""
+    takes the first socket object's descriptor over; a duplicate reaches the same connection
+    either way). Read timeouts alone cannot do this: each bounds one gap between bytes, and a
+    host that sends a byte now and then never lets one expire."""
 
     def __init__(self, seconds: float):
         self.deadline = time.monotonic() + seconds
@@ -411,5 +413,5 @@ class Fetcher:
         raise AssertionError("unreachable")
 
 
-__all__ = ["BACKOFF", "BoundedRetry", "DownloadScope", "Fetcher", "MAX_REDIRECTS", "MAX_RETRIES", "RETRY_STATUSES",
-           "deadline_in", "image_session", "retry_policy", "time_left"]
+__all__ = ["BACKOFF", "BoundedRetry", "DownloadScope", "Fetcher", "MAX_REDIRECTS", "MAX_RETRIES",
+           "RETRY_STATUSES", "deadline_in", "image_session", "retry_policy", "time_left"]
