@@ -78,6 +78,19 @@ def token_kind(token: str) -> str:
     return "pat"
 
 
+# Every Label Studio token (a legacy token's hex, a JWT's base64url) is visible ASCII; anything
+# else cannot be what Label Studio issued, and an HTTP header cannot carry it as is.
+_TOKEN_TEXT = re.compile(r"[!-~]+")
+
+
+def _unusable(what: str) -> str:
+    """Why a token (named by ``what``, never shown) cannot be used."""
+    return (f"{what} cannot be used: it contains characters other than visible ASCII (letters "
+            "with accents or other non-ASCII characters, spaces or control characters), which no "
+            "Label Studio token has. Copy the token again, or set LABEL_STUDIO_API_KEY to a "
+            f"personal access token (Label Studio -> {PAT_HOWTO})")
+
+
 def _clean_token(token: Optional[str]) -> Optional[str]:
     if token is None:
         return None
@@ -113,6 +126,8 @@ class LabelStudioAccess:
                  timeout: float, clock: Callable[[], float] = time.time):
         self.env_url = normalise_base_url(url, "LABEL_STUDIO_URL") if url else None
         self._env_token = _clean_token(api_key)
+        if self._env_token and not _TOKEN_TEXT.fullmatch(self._env_token):
+            raise ConfigError(_unusable("the Label Studio API key (LABEL_STUDIO_API_KEY)"))
         self.setup_url: Optional[str] = None
         self.setup_trusted = False  # that /setup came with valid basic auth
         self._setup_token: Optional[str] = None
@@ -162,6 +177,8 @@ class LabelStudioAccess:
                 self._setup_token = token
                 if self._env_token:
                     logger.debug("/setup access token ignored: LABEL_STUDIO_API_KEY is set")
+                elif not _TOKEN_TEXT.fullmatch(token):
+                    logger.warning("%s", _unusable("the access token Label Studio sent in /setup"))
                 else:
                     logger.info("Using the Label Studio access token sent in /setup (%s)",
                                 kind_label(token_kind(token)))
@@ -191,6 +208,8 @@ class LabelStudioAccess:
                 )
             return self._env_token, "from LABEL_STUDIO_API_KEY"
         if self._setup_token:
+            if not _TOKEN_TEXT.fullmatch(self._setup_token):
+                raise ImageError(_unusable("the access token Label Studio sent in /setup"))
             return self._setup_token, "sent by Label Studio in /setup"
         return None, "none configured"
 
@@ -295,7 +314,7 @@ class LabelStudioAccess:
                 access = resp.json().get("access")
             except (ValueError, AttributeError):
                 access = None
-        if not isinstance(access, str) or not access:
+        if not isinstance(access, str) or not _TOKEN_TEXT.fullmatch(access):
             raise ImageError(
                 f"Label Studio at {ls} answered /api/token/refresh/ without an access token; check "
                 f"that {self.url_source} points to Label Studio"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import re
 import threading
 from typing import Optional
 
@@ -64,11 +65,21 @@ def _allowed_formats() -> list:
     return [f for f in _ALLOWED_FORMATS if f in Image.OPEN]
 
 
+_MEDIA_TYPE = re.compile(r"[a-z0-9!#$&^_.+-]{1,64}/[a-z0-9!#$&^_.+-]{1,64}")
+
+
+def _shown_type(content_type: Optional[str]) -> str:
+    """``", Content-Type <type/subtype>"`` for a message, or nothing: only a well-formed media
+    type, without its parameters -- the header is whatever the server chose to write."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return f", Content-Type {media}" if _MEDIA_TYPE.fullmatch(media) else ""
+
+
 def not_an_image_message(data: bytes, name: str, content_type: Optional[str] = None) -> str:
     if looks_like_html(data, content_type):
         return (
             f"{name} is an HTML page, not an image ({len(data)} bytes"
-            + (f", Content-Type {content_type}" if content_type else "")
+            + _shown_type(content_type)
             + "). When it comes from Label Studio this is usually its login page: the request was "
             "not authenticated; set LABEL_STUDIO_API_KEY. Otherwise the task's URL points to a web "
             "page rather than to the image file."
@@ -81,7 +92,7 @@ def not_an_image_message(data: bytes, name: str, content_type: Optional[str] = N
         kind = " (SVG is not supported)"
     return (
         f"{name} is not a supported image{kind}: {len(data)} bytes"
-        + (f", Content-Type {content_type}" if content_type else "")
+        + _shown_type(content_type)
         + ". Supported formats: JPEG, PNG, WebP, BMP, TIFF, GIF."
     )
 

@@ -8,8 +8,9 @@
   credentials never follow a redirect to another host: they are sent only where
   :meth:`~sam_backend.images.credentials.LabelStudioAccess.is_label_studio` says.
 * **Time.** ``timeout`` bounds a whole download (redirects, retries, headers and body), not each
-  read: every attempt's connect and read timeouts are cut to what is left, and a watchdog closes
-  the connection at the deadline while the body streams.
+  read: every attempt's connect and read timeouts are cut to what is left, and at the deadline
+  every socket of the download is shut down (:class:`DownloadScope`), whatever the HTTP version
+  and however the host spaces its bytes (TLS handshake, headers, body).
 * **Size.** A body larger than ``max_download_bytes`` is refused as soon as it is known to be;
   its bytes are reserved from the memory budget as they arrive.
 * **Transient failures** (:class:`BoundedRetry`, urllib3's ``Retry``): a GET or HEAD is sent again
@@ -33,7 +34,7 @@ import socket
 import threading
 import time
 from http.cookiejar import DefaultCookiePolicy
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 from urllib.parse import urljoin, urlsplit
 
 import requests
@@ -58,24 +59,101 @@ MAX_RETRIES = 2
 BACKOFF = 0.25  # seconds; urllib3 waits 0, then 2 x BACKOFF
 RETRY_STATUSES = frozenset({502, 503, 504})
 
-_deadline: "contextvars.ContextVar[Optional[float]]" = contextvars.ContextVar(
-    "sam_backend_image_deadline", default=None)
+
+class DownloadScope:
+    """One download's deadline (:func:`deadline_in`), kept by shutting down its sockets.
+
+    The connection layer hands over every socket a request of the download is sent on
+    (:meth:`watch`, from :func:`~sam_backend.images.netpolicy.mount`); at the deadline a timer
+    shuts them all down, which wakes any read blocked on them -- during the TLS handshake, the
+    headers or the body, whatever the HTTP version: http.client takes the socket off the
+    connection of an answer that closes the connection (every HTTP/1.0 answer), so the socket is
+    held here from the moment it is connected, as a duplicate of its descriptor (a TLS wrapper
+    takes the first socket object's descriptor over; a duplicate reaches the same connection
+    either way). Read timeouts alone cannot do this: each bounds one gap between bytes, and a
+    host that sends a byte now and then never lets one expire."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.monotonic() + seconds
+        self.fired = False
+        self._lock = threading.Lock()
+        self._closed = False
+        self._sockets: List[socket.socket] = []
+        self._timer = threading.Timer(max(0.0, seconds), self._fire)
+        self._timer.daemon = True
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def watch(self, sock: socket.socket) -> None:
+        """Shut ``sock`` down at the deadline (at once if it has passed)."""
+        try:
+            held = socket.fromfd(sock.fileno(), sock.family, sock.type)
+        except (OSError, ValueError):
+            return  # already closed: nothing to wake
+        with self._lock:
+            if self._closed:
+                held.close()
+                return
+            self._sockets.append(held)
+            if self.fired:
+                self._shut(held)
+
+    @staticmethod
+    def _shut(sock: socket.socket) -> None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            for sock in self._sockets:
+                self._shut(sock)
+
+    def start(self) -> None:
+        self._timer.start()
+
+    def close(self) -> None:
+        """The download is over: no more shutting down (a kept-alive connection stays usable)."""
+        self._timer.cancel()
+        with self._lock:
+            self._closed = True
+            for sock in self._sockets:
+                sock.close()
+            self._sockets.clear()
+
+
+_scope: "contextvars.ContextVar[Optional[DownloadScope]]" = contextvars.ContextVar(
+    "sam_backend_image_download", default=None)
 
 
 def time_left() -> Optional[float]:
     """Seconds left before the current download's deadline; None outside a download."""
-    deadline = _deadline.get()
-    return None if deadline is None else deadline - time.monotonic()
+    scope = _scope.get()
+    return None if scope is None else scope.left()
+
+
+def _watch_socket(sock: socket.socket) -> None:
+    scope = _scope.get()
+    if scope is not None:
+        scope.watch(sock)
 
 
 @contextlib.contextmanager
-def deadline_in(seconds: float) -> Iterator[None]:
-    """Requests made in this block (this thread) end, retries included, within ``seconds``."""
-    token = _deadline.set(time.monotonic() + seconds)
+def deadline_in(seconds: float) -> Iterator[DownloadScope]:
+    """Requests made in this block (this thread) end, retries included, within ``seconds``:
+    their sockets are shut down then (:class:`DownloadScope`, yielded; ``fired`` tells a
+    failure caused by the deadline from others)."""
+    scope = DownloadScope(seconds)
+    token = _scope.set(scope)
+    scope.start()
     try:
-        yield
+        yield scope
     finally:
-        _deadline.reset(token)
+        _scope.reset(token)
+        scope.close()
 
 
 class BoundedRetry(Retry):
@@ -146,36 +224,8 @@ def image_session(policy: NetworkPolicy,
         session = requests.Session()
         session.headers["User-Agent"] = "sam-backend-image-loader"
         session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))  # never keep cookies
-    return mount(session, policy, retries=retry_policy(), time_left=time_left)
-
-
-class _Deadline:
-    """Closes a streaming response's connection when the download's deadline passes, which
-    wakes a read that is blocked on a server that sends slowly or not at all."""
-
-    def __init__(self, resp: requests.Response, seconds: float):
-        self.fired = False
-        self._resp = resp
-        self._timer = threading.Timer(max(0.0, seconds), self._fire)
-        self._timer.daemon = True
-
-    def _fire(self) -> None:
-        self.fired = True
-        raw = getattr(self._resp, "raw", None)
-        conn = getattr(raw, "_connection", None) or getattr(raw, "connection", None)
-        sock = getattr(conn, "sock", None)
-        try:
-            if sock is not None:
-                sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def __enter__(self) -> "_Deadline":
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._timer.cancel()
+    return mount(session, policy, retries=retry_policy(), time_left=time_left,
+                 watch=_watch_socket)
 
 
 def _peek(resp: requests.Response, limit: int = 4096) -> str:
@@ -213,11 +263,11 @@ class Fetcher:
         """(body, Content-Type) of ``src``'s download, following redirects by hand; the whole
         download (every hop and retry, the headers and the body) must finish within
         ``settings.timeout`` seconds."""
-        with deadline_in(self.settings.timeout):
-            return self._download(src, reservation)
+        with deadline_in(self.settings.timeout) as scope:
+            return self._download(src, reservation, scope)
 
-    def _download(self, src: Source,
-                  reservation: Optional[Reservation]) -> Tuple[bytes, Optional[str]]:
+    def _download(self, src: Source, reservation: Optional[Reservation],
+                  scope: DownloadScope) -> Tuple[bytes, Optional[str]]:
         url = src.fetch_url
         assert url is not None
         hops = 0
@@ -235,8 +285,8 @@ class Fetcher:
             logger.debug("Image %s: GET %s (%s)", src.display, redact_url(url),
                          f"Label Studio credentials: {kind_label(kind)}" if to_ls
                          else "no Label Studio credentials")
-            remaining = time_left()
-            if remaining <= 0:
+            remaining = scope.left()
+            if remaining <= 0 or scope.fired:
                 raise self._connection_error(requests.exceptions.ReadTimeout(), url,
                                              f"image {src.display}", to_ls)
             try:
@@ -248,11 +298,13 @@ class Fetcher:
                 raise DestinationRefused(f"image {messages.where(url, src.display)}: {exc}") \
                     from None
             except requests.RequestException as exc:
+                if scope.fired:  # its sockets were shut down at the deadline
+                    exc = requests.exceptions.ReadTimeout()
                 raise self._connection_error(exc, url, f"image {src.display}", to_ls) from None
             except ValueError:  # http.client refuses control characters, bad ports, ...
                 raise ImageError(f"image URL {messages.where(url, src.display)} is not a valid "
                                  "URL") from None
-            with resp, _Deadline(resp, time_left()) as watchdog:
+            with resp:
                 if resp.is_redirect:
                     hops += 1
                     target = urljoin(url, resp.headers.get("Location", ""))
@@ -275,10 +327,10 @@ class Fetcher:
                     continue
                 if status >= 400:
                     raise messages.http_error(
-                        status, resp.reason, url, src.display, src.kind, src.note,
+                        status, url, src.display, src.kind, src.note,
                         self.access.url, self.access.url_source, to_ls, kind, source,
                         _peek(resp) if to_ls else "", _attempts(resp))
-                data = self._read_body(resp, url, src, watchdog, reservation)
+                data = self._read_body(resp, url, src, scope, reservation)
                 content_type = resp.headers.get("Content-Type")
             logger.debug("Image %s: downloaded %d bytes (%s)", src.display, len(data),
                          content_type or "no Content-Type")
@@ -288,7 +340,7 @@ class Fetcher:
                                           kind, source, html=True)
             return data, content_type
 
-    def _read_body(self, resp: requests.Response, url: str, src: Source, watchdog: _Deadline,
+    def _read_body(self, resp: requests.Response, url: str, src: Source, scope: DownloadScope,
                    reservation: Optional[Reservation] = None) -> bytes:
         """The body, at most ``max_download_bytes``, reserved from the memory budget as it
         arrives. It grows in one buffer (large buffers are mapped memory, returned to the system
@@ -310,11 +362,11 @@ class Fetcher:
                     reservation.grow(step, f"image {src.display}")
                     reserved += step
                 buffer += chunk
-            if watchdog.fired:  # a connection closed at the deadline can look like a short body
+            if scope.fired:  # a connection shut down at the deadline can look like a short body
                 raise requests.exceptions.ReadTimeout()
         except requests.RequestException as exc:
             del buffer
-            if watchdog.fired:
+            if scope.fired:
                 exc = requests.exceptions.ReadTimeout()
             raise self._connection_error(exc, url, f"image {src.display}",
                                          self.access.is_label_studio(url),
@@ -337,10 +389,12 @@ class Fetcher:
             if header:
                 headers["Authorization"] = header
             try:
-                with deadline_in(self.settings.timeout):
+                with deadline_in(self.settings.timeout) as scope:
                     resp = self.session.get(url, params=params, headers=headers,
                                             timeout=self.settings.timeout, allow_redirects=False)
             except requests.RequestException as exc:
+                if scope.fired:
+                    exc = requests.exceptions.ReadTimeout()
                 raise self._connection_error(exc, url, f"Label Studio API {path}", True) from None
             if resp.status_code in (401, 403) and kind == "pat" and attempt == 0:
                 continue
@@ -359,5 +413,5 @@ class Fetcher:
         raise AssertionError("unreachable")
 
 
-__all__ = ["BACKOFF", "BoundedRetry", "Fetcher", "MAX_REDIRECTS", "MAX_RETRIES", "RETRY_STATUSES",
-           "deadline_in", "image_session", "retry_policy", "time_left"]
+__all__ = ["BACKOFF", "BoundedRetry", "DownloadScope", "Fetcher", "MAX_REDIRECTS", "MAX_RETRIES",
+           "RETRY_STATUSES", "deadline_in", "image_session", "retry_policy", "time_left"]

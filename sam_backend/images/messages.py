@@ -2,16 +2,18 @@
 
 Each message names the image (its URL redacted), what went wrong and what to configure. The
 explanations are tables (first match wins), so a new case is a row, not a branch. Messages never
-contain a token, and URLs in them pass :func:`~sam_backend.common.text.redact_url`.
+contain a token, and URLs in them pass :func:`~sam_backend.common.text.redact_url`. Nothing a
+remote server wrote reaches them: an HTTP status is named by its code and standard phrase
+(:func:`status_text`), never by the server's reason phrase or body.
 """
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Optional
 from urllib.parse import urlsplit
 
 import requests.exceptions as rex
 
-from sam_backend.common.limits import printable
 from sam_backend.common.text import redact_url
 from sam_backend.errors import ImageError
 
@@ -176,12 +178,23 @@ _HTTP_RULES = (
 )
 
 
-def http_error(status: int, reason: str, url: str, display: str, source_kind: str, note: str,
+def status_text(status: int) -> str:
+    """``status`` with its standard phrase (``"418 I'm a Teapot"``; a code without one: the
+    number alone). A server's own reason phrase is never used: it is whatever the server chose
+    to write, and our message becomes our own HTTP reason phrase."""
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return str(status)
+
+
+def http_error(status: int, url: str, display: str, source_kind: str, note: str,
                ls: Optional[str], ls_source: str, to_ls: bool, kind: str, credential_source: str,
                body: str = "", attempts: int = 1) -> ImageError:
     """An HTTP error status for an image request to ``url`` (of a source of ``source_kind``,
     shown as ``display``). ``body``: the start of the answer, only to recognise Label Studio's
-    own errors (never shown). ``attempts``: how many times the request was sent (retries)."""
+    own errors (never shown), like the server's reason phrase (not even taken).
+    ``attempts``: how many times the request was sent (retries)."""
     context = {
         "ls": ls, "ls_source": ls_source, "ls_or_unset": ls or "unknown: LABEL_STUDIO_URL not set",
         "where": where(url, display), "display": display, "shown": redact_url(url),
@@ -195,12 +208,11 @@ def http_error(status: int, reason: str, url: str, display: str, source_kind: st
                 return auth_error(status, ls, context["where"], kind, credential_source)
             return ImageError(text.format(**context))
     who = f"Label Studio at {ls}" if to_ls else context["host"]
-    reason = printable(reason or "", 60)
-    text = f"{who} answered HTTP {status} {reason} for image {context['where']}".rstrip()
+    text = f"{who} answered HTTP {status_text(status)} for image {context['where']}"
     if attempts > 1:
         text += f" ({attempts} attempts)"
     return ImageError(text + ("; check Label Studio's logs" if to_ls and status >= 500 else ""))
 
 
-__all__ = ["auth_error", "connection_error", "host_of", "http_error", "kind_label", "too_big",
-           "unavailable", "where"]
+__all__ = ["auth_error", "connection_error", "host_of", "http_error", "kind_label",
+           "status_text", "too_big", "unavailable", "where"]

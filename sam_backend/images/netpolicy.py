@@ -220,10 +220,26 @@ class NetworkPolicy:
                 pass  # the proxy may know names we do not; it reports failures itself
 
 
-def _guarded(base: type, policy: NetworkPolicy) -> type:
-    """A urllib3 connection class that connects only to addresses ``policy`` checked."""
+SocketWatch = Callable[[socket.socket], None]
+
+
+def _guarded(base: type, policy: NetworkPolicy, watch: Optional[SocketWatch] = None) -> type:
+    """A urllib3 connection class that connects only to addresses ``policy`` checked, and hands
+    ``watch`` every socket it sends a request on: a new one as soon as it is connected (before
+    any TLS handshake), a kept-alive one before each request."""
 
     def _new_conn(self):
+        sock = _connect(self)
+        if watch is not None:
+            watch(sock)
+        return sock
+
+    def request(self, *args, **kwargs):
+        if watch is not None and self.sock is not None:  # a kept-alive connection, used again
+            watch(self.sock)
+        return base.request(self, *args, **kwargs)
+
+    def _connect(self):
         try:
             targets = policy.resolve(self._dns_host, self.port)
         except socket.gaierror as exc:
@@ -250,7 +266,7 @@ def _guarded(base: type, policy: NetworkPolicy) -> type:
                                              f"{self.host} has no address")
         raise error
 
-    return type(f"Guarded{base.__name__}", (base,), {"_new_conn": _new_conn})
+    return type(f"Guarded{base.__name__}", (base,), {"_new_conn": _new_conn, "request": request})
 
 
 def _capped(timeout, left: float) -> Timeout:
@@ -265,9 +281,10 @@ def _capped(timeout, left: float) -> Timeout:
 
 
 def _pool(base: type, connection: type, policy: NetworkPolicy,
-          time_left: Optional[Callable[[], Optional[float]]]) -> type:
-    """A urllib3 connection pool of guarded connections whose every attempt (the first and each
-    retry) gets timeouts no longer than ``time_left()``."""
+          time_left: Optional[Callable[[], Optional[float]]],
+          watch: Optional[SocketWatch] = None) -> type:
+    """A urllib3 connection pool of guarded connections (their sockets handed to ``watch``) whose
+    every attempt (the first and each retry) gets timeouts no longer than ``time_left()``."""
 
     def urlopen(self, method, url, *args, **kwargs):
         left = time_left() if time_left is not None else None
@@ -276,29 +293,37 @@ def _pool(base: type, connection: type, policy: NetworkPolicy,
         return base.urlopen(self, method, url, *args, **kwargs)
 
     return type(f"Guarded{base.__name__}", (base,),
-                {"ConnectionCls": _guarded(connection, policy), "urlopen": urlopen})
+                {"ConnectionCls": _guarded(connection, policy, watch), "urlopen": urlopen})
 
 
 class _GuardedAdapter(HTTPAdapter):
-    def __init__(self, policy: NetworkPolicy, time_left=None, **kwargs):
+    def __init__(self, policy: NetworkPolicy, time_left=None, watch=None, **kwargs):
         self._policy = policy
         self._time_left = time_left
+        self._watch = watch
         super().__init__(**kwargs)
 
     def init_poolmanager(self, *args, **kwargs):
         super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = {
-            "http": _pool(HTTPConnectionPool, HTTPConnection, self._policy, self._time_left),
-            "https": _pool(HTTPSConnectionPool, HTTPSConnection, self._policy, self._time_left)}
+            "http": _pool(HTTPConnectionPool, HTTPConnection, self._policy, self._time_left,
+                          self._watch),
+            "https": _pool(HTTPSConnectionPool, HTTPSConnection, self._policy, self._time_left,
+                           self._watch)}
 
 
 def mount(session: requests.Session, policy: NetworkPolicy, retries: Union[int, Retry] = 0,
-          time_left: Optional[Callable[[], Optional[float]]] = None) -> requests.Session:
+          time_left: Optional[Callable[[], Optional[float]]] = None,
+          watch: Optional[SocketWatch] = None) -> requests.Session:
     """Make every http(s) connection ``session`` opens obey ``policy``; returns ``session``.
     ``retries``: urllib3's retry policy for its requests (0: none, as requests does by default).
     ``time_left``: the seconds the current request may still take, or None (no bound): every
-    attempt's connect and read timeouts are cut to it, so that retries stay within a deadline."""
-    adapter = _GuardedAdapter(policy, time_left,
+    attempt's connect and read timeouts are cut to it, so that retries stay within a deadline.
+    ``watch``: called with every socket a request is sent on (new: before its TLS handshake;
+    kept-alive: before the request), so that a deadline can shut it down whatever http.client
+    has done with it meanwhile (it takes the socket off the connection of an answer that closes
+    the connection, such as any HTTP/1.0 answer)."""
+    adapter = _GuardedAdapter(policy, time_left, watch,
                               max_retries=retries if retries else Retry(0, read=False))
     session.mount("http://", adapter)
     session.mount("https://", adapter)

@@ -8,9 +8,9 @@
   ``label-studio:8080``) and whose path is one of those is treated as the relative URL, fetched
   from the configured address.
 * ``/data/local-files/?d=<path>``: read straight from ``LOCAL_FILES_DOCUMENT_ROOT`` when it is set
-  (paths that escape it are refused -- checked lexically, like Label Studio, so symlinks inside
-  the root still work; if the file is not there and Label Studio is known, it is downloaded from
-  Label Studio instead, with a warning), else downloaded from Label Studio.
+  (paths that escape it are refused; a path whose symbolic links lead out of the root counts as
+  not there; if the file is not there and Label Studio is known, it is downloaded from Label
+  Studio instead, with a warning), else downloaded from Label Studio.
 * ``s3://``, ``gs://``, ``azure-blob://``: Label Studio presigns them
   (``GET /tasks/<id>/presign/?fileuri=<urlsafe base64>``, answered with a redirect to the storage
   or with the bytes themselves); needs the task id.
@@ -19,8 +19,11 @@
   relative to it); without it they are off. ``data:`` URLs.
 
 Local files (all three forms) are read here, only when they are regular files (never devices,
-FIFOs or sockets), with the same byte limit as downloads; any local path that cannot be read gives
-one message that does not say whether or what exists there.
+FIFOs or sockets) inside the document root once every symbolic link is resolved (links that stay
+inside keep working; ``etclink -> /etc`` does not make ``etclink/shadow`` readable), with the same
+byte limit as downloads. The file is opened once and the descriptor is what is checked, so a file
+swapped for a link after the check is not read. Any local path that is refused or cannot be read
+gives one message that does not say whether or what exists there.
 
 A new kind of image source goes here: a :class:`Source` kind, its resolution and its key.
 """
@@ -103,6 +106,14 @@ def _is_regular_file(path: str) -> bool:
         return stat.S_ISREG(os.stat(path).st_mode)
     except (OSError, ValueError):
         return False
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+_OPEN_FLAGS = (os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+               | getattr(os, "O_NOCTTY", 0))
 
 
 class UnknownLabelStudio(ImageError):
@@ -260,8 +271,9 @@ class Sources:
                 "Alternatively set LOCAL_FILES_DOCUMENT_ROOT in the backend to the directory "
                 "Label Studio serves local files from, to read them directly."))
         path = self._safe_join(values[0], display)
-        if _is_regular_file(path):
-            return Source("local", rel, display, path=path)
+        real = self._resolved_inside(path)
+        if real is not None and _is_regular_file(real):
+            return Source("local", rel, display, path=real)
         if self.access.url:
             logger.warning(
                 "%s is not under LOCAL_FILES_DOCUMENT_ROOT=%s (looked for %s); downloading it from "
@@ -279,9 +291,18 @@ class Sources:
         """``path`` joined to the document root and normalised; None when it escapes the root."""
         root = self.doc_root
         full = os.path.normpath(os.path.join(root, path))
-        if full != root and not full.startswith(root.rstrip(os.sep) + os.sep):
+        return full if _within(full, root) else None
+
+    def _resolved_inside(self, full: str) -> Optional[str]:
+        """``full`` (a path lexically inside the document root) with every symbolic link
+        resolved; None when that leaves the root (``etclink -> /etc``, then ``etclink/shadow``).
+        Links that stay inside the root are followed."""
+        try:
+            real = os.path.realpath(full)
+            root = os.path.realpath(self.doc_root)
+        except (OSError, ValueError):
             return None
-        return full
+        return real if _within(real, root) else None
 
     def _safe_join(self, rel: str, display: str) -> str:
         if "\x00" in rel:
@@ -303,9 +324,12 @@ class Sources:
         if self._local_anywhere:
             return Source("local", url, display, path=os.path.abspath(os.path.expanduser(path)))
         full = self._inside_root(path) if self.doc_root else None
-        if full is None:
+        real = self._resolved_inside(full) if full is not None else None
+        if real is None:
+            logger.info("Image %s: %s is not inside LOCAL_FILES_DOCUMENT_ROOT", display,
+                        full or path)
             raise messages.unavailable(display)
-        return Source("local", url, display, path=full)
+        return Source("local", url, display, path=real)
 
     def _resolve_cloud(self, uri: str, display: str, task_id: Optional[int]) -> Source:
         ls = self.access.url
@@ -336,18 +360,33 @@ class Sources:
         logger.info("Image %s: %s is not a readable regular file", src.display, src.path)
         return messages.unavailable(src.display)
 
-    def read_local(self, src: Source, reservation: Optional[Reservation] = None) -> bytes:
-        """A regular file's bytes, at most ``max_bytes``. Opened non-blocking, so that a FIFO
-        cannot block the request; devices, FIFOs and sockets are refused."""
-        limit = self.max_bytes
+    def _opened_inside(self, src: Source, opened: os.stat_result) -> bool:
+        """Whether the file opened for ``src`` is the one its path leads to now, inside the
+        document root: a file or directory swapped for a link after ``src`` was resolved is not
+        read (the path was resolved then; the descriptor is checked, not the name)."""
+        if self._local_anywhere or not self.doc_root:
+            return self._local_anywhere
+        real = self._resolved_inside(src.path)
         try:
-            fd = os.open(src.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-                         | getattr(os, "O_NOCTTY", 0))
+            return real is not None and os.path.samestat(os.stat(real), opened)
+        except (OSError, ValueError):
+            return False
+
+    def read_local(self, src: Source, reservation: Optional[Reservation] = None) -> bytes:
+        """A regular file's bytes, at most ``max_bytes``, read from the one descriptor that was
+        checked: opened once (non-blocking, so that a FIFO cannot block the request; not
+        through a link, its path being resolved already), then it must be a regular file (never
+        a device, FIFO or socket) and still the file its path leads to inside the document
+        root."""
+        limit = self.max_bytes
+        flags = _OPEN_FLAGS | (0 if self._local_anywhere else getattr(os, "O_NOFOLLOW", 0))
+        try:
+            fd = os.open(src.path, flags)
         except (OSError, ValueError):
             raise self.local_error(src) from None
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
+            if not stat.S_ISREG(st.st_mode) or not self._opened_inside(src, st):
                 raise self.local_error(src)
             if st.st_size > limit:
                 raise messages.too_big(src.display, limit, download=False)

@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from sam_backend.common.text import redact_url
-from sam_backend.errors import ImageError
+from sam_backend.errors import ConfigError, ImageError
 from sam_backend.images.credentials import token_kind
 
 from tests.support.loopback_hosts import LEGACY_TOKEN, SIGNATURE, assert_rotated_cat, make_jwt
@@ -51,6 +51,26 @@ def test_setup_values_used_when_env_gives_none(ls, make_loader):
     loader2.update_from_setup("http://127.0.0.1:9", "bogus-setup-token")
     loader2.load("/data/upload/1/y.png")
     assert ls.requests[-1][2].startswith("Bearer ")
+
+
+@pytest.mark.parametrize("token", ["tökén", "tok\u20acen", "tok\r\nX-Evil: 1", "tok en", "tok\x00"])
+def test_a_token_no_header_can_carry_is_named_as_the_problem(ls, make_loader, token):
+    loader = make_loader()
+    loader.update_from_setup(ls.url, token)
+    for url in ("/data/upload/1/x.jpg", ls.url + "/data/upload/1/x.jpg", "s3://bucket/cat.jpg"):
+        with pytest.raises(ImageError) as err:
+            loader.load(url, task_id=1)
+        message = str(err.value)
+        assert "access token Label Studio sent in /setup cannot be used" in message, message
+        assert "not a valid URL" not in message and token.strip() not in message
+    assert ls.requests == []  # nothing was sent with it
+    with pytest.raises(ConfigError, match="LABEL_STUDIO_API_KEY. cannot be used") as err:
+        make_loader(label_studio_url=ls.url, api_key=token)
+    assert token.strip() not in str(err.value)
+    # a usable key in the environment wins over the /setup token, which is then not used
+    loader = make_loader(label_studio_url=ls.url, api_key=LEGACY_TOKEN)
+    loader.update_from_setup(ls.url, token)
+    assert_rotated_cat(loader.load("/data/upload/1/x.jpg"))
 
 
 def test_no_credentials_and_login_redirect(ls, make_loader):

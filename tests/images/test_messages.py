@@ -9,8 +9,8 @@ from sam_backend.images import messages
 LS = "http://ls:8080"
 
 
-def http(status, url, to_ls=True, source_kind="ls", body="", reason="", kind="legacy", attempts=1):
-    return str(messages.http_error(status, reason, url, "/data/upload/1/x.jpg", source_kind, "",
+def http(status, url, to_ls=True, source_kind="ls", body="", kind="legacy", attempts=1):
+    return str(messages.http_error(status, url, "/data/upload/1/x.jpg", source_kind, "",
                                    LS, "LABEL_STUDIO_URL", to_ls, kind, "from LABEL_STUDIO_API_KEY",
                                    body, attempts))
 
@@ -19,7 +19,7 @@ def test_http_statuses_from_label_studio():
     upload = LS + "/data/upload/1/x.jpg"
     assert "could not read /data/upload/1/x.jpg from its cloud storage (HTTP 424)" in http(424, upload)
     assert "Label Studio answers 500 for an upload it does not know" in http(500, upload)
-    assert http(500, LS + "/tasks/1/presign/?fileuri=x", reason="Internal Server Error").startswith(
+    assert http(500, LS + "/tasks/1/presign/?fileuri=x").startswith(
         f"Label Studio at {LS} answered HTTP 500 Internal Server Error for image")  # the last row
     local = LS + "/data/local-files/?d=a.png"
     assert "LOCAL_FILES_SERVING_ENABLED=true" in http(403, local, body="... LOCAL_FILES_SERVING_ENABLED ...")
@@ -28,7 +28,7 @@ def test_http_statuses_from_label_studio():
     assert "its user may lack access to this project" in http(403, local)
     assert "could not presign" in http(404, LS + "/tasks/1/presign/?fileuri=x", source_kind="cloud")
     assert "has no file for image" in http(404, upload)
-    shown = http(503, upload, reason="Service Unavailable", attempts=3)
+    shown = http(503, upload, attempts=3)
     assert shown.endswith("answered HTTP 503 Service Unavailable for image /data/upload/1/x.jpg "
                           f"(request to {upload}) (3 attempts); check Label Studio's logs")
 
@@ -41,6 +41,14 @@ def test_http_statuses_from_other_hosts():
     assert http(404, url, False, "http").endswith("not found (HTTP 404 from cdn.example)")
     assert "the HTTP proxy requires authentication (HTTP 407)" in http(407, url, False, "http")
     assert "check Label Studio's logs" not in http(502, url, False, "http")
+
+
+def test_a_status_is_named_by_its_code_and_standard_phrase():
+    assert messages.status_text(418) == "418 I'm a Teapot"
+    assert messages.status_text(502) == "502 Bad Gateway"
+    assert messages.status_text(599) == "599"  # no standard phrase: the code alone
+    assert http(599, "https://cdn.example/x.jpg", False, "http").startswith(
+        "cdn.example answered HTTP 599 for image")
 
 
 def test_refused_credentials_of_each_kind():

@@ -111,3 +111,66 @@ def test_source_key(ls, make_loader, doc_root):
     assert SIGNATURE not in key and key != loader.source_key(signed + "x")
     assert ls.requests == []
 
+
+
+@pytest.fixture
+def linked_root(doc_root, tmp_path):
+    """``doc_root`` with symbolic links: out of the root (to a directory with a real PNG and a
+    text file, to that PNG, to /etc, through a link to the root itself) and inside it."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(rgb_png(colour=(66, 66, 66)))
+    (outside / "notes.txt").write_bytes(b"x" * 671)
+    (doc_root / "outlink").symlink_to(outside)
+    (doc_root / "filelink.png").symlink_to(outside / "secret.png")
+    (doc_root / "etclink").symlink_to("/etc")
+    (doc_root / "inlink").symlink_to(doc_root / "sub")  # stays inside
+    (doc_root / "sub" / "rel.png").symlink_to("img.png")  # relative, stays inside
+    (doc_root / "sub" / "up").symlink_to("..")  # the root itself
+    return doc_root
+
+
+def test_symlinks_out_of_the_document_root_are_refused_with_the_one_message(make_loader,
+                                                                            linked_root):
+    root = linked_root
+    loader = make_loader(local_files_document_root=str(root))
+    refused = ["outlink/secret.png", "outlink/notes.txt", "outlink/missing.png", "filelink.png",
+               "etclink/shadow", "etclink/passwd", "etclink/no-such-file", "etclink",
+               str(root / "outlink" / "secret.png"), (root / "filelink.png").as_uri(),
+               "sub/up/outlink/secret.png", "nope.png", "../secret.png"]
+    messages = set()
+    for url in refused:
+        for attempt in (loader.load, loader.source_key):  # the key is not computed either
+            with pytest.raises(ImageError, match="is not available") as err:
+                attempt(url)
+            messages.add(str(err.value).replace(url, "<url>").replace(redact_url(url), "<url>"))
+    assert len(messages) == 1, messages
+    assert "bytes" not in messages.pop()
+    # /data/local-files/?d=...: a link out of the root is not there, like a missing file
+    for d in ("outlink/secret.png", "etclink/passwd", "filelink.png", "sub/up/etclink/passwd"):
+        with pytest.raises(ImageError, match="not found under LOCAL_FILES_DOCUMENT_ROOT"):
+            loader.load(f"/data/local-files/?d={d}")
+    # links that stay inside the root keep working, in every form
+    for url in ("inlink/img.png", "sub/rel.png", "sub/up/sub/img.png", str(root / "inlink/img.png"),
+                "/data/local-files/?d=inlink/img.png", "/data/local-files/?d=sub/rel.png"):
+        assert loader.load(url)[0, 0].tolist() == [5, 6, 7], url
+
+
+def test_a_file_swapped_for_a_link_after_the_check_is_not_read(make_loader, doc_root, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "img.png").write_bytes(rgb_png(colour=(66, 66, 66)))
+    image = doc_root / "sub" / "img.png"
+    loader = make_loader(local_files_document_root=str(doc_root))
+    ref = loader.locate("sub/img.png")  # resolved and keyed: inside the root
+    image.unlink()
+    image.symlink_to(outside / "img.png")  # the file becomes a link out of the root
+    with pytest.raises(ImageError, match="is not available"):
+        ref.load()
+    image.unlink()
+    image.write_bytes(rgb_png(colour=(5, 6, 7)))
+    ref = loader.locate("/data/local-files/?d=sub/img.png")
+    (doc_root / "sub").rename(doc_root / "old")
+    (doc_root / "sub").symlink_to(outside)  # a directory on the way becomes a link out of it
+    with pytest.raises(ImageError, match="is not available"):
+        ref.load()

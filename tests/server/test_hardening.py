@@ -211,6 +211,10 @@ def docroot(tmp_path_factory):
     os.mkfifo(root / "fifo.png")
     (root / "zero.png").symlink_to("/dev/zero")
     (root / "dir.png").mkdir()
+    outside = tmp_path_factory.mktemp("outside")  # links out of the root, to a real PNG too
+    cv2.imwrite(str(outside / "secret.png"), np.full((64, 64, 3), 66, np.uint8))
+    (root / "outlink").symlink_to(outside)
+    (root / "etclink").symlink_to("/etc")
     return root
 
 
@@ -272,7 +276,8 @@ def server(backend):
 # -- 1. local files -----------------------------------------------------------------------------
 LOCAL_REFUSED = ["/dev/zero", "file:///dev/zero", "/etc/passwd", "/etc/shadow", "file:///etc/passwd",
                  "../../../../etc/passwd", "fifo.png", "zero.png", "dir.png", "nope.png",
-                 "/proc/self/environ", "ok.png\x00.txt", "file://otherhost/etc/passwd"]
+                 "/proc/self/environ", "ok.png\x00.txt", "file://otherhost/etc/passwd",
+                 "etclink/shadow", "outlink/secret.png"]
 
 
 def test_local_paths_outside_the_root_devices_and_fifos_are_one_message(server, docroot):
@@ -414,9 +419,10 @@ def test_setup_remembers_a_bounded_number_of_projects(server, backend):
 
 
 # -- 4. time ------------------------------------------------------------------------------------
-def dribble(conn: socket.socket):
+def dribble(conn: socket.socket, version: str = "1.1"):
     read_request(conn)
-    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n")
+    conn.sendall(f"HTTP/{version} 200 OK\r\nContent-Type: image/png\r\nContent-Length: 100000"
+                 "\r\n\r\n".encode())
     for _ in range(100000):
         conn.sendall(b"\0")
         time.sleep(0.5)
@@ -426,8 +432,9 @@ def black_hole(conn: socket.socket):
     time.sleep(IMAGE_TIMEOUT * 4)
 
 
-def test_a_slow_image_server_is_given_one_deadline_for_the_whole_download(server):
-    remote = RawServer(dribble)
+@pytest.mark.parametrize("version", ["1.0", "1.1"])  # http.client handles their sockets apart
+def test_a_slow_image_server_is_given_one_deadline_for_the_whole_download(server, version):
+    remote = RawServer(lambda conn: dribble(conn, version))
     try:
         started = time.monotonic()
         response = post(server + "/predict", payload(image=f"{remote.url}/slow.png"))
@@ -798,7 +805,8 @@ def test_reason_phrases_and_echoed_values_are_printable_and_short(server):
         response = post(server + "/predict", payload(image=f"{remote.url}/tea.png"))
     finally:
         remote.close()
-    message = assert_client_error(response, "HTTP 418")
+    message = assert_client_error(response, "HTTP 418 I'm a Teapot")  # never the host's phrase
+    assert "I am" not in message and "very" not in message
     assert "\x1b" not in message and "very very" not in message[:100] or len(message) < 2000
     response = post(server + "/predict",
                     payload(image="http://127.0.0.1:1/a\x1b[2J\r\nX-Evil: 1\r\n.png"))
