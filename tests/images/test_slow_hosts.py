@@ -15,7 +15,7 @@ import pytest
 
 from sam_backend.errors import ImageError
 
-from loopback_hosts import rgb_png
+from tests.support.loopback_hosts import rgb_png
 
 TIMEOUT = 2.0
 SLACK = 1.0  # the load must fail within TIMEOUT + SLACK
