@@ -14,8 +14,8 @@ from typing import List, Optional
 from sam_backend.errors import SamBackendError
 
 # module -> the feature it adds to the command line
-COMMAND_MODULES = ["sam_backend.server.app", "sam_backend.models.weights_cli", "sam_backend.export.cli",
-                   "sam_backend.embeddings.precompute", "sam_backend.concepts.annotate"]
+COMMAND_MODULES = ["sam_backend.server.app", "sam_backend.commands.weights", "sam_backend.export.cli",
+                   "sam_backend.commands.precompute", "sam_backend.commands.annotate"]
 
 
 def build_parser() -> argparse.ArgumentParser:

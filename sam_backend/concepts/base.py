@@ -6,7 +6,8 @@ A *concept* is one label of an output control (BrushLabels / PolygonLabels / Rec
 an image; the text sent to the model is the label's ``hint`` attribute when the config gives one
 (``<Label value="Car" hint="red car"/>``: Label Studio 1.23 accepts it and shows it as the label's
 tooltip), else the label's value. A *concept engine* turns phrases into instances on one image;
-this module does not know which engine runs (see :func:`create_concept_engine`). Instances become
+this module does not know which engine runs (see
+:func:`sam_backend.assembly.create_concept_engine`). Instances become
 regions through the same code as clicks (:meth:`PredictionService.mask_regions`).
 
 Three ways to ask, all answered here:
@@ -14,7 +15,7 @@ Three ways to ask, all answered here:
 * a ``TextArea`` prompt in the task (:func:`parse_text_prompt`);
 * a task opened / "Retrieve predictions" with ``auto_annotate=true``
   (:meth:`ConceptAnnotator.auto_annotate`, bounded by ``concept_timeout``);
-* ``sam-backend annotate`` (:mod:`sam_backend.concepts.annotate`), a whole project through
+* ``sam-backend annotate`` (:mod:`sam_backend.commands.annotate`), a whole project through
   Label Studio's API.
 """
 from __future__ import annotations
@@ -27,12 +28,14 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple, Type
+from typing import TYPE_CHECKING, Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple, Type
 
 import numpy as np
 
-from sam_backend.errors import ConfigError, RequestError
-from sam_backend.labelstudio.label_config import OUTPUT_TYPES, LabelConfig
+from sam_backend.errors import RequestError
+
+if TYPE_CHECKING:  # the parsed config is handed in (sam_backend.labelstudio.label_config)
+    from sam_backend.labelstudio.label_config import LabelConfig
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ def concepts_of(config: LabelConfig, only_labels: Optional[Sequence[str]] = None
     wanted = set(only_labels) if only_labels else None
     found: "OrderedDict[Tuple[str, str], str]" = OrderedDict()
     for control in config.controls:
-        if control.type not in OUTPUT_TYPES or control.to_name not in config.images:
+        if not control.is_output or control.to_name not in config.images:
             continue
         for label in control.labels:
             if wanted is not None and label not in wanted:
@@ -208,23 +211,8 @@ def load_pretrained(directory: Path, classes: Sequence[type], error: Type[Except
         raise error(f"{failure}: {exc}") from None
 
 
-def create_concept_engine(settings, segmenter) -> ConceptEngine:
-    """The engine ``settings.concept_model`` names, loaded now (raises ConfigError with what to
-    do when it cannot be)."""
-    if settings.concept_model == "grounding_dino":
-        from sam_backend.concepts.grounding_dino import GroundingDinoEngine
-
-        return GroundingDinoEngine.load(settings.concept_checkpoint, segmenter)
-    if settings.concept_model == "sam3":
-        try:
-            from sam_backend.concepts.sam3_engine import Sam3ConceptEngine  # type: ignore
-        except ImportError:
-            raise ConfigError(
-                "concept_model=sam3 is not available in this version of the backend (it needs "
-                "model_name=sam3); use concept_model=grounding_dino") from None
-        return Sam3ConceptEngine.load(settings, segmenter)
-    raise ConfigError("this backend runs without a concept model: start it with "
-                      "concept_model=grounding_dino (or sam3) to label by concept")
+NO_CONCEPT_MODEL = ("this backend runs without a concept model: start it with "
+                    "concept_model=grounding_dino (or sam3) to label by concept")
 
 
 # -- answering ------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from sam_backend.images.loader import ImageLoader
 from sam_backend.labelstudio.label_config import parse_label_config
 from random_weights import synthetic_image
 from sam_backend.models.registry import get_variant
-from sam_backend.labelstudio.service import PredictionService, segmenter_for
+from sam_backend.assembly import prediction_service
 from sam_backend.settings import Settings
 from server_utils import BackendProcess, free_port
 
@@ -99,7 +99,7 @@ def make_service(checkpoint_factory, tmp_path, **options):
     images = ImageLoader(ImageAccessSettings.from_settings(
         settings, cache_dir=str(tmp_path / "cache"),
         local_files_document_root=tempfile.gettempdir()))
-    return PredictionService(settings, segmenter_for(settings), images)
+    return prediction_service(settings, images=images)
 
 
 def test_instances_equal_the_libraries_own_pipeline(checkpoint_factory, dino_dir, image_path,

@@ -177,7 +177,7 @@ def test_an_opened_task_is_encoded_by_the_worker_not_the_replica(team, reference
 def test_garbage_under_a_store_key_is_recomputed_and_logged(team, docroot, reference):
     from sam_backend.images.config import ImageAccessSettings
     from sam_backend.images.loader import ImageLoader
-    from sam_backend.embeddings.precompute import identity_for
+    from sam_backend.assembly import identity_for
     from sam_backend.settings import Settings
     from sam_backend.embeddings.store import EmbeddingStore, decode_embedding
 
@@ -244,7 +244,8 @@ def test_a_worker_killed_mid_job_loses_only_that_job_which_is_retried(checkpoint
     from rq.job import Job
     from rq.serializers import JSONSerializer
 
-    from sam_backend.embeddings.precompute import RETRIES, EncodeQueue, identity_for
+    from sam_backend.assembly import identity_for
+    from sam_backend.embeddings.precompute import RETRIES, EncodeQueue
     from sam_backend.settings import Settings
     from sam_backend.embeddings.store import EmbeddingStore
 

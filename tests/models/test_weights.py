@@ -309,7 +309,7 @@ def test_offline_option_beats_the_environment(mirror, mobile_file, monkeypatch, 
     """README: an option (``--with offline=...``) beats the environment variable. The start-up
     path (settings -> checkpoint -> model) with ``offline=false`` downloads although
     ``SAM_BACKEND_OFFLINE=1``, and ``offline=true`` refuses although ``SAM_BACKEND_OFFLINE=0``."""
-    from sam_backend.labelstudio.service import build_model
+    from sam_backend.assembly import build_model
     from sam_backend.settings import Settings
 
     mirror.files["mobile_sam.pt"] = mobile_file
