@@ -219,6 +219,7 @@ def by_type(result):
     return counts
 
 
+@pytest.mark.process
 def test_typed_phrase_gives_every_instance_in_each_output_control(backend, image_path):
     response = post(backend, [{"id": 3, "data": {"image": str(image_path)}}],
                     textarea("striped animal_dog"))
@@ -234,6 +235,7 @@ def test_typed_phrase_gives_every_instance_in_each_output_control(backend, image
     assert prediction["model_version"].endswith("+grounding_dino")
 
 
+@pytest.mark.process
 def test_task_open_gives_a_prediction_and_a_click_after_it_encodes_nothing(backend, image_path):
     path = image_path.parent / "other.png"  # inside the backend's LOCAL_FILES_DOCUMENT_ROOT
     cv2.imwrite(str(path), synthetic_image(200, 260, seed=11))
@@ -254,6 +256,7 @@ def test_task_open_gives_a_prediction_and_a_click_after_it_encodes_nothing(backe
     assert [r["value"] for r in again["result"]] == [r["value"] for r in prediction["result"]]
 
 
+@pytest.mark.process
 def test_bad_text_prompt_is_a_400_and_the_server_keeps_serving(backend, image_path):
     response = post(backend, [{"id": 3, "data": {"image": str(image_path)}}], textarea("tree"))
     assert response.status_code == 400 and "which label" in response.json()["errors"][0]

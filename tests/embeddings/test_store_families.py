@@ -43,6 +43,7 @@ def family(request):
         model.keep_vision_state = False
 
 
+@pytest.mark.process
 def test_a_family_embedding_round_trips_through_redis(family, redis_server):  # noqa: F811
     model, arrays = family
     image = synthetic_image(240, 320, seed=5)  # not square: sizes are kept per axis

@@ -22,6 +22,8 @@ from team_utils import (API_TOKEN, CLI, FakeLabelStudioAPI, WorkerProcess, model
                         process_env, start_replica)
 from payloads import FULL_CONFIG, H, W, decode_brush, keypoint, payload
 
+pytestmark = pytest.mark.process  # Redis, replicas and workers as processes
+
 PROJECT_IMAGES = ["p1.png", "p2.png", "p3.png"]
 OTHER_IMAGES = ["n1.png", "n2.png", "n3.png", "n4.png", "n5.png"]
 

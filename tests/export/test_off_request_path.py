@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "sam_backend"
 #: what the server runs: every package but the exporters and the command line
@@ -58,6 +60,7 @@ def test_the_checker_sees_an_import_of_the_exporters(tmp_path):
             "sam_backend.export"} <= modules
 
 
+@pytest.mark.process
 def test_a_fresh_server_process_holds_no_exporter_module():
     code = """
 import importlib, json, pkgutil, sys

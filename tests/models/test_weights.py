@@ -431,6 +431,7 @@ def test_cli_random(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "unused").exists()
 
 
+@pytest.mark.process
 def test_backend_start_downloads_the_missing_default_checkpoint(mirror, mobile_file, tmp_path,
                                                                 image_factory):
     """The production entry (`sam-backend serve`, gunicorn) with no checkpoint on disk: it
@@ -471,6 +472,7 @@ def test_backend_start_downloads_the_missing_default_checkpoint(mirror, mobile_f
         backend.stop()
 
 
+@pytest.mark.process
 def test_backend_start_offline_without_checkpoint_says_what_to_do(tmp_path, monkeypatch):
     import subprocess
 

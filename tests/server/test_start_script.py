@@ -12,6 +12,8 @@ import pytest
 
 from server_utils import free_port
 
+pytestmark = pytest.mark.process  # scripts/start.sh starts the backend
+
 REPO = Path(__file__).resolve().parents[2]
 
 
