@@ -36,7 +36,8 @@ from sam_backend.images.config import ImageAccessSettings  # noqa: E402
 from sam_backend.images.loader import ImageLoader  # noqa: E402
 from sam_backend.labelstudio.label_config import parse_label_config  # noqa: E402
 from tests.support.random_weights import CACHE_DIR, cached_random_checkpoint, synthetic_image  # noqa: E402
-from sam_backend.labelstudio.service import PredictionService, segmenter_for  # noqa: E402
+from sam_backend.assembly import prediction_service  # noqa: E402
+from sam_backend.labelstudio.service import PredictionService  # noqa: E402
 from sam_backend.settings import Settings  # noqa: E402
 
 CONFIG = """<View>
@@ -84,7 +85,7 @@ def make_service(engine: str, cache_dir: Path, labels: str = "",
     images = ImageLoader(ImageAccessSettings.from_settings(
         settings, cache_dir=str(cache_dir),
         local_files_document_root=str(image_root) if image_root else None))
-    service = PredictionService(settings, segmenter_for(settings), images)
+    service = prediction_service(settings, images=images)
     service.concept_annotator().engine  # loaded before timing
     return service
 
@@ -144,7 +145,8 @@ def profile_pass(service: PredictionService, image_path: Path, out: Path,
 def project_run(service: PredictionService, images: List[Path], labels: str) -> Dict[str, Any]:
     from tests.support.ls_harness import LabelStudio
 
-    from sam_backend.concepts.annotate import LabelStudioAPI, annotate_project
+    from sam_backend.commands.annotate import annotate_project
+    from sam_backend.labelstudio.api import LabelStudioAPI
 
     ls = LabelStudio().start(legacy_tokens=True)
     try:

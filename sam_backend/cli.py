@@ -9,25 +9,55 @@ import argparse
 import importlib
 import logging
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from sam_backend.errors import SamBackendError
 
-# module -> the feature it adds to the command line
-COMMAND_MODULES = ["sam_backend.server.app", "sam_backend.models.weights_cli", "sam_backend.export.cli",
-                   "sam_backend.embeddings.precompute", "sam_backend.concepts.annotate"]
+# module -> the commands it registers (named here too, so that a module that cannot be imported
+# still has its commands answer, with why)
+COMMAND_MODULES: Dict[str, Tuple[str, ...]] = {
+    "sam_backend.server.app": ("serve",),
+    "sam_backend.commands.weights": ("weights",),
+    "sam_backend.export.cli": ("export-coco", "export-yolo"),
+    "sam_backend.commands.precompute": ("worker", "precompute"),
+    "sam_backend.commands.annotate": ("annotate",),
+}
+
+
+def import_failure(module: str, exc: BaseException) -> str:
+    """What a user reads when ``module`` could not be imported: the missing module when that is
+    the cause, else the error."""
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        return f"importing {module} failed: the module {exc.name!r} is missing ({exc})"
+    return f"importing {module} failed: {type(exc).__name__}: {exc}"
+
+
+def _unavailable(subparsers, command: str, why: str, exc: BaseException) -> None:
+    """``command`` whose module failed to import: it takes any arguments and exits 2 with ``why``
+    (the other commands still work)."""
+    parser = subparsers.add_parser(command, help=f"UNAVAILABLE: {why}", add_help=False,
+                                   prefix_chars="\0")  # every argument is positional
+    parser.add_argument("arguments", nargs="*")
+
+    def fail(_args) -> int:
+        logging.getLogger(__name__).debug("the import's traceback", exc_info=exc)
+        raise SamBackendError(f"sam-backend {command} is unavailable: {why}. Install what is "
+                              "missing (pip install -e . in the repository); --log-level DEBUG "
+                              "shows the import's traceback")
+
+    parser.set_defaults(func=fail)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sam-backend", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for name in COMMAND_MODULES:
+    for name, commands in COMMAND_MODULES.items():
         try:
             module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
+        except Exception as exc:  # noqa: BLE001 - said loudly when one of its commands is used
+            for command in commands:
+                _unavailable(subparsers, command, import_failure(name, exc), exc)
             continue
         module.register_cli(subparsers)
     return parser

@@ -25,7 +25,21 @@ from sam_backend.images.config import (DEFAULT_CACHE_MAX_BYTES, DEFAULT_MAX_DOWN
                                        DEFAULT_TIMEOUT)
 from sam_backend.images.decode import DEFAULT_MAX_PIXELS
 from sam_backend.images.netpolicy import parse_image_hosts
-from sam_backend.server.auth import BasicAuth
+
+
+def check_basic_auth(user: Optional[str], password: Optional[str]) -> None:
+    """Basic auth's options: both a user and a password, or neither; no ':' in the user (the
+    HTTP layer's :class:`~sam_backend.server.auth.BasicAuth` checks them with this too)."""
+    user = user or None
+    password = password or None
+    if (user is None) != (password is None):
+        missing = "basic_auth_pass (BASIC_AUTH_PASS)" if password is None else \
+            "basic_auth_user (BASIC_AUTH_USER)"
+        raise ConfigError(f"basic auth needs both a user and a password: {missing} is not "
+                          "set. Set both, or neither to run without authentication")
+    if user is not None and ":" in user:
+        raise ConfigError("basic_auth_user must not contain ':' (HTTP basic auth separates "
+                          "user and password with it)")
 
 
 def option(default: Any, help: str, env: Sequence[str] = (),  # noqa: A002 - argparse's word
@@ -223,7 +237,7 @@ class Settings:
             raise ConfigError("embedding_cache_mb must be positive")
         if self.poly_tolerance < 0 or self.poly_min_area < 0:
             raise ConfigError("poly_tolerance and poly_min_area must not be negative")
-        BasicAuth(self.basic_auth_user, self.basic_auth_pass)  # both or neither
+        check_basic_auth(self.basic_auth_user, self.basic_auth_pass)  # both or neither
         parse_image_hosts(self.image_hosts)
         if self.embedding_store:
             from sam_backend.embeddings.store import check_store_url

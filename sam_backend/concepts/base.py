@@ -6,7 +6,8 @@ A *concept* is one label of an output control (BrushLabels / PolygonLabels / Rec
 an image; the text sent to the model is the label's ``hint`` attribute when the config gives one
 (``<Label value="Car" hint="red car"/>``: Label Studio 1.23 accepts it and shows it as the label's
 tooltip), else the label's value. A *concept engine* turns phrases into instances on one image;
-this module does not know which engine runs (see :func:`create_concept_engine`). Instances become
+this module does not know which engine runs (see
+:func:`sam_backend.assembly.create_concept_engine`). Instances become
 regions through the same code as clicks (:meth:`PredictionService.mask_regions`).
 
 Three ways to ask, all answered here:
@@ -15,7 +16,7 @@ Three ways to ask, all answered here:
   :meth:`ConceptAnnotator.annotate_typed`);
 * a task opened / "Retrieve predictions" with ``auto_annotate=true``
   (:meth:`ConceptAnnotator.auto_annotate`, bounded by ``concept_timeout``);
-* ``sam-backend annotate`` (:mod:`sam_backend.concepts.annotate`), a whole project through
+* ``sam-backend annotate`` (:mod:`sam_backend.commands.annotate`), a whole project through
   Label Studio's API.
 """
 from __future__ import annotations
@@ -28,16 +29,18 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import (Any, Callable, Dict, Hashable, Iterable, List, Optional, Sequence, Tuple,
-                    Type, Union)
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Hashable, Iterable, List, Optional,
+                    Sequence, Tuple, Type, Union)
 
 import numpy as np
 
 from sam_backend.common.deadline import UNBOUNDED, WorkScope
 from sam_backend.common.limits import shown
 from sam_backend.concepts.phrases import Concept, PhraseLimits, concepts_of, concepts_of_region
-from sam_backend.errors import ConfigError, RequestError
-from sam_backend.labelstudio.label_config import LabelConfig
+from sam_backend.errors import RequestError
+
+if TYPE_CHECKING:  # the parsed config is handed in (sam_backend.labelstudio.label_config)
+    from sam_backend.labelstudio.label_config import LabelConfig
 
 log = logging.getLogger(__name__)
 
@@ -184,23 +187,8 @@ def load_pretrained(directory: Path, classes: Sequence[type], error: Type[Except
         raise error(f"{failure}: {exc}") from None
 
 
-def create_concept_engine(settings, segmenter) -> ConceptEngine:
-    """The engine ``settings.concept_model`` names, loaded now (raises ConfigError with what to
-    do when it cannot be)."""
-    if settings.concept_model == "grounding_dino":
-        from sam_backend.concepts.grounding_dino import GroundingDinoEngine
-
-        return GroundingDinoEngine.load(settings.concept_checkpoint, segmenter)
-    if settings.concept_model == "sam3":
-        try:
-            from sam_backend.concepts.sam3_engine import Sam3ConceptEngine  # type: ignore
-        except ImportError:
-            raise ConfigError(
-                "concept_model=sam3 is not available in this version of the backend (it needs "
-                "model_name=sam3); use concept_model=grounding_dino") from None
-        return Sam3ConceptEngine.load(settings, segmenter)
-    raise ConfigError("this backend runs without a concept model: start it with "
-                      "concept_model=grounding_dino (or sam3) to label by concept")
+NO_CONCEPT_MODEL = ("this backend runs without a concept model: start it with "
+                    "concept_model=grounding_dino (or sam3) to label by concept")
 
 
 # -- answering ------------------------------------------------------------------------------------

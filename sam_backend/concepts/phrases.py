@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from sam_backend.common.deadline import UNBOUNDED, WorkScope
 from sam_backend.common.limits import check_count, shown
 from sam_backend.errors import RequestError
-from sam_backend.labelstudio.label_config import OUTPUT_TYPES, LabelConfig
+
+if TYPE_CHECKING:  # the parsed config is handed in (sam_backend.labelstudio.label_config)
+    from sam_backend.labelstudio.label_config import LabelConfig
 
 # labels named in a "which label is ...?" message (a config may have thousands)
 _LABELS_SHOWN = 20
@@ -51,7 +53,7 @@ def concepts_of(config: LabelConfig, only_labels: Optional[Sequence[str]] = None
     wanted = set(only_labels) if only_labels else None
     found: "OrderedDict[Tuple[str, str], str]" = OrderedDict()
     for control in config.controls:
-        if control.type not in OUTPUT_TYPES or control.to_name not in config.images:
+        if not control.is_output or control.to_name not in config.images:
             continue
         hints = dict(control.hints)  # once per control: Control.hint() is linear in its hints
         for label in control.labels:

@@ -1,5 +1,7 @@
-"""Precompute for a team: an RQ queue of images to encode, the worker that encodes them into the
-shared embedding store, and the command that queues a whole Label Studio project.
+"""Precompute for a team: an RQ queue of images to encode and the job the workers run to encode
+them into the shared embedding store. The commands (``worker``, ``precompute``) are in
+:mod:`sam_backend.commands.precompute`; the store's model identity comes from
+:func:`sam_backend.assembly.identity_for`.
 
 - ``sam-backend worker --with <the backend's model options> embedding_store=redis://...``
   loads the model once and runs an RQ :class:`~rq.worker.SimpleWorker` (jobs run in the loaded
@@ -23,55 +25,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
 
-from sam_backend.errors import ConfigError, SamBackendError
-from sam_backend.settings import Settings
-from sam_backend.embeddings.store import KEY_ROOT, EmbeddingStore, StoreUnavailable, connect, model_identity
+from sam_backend.errors import SamBackendError
+from sam_backend.embeddings.store import KEY_ROOT, EmbeddingStore, StoreUnavailable, connect
 
 log = logging.getLogger(__name__)
 
 JOB_FUNCTION = "sam_backend.embeddings.precompute.encode_job"
 RETRIES = 3
-
-
-# -- identity and store ---------------------------------------------------------------------------
-
-def identity_for(settings: Settings, model=None) -> str:
-    """The store's model identity for ``settings`` (of the loaded ``model`` when given: its
-    actual runtime; else the runtime ``settings`` resolve to), without loading anything else."""
-    from sam_backend.models.runtimes import default_runtime
-    from sam_backend.models.checkpoints import ensure_checkpoint, infer_variant
-
-    variant = infer_variant(settings.model_name, settings.sam_config, settings.sam_checkpoint_file)
-    sha = getattr(model, "sha256", None)
-    if not sha:
-        from sam_backend.models.onnx_export import HASH_SIDECAR, checkpoint_sha256, onnx_dir_for
-
-        checkpoint = ensure_checkpoint(variant, settings.sam_checkpoint_file,
-                                       offline=settings.offline)
-        sha = checkpoint_sha256(checkpoint, onnx_dir_for(checkpoint) / HASH_SIDECAR)
-    if model is not None:
-        runtime = model.runtime
-    elif settings.runtime == "auto":
-        runtime = default_runtime(variant, settings.device)
-    else:
-        runtime = settings.runtime
-    identity = model_identity(variant.key, sha, runtime, settings.embedding_dtype)
-    from sam_backend.labelstudio.service import keeps_vision_state
-
-    # entries with SAM 3's backbone output (concept_model=sam3) are not mixed with click-only ones
-    return identity + ":vision" if keeps_vision_state(settings) else identity
-
-
-def store_for(settings: Settings, identity: str) -> EmbeddingStore:
-    store = EmbeddingStore(settings.embedding_store, identity, ttl_s=settings.embedding_store_ttl,
-                           wait_s=settings.embedding_store_wait)
-    if not store.check():
-        log.warning("embedding store %s is not reachable at start: the backend works from memory "
-                    "and its own encoder until it is", store.display_url)
-    return store
 
 
 # -- the queue ------------------------------------------------------------------------------------
@@ -146,6 +109,13 @@ class _WorkerContext:
 _CONTEXT: Optional[_WorkerContext] = None
 
 
+def install_worker_context(segmenter, images, identity: str) -> None:
+    """What :func:`encode_job` works with in this process: the loaded segmenter (its cache's
+    tier is the store) and an image loader (``sam-backend worker`` calls this once)."""
+    global _CONTEXT
+    _CONTEXT = _WorkerContext(segmenter, images, identity)
+
+
 def encode_job(image_key: str, url: str, task_id: Any = None,
                label_studio_url: Optional[str] = None) -> Dict[str, Any]:
     """Encode one queued image into the store (skipped when some process stored it already)."""
@@ -163,149 +133,3 @@ def encode_job(image_key: str, url: str, task_id: Any = None,
     return {"image_key": image_key, "encoded": encoded, "seconds": round(seconds, 3)}
 
 
-def run_worker(args) -> int:
-    """``sam-backend worker``: load the model once, then encode queued images until stopped."""
-    from rq import SimpleWorker
-    from rq.serializers import JSONSerializer
-
-    from sam_backend.images.config import ImageAccessSettings
-    from sam_backend.images.loader import ImageLoader
-    from sam_backend.labelstudio.service import segmenter_for
-    from sam_backend.settings import settings_from_args
-
-    global _CONTEXT
-    settings = settings_from_args(args)
-    # the worker writes to the store and rarely reads an image twice: a small memory tier
-    settings = replace(settings, embedding_cache_mb=min(settings.embedding_cache_mb, 256))
-    if not settings.embedding_store:
-        raise ConfigError("the worker needs embedding_store=redis://host:port/db (the store the "
-                          "backend replicas use)")
-    segmenter = segmenter_for(settings)
-    store = segmenter.cache.tier
-    queue = EncodeQueue(store, settings.precompute_job_timeout)
-    _CONTEXT = _WorkerContext(segmenter, ImageLoader(ImageAccessSettings.from_settings(settings)),
-                              store.identity)
-    interval = max(1, int(args.maintenance_interval))
-    worker = SimpleWorker([queue.queue], connection=queue.connection, serializer=JSONSerializer,
-                          name=args.name, maintenance_interval=interval,
-                          # the blocking pop returns every `interval` s, so maintenance (which
-                          # re-queues a killed worker's job) runs that often
-                          worker_ttl=interval + 15)
-    log.info("worker %s: model %s, queue %s, store %s", worker.name, store.identity,
-             queue.queue.name, store.display_url)
-    worker.work(burst=args.burst, logging_level=args.log_level.upper()
-                if hasattr(args, "log_level") else "INFO", with_scheduler=False)
-    return 0
-
-
-# -- `sam-backend precompute --project ID` --------------------------------------------------------
-
-def project_tasks(images, project: int, page_size: int = 100) -> List[Dict[str, Any]]:
-    """Every task of a Label Studio project, newest (highest id) first."""
-    tasks: List[Dict[str, Any]] = []
-    page = 1
-    while True:
-        body = images.api_get("/api/tasks", {"project": project, "page": page,
-                                             "page_size": page_size})
-        batch = body.get("tasks", []) if isinstance(body, dict) else body
-        if not isinstance(batch, list):
-            raise SamBackendError(f"Label Studio's /api/tasks answered {type(body).__name__}, "
-                                  "expected {\"tasks\": [...]}")
-        tasks.extend(t for t in batch if isinstance(t, dict))
-        total = body.get("total") if isinstance(body, dict) else None
-        if not batch or len(batch) < page_size or (total is not None and len(tasks) >= total):
-            break
-        page += 1
-    tasks.sort(key=lambda t: int(t.get("id") or 0), reverse=True)
-    return tasks
-
-
-def precompute_project(settings: Settings, images, project: int, progress: bool = True,
-                       limit: Optional[int] = None) -> Dict[str, int]:
-    """Queue every image of ``project`` (newest tasks first) once; the summary counts."""
-    from tqdm import tqdm
-
-    from sam_backend.labelstudio.label_config import parse_label_config
-
-    if not settings.embedding_store:
-        raise ConfigError("precompute needs embedding_store=redis://host:port/db (the store the "
-                          "backend replicas and workers use)")
-    config = parse_label_config(images.api_get(f"/api/projects/{project}").get("label_config")
-                                or "")
-    identity = identity_for(settings)
-    store = EmbeddingStore(settings.embedding_store, identity, ttl_s=settings.embedding_store_ttl)
-    if not store.check():
-        raise ConfigError(f"the embedding store {store.display_url} is unreachable")
-    queue = EncodeQueue(store, settings.precompute_job_timeout)
-    tasks = project_tasks(images, project)
-    if limit:
-        tasks = tasks[:limit]
-    counts = {"tasks": len(tasks), "images": 0, "enqueued": 0, "stored": 0, "queued": 0,
-              "duplicates": 0, "errors": 0}
-    seen = set()
-    targets = [name for name in config.images if any(c.to_name == name for c in config.controls)]
-    for task in tqdm(tasks, desc=f"project {project}", unit="task", disable=not progress):
-        data = task.get("data") or {}
-        for to_name in targets:
-            values = data.get(config.data_key(to_name))
-            for url in values if isinstance(values, list) else [values]:
-                if not isinstance(url, str) or not url.strip():
-                    continue
-                try:
-                    image_key = images.source_key(url, task.get("id"))
-                except SamBackendError as exc:
-                    counts["errors"] += 1
-                    log.warning("task %s: %s", task.get("id"), exc)
-                    continue
-                if image_key in seen:
-                    counts["duplicates"] += 1
-                    continue
-                seen.add(image_key)
-                counts["images"] += 1
-                counts[queue.submit(image_key, url, task.get("id"), images.label_studio_url)] += 1
-    log.info("project %s: %d tasks, %d distinct images: %d queued now, %d already stored, %d "
-             "already queued, %d duplicate references, %d errors; queue %s holds %s jobs",
-             project, counts["tasks"], counts["images"], counts["enqueued"], counts["stored"],
-             counts["queued"], counts["duplicates"], counts["errors"], queue.queue.name,
-             queue.length())
-    return counts
-
-
-def run_precompute(args) -> int:
-    import json
-
-    from sam_backend.images.config import ImageAccessSettings
-    from sam_backend.images.loader import ImageLoader
-    from sam_backend.settings import settings_from_args
-
-    settings = settings_from_args(args)  # --label-studio-url is the option label_studio_url
-    images = ImageLoader(ImageAccessSettings.from_settings(settings))
-    counts = precompute_project(settings, images, args.project, progress=not args.no_progress,
-                                limit=args.limit)
-    print(json.dumps(counts))  # the command's output: the summary
-    return 0 if counts["errors"] == 0 else 1
-
-
-def register_cli(subparsers) -> None:
-    from sam_backend.settings import add_option_arguments
-
-    worker = subparsers.add_parser(
-        "worker", help="encode queued images into the shared embedding store (RQ worker)")
-    worker.add_argument("--burst", action="store_true", help="quit when the queue is empty")
-    worker.add_argument("--name", default=None, help="worker name (default: RQ's)")
-    worker.add_argument("--maintenance-interval", type=int, default=30,
-                        help="seconds between RQ maintenance passes, which re-queue the jobs of "
-                             "killed workers (default 30)")
-    add_option_arguments(worker)
-    worker.set_defaults(func=run_worker)
-
-    pre = subparsers.add_parser(
-        "precompute", help="queue every image of a Label Studio project for the workers")
-    pre.add_argument("--project", type=int, required=True, help="Label Studio project id")
-    pre.add_argument("--label-studio-url", dest="label_studio_url", default=None,
-                     help="Label Studio's address (the option label_studio_url; default: "
-                          "LABEL_STUDIO_URL); the API key comes from LABEL_STUDIO_API_KEY")
-    pre.add_argument("--limit", type=int, default=None, help="only the newest N tasks")
-    pre.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_option_arguments(pre)
-    pre.set_defaults(func=run_precompute)

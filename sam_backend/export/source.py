@@ -227,11 +227,10 @@ def image_fetcher(image_loader=None, upload_dir: Optional[str] = None) -> Iterat
     if image_loader is not None:
         yield make_image_fetcher(image_loader, upload_dir)
         return
-    from sam_backend.images.config import ImageAccessSettings
-    from sam_backend.images.loader import ImageLoader
+    from sam_backend import assembly
     from sam_backend.settings import Settings
 
-    own = ImageLoader(ImageAccessSettings.from_settings(Settings.load()), local_paths_anywhere=True)
+    own = assembly.image_loader(Settings.load(), local_paths_anywhere=True)
     try:
         yield make_image_fetcher(own, upload_dir)
     finally:

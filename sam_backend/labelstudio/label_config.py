@@ -42,6 +42,11 @@ class Control:
     def has_label(self, label: str) -> bool:
         return label in self.labels
 
+    @property
+    def is_output(self) -> bool:
+        """Whether the model's regions may go under it (brush, polygon, rectangle)."""
+        return self.type in OUTPUT_TYPES
+
     def hint(self, label: str) -> Optional[str]:
         """The label's ``hint`` attribute (``<Label value="Car" hint="red car"/>``), if any."""
         return dict(self.hints).get(label)

@@ -12,107 +12,61 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from sam_backend import __version__
-from sam_backend.embeddings.memory import EmbeddingCache
-from sam_backend.concepts.base import ConceptAnnotator, create_concept_engine
+from sam_backend.concepts.base import NO_CONCEPT_MODEL, ConceptAnnotator, ConceptEngine
 from sam_backend.concepts.phrases import text_prompt_region
-from sam_backend.embeddings.engine import Segmenter, get_segmenter
-from sam_backend.errors import RequestError
-from sam_backend.images.config import ImageAccessSettings
-from sam_backend.images.loader import ImageLoader
+from sam_backend.errors import ConfigError, RequestError
 from sam_backend.labelstudio.label_config import LabelConfig, LabelConfigCache
 from sam_backend.common.deadline import UNBOUNDED, WorkScope
 from sam_backend.common.limits import MIB, LoadGate, MemoryBudget, check_count, shown
 from sam_backend.labelstudio.prompts import PromptRequest, parse_context
 from sam_backend.labelstudio.regions import brush_region, mask_bbox, mask_polygons, polygon_region, rectangle_region
-from sam_backend.settings import Settings
 from sam_backend.embeddings.store import StoreUnavailable
+
+if TYPE_CHECKING:  # handed in by sam_backend.assembly, never built here
+    from sam_backend.embeddings.engine import Segmenter
+    from sam_backend.embeddings.precompute import EncodeQueue
+    from sam_backend.images.loader import ImageLoader
+    from sam_backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def build_model(settings: Settings):
-    """Load the variant the settings ask for, on the runtime they ask for."""
-    from sam_backend.models.runtimes import create_model
-    from sam_backend.models.checkpoints import ensure_checkpoint, infer_variant
-
-    variant = infer_variant(settings.model_name, settings.sam_config,
-                            settings.sam_checkpoint_file)
-    checkpoint = ensure_checkpoint(variant, settings.sam_checkpoint_file, offline=settings.offline)
-    return create_model(variant, checkpoint, settings.device, settings.runtime)
-
-
-def keeps_vision_state(settings: Settings) -> bool:
-    """Whether embeddings carry SAM 3's backbone output too (``concept_model=sam3``)."""
-    return settings.concept_model == "sam3"
-
-
-def segmenter_for(settings: Settings) -> Segmenter:
-    """The process-wide segmenter for these settings (loaded on first use)."""
-    key = (settings.model_name, settings.sam_config, settings.sam_checkpoint_file,
-           settings.device, settings.runtime, settings.embedding_dtype, settings.embedding_cache_mb,
-           settings.embedding_store, settings.embedding_store_ttl, settings.embedding_store_wait)
-
-    def build() -> Segmenter:
-        started = time.perf_counter()
-        model = build_model(settings)
-        if keeps_vision_state(settings) and hasattr(model, "keep_vision_state"):
-            # SAM 3's concept model runs on the click model's backbone output: every process
-            # that encodes (web replicas and precompute workers alike) keeps it in the embedding
-            model.keep_vision_state = True
-        log.info("model %s ready in %.1f s", model.describe(), time.perf_counter() - started)
-        store = None
-        if settings.embedding_store:
-            from sam_backend.embeddings.precompute import identity_for, store_for
-
-            store = store_for(settings, identity_for(settings, model))
-        return Segmenter(model, EmbeddingCache(settings.embedding_cache_mb * 1024 * 1024, store),
-                         store_float16=settings.embedding_dtype == "float16")
-
-    return get_segmenter(key, build)
-
-
 class PredictionService:
     """Answers Label Studio's /setup and /predict (clicks, opened tasks, concept prompts) for any
-    number of projects with one segmenter and one image loader: the Label Studio layer."""
+    number of projects with one segmenter and one image loader: the Label Studio layer.
 
-    def __init__(self, settings: Settings, segmenter: Segmenter, images: ImageLoader):
+    Built by :func:`sam_backend.assembly.prediction_service`, which hands it what it uses:
+    ``queue``, the workers' :class:`~sam_backend.embeddings.precompute.EncodeQueue` (with a
+    shared store: opened tasks go there); ``concept_engine``, what loads the concept engine on
+    first use (None: no concept model)."""
+
+    def __init__(self, settings: "Settings", segmenter: "Segmenter", images: "ImageLoader",
+                 queue: Optional["EncodeQueue"] = None,
+                 concept_engine: Optional[Callable[[], ConceptEngine]] = None):
         self.settings = settings
         self.segmenter = segmenter
         self.images = images
         self.model_version = f"sam_backend-{__version__}:{segmenter.model.variant.key}"
         self.concepts: Optional[ConceptAnnotator] = None
-        if settings.concept_model != "none":
+        if concept_engine is not None:
             self.model_version += f"+{settings.concept_model}"
-            self.concepts = ConceptAnnotator(
-                self, lambda: create_concept_engine(self.settings, self.segmenter))
+            self.concepts = ConceptAnnotator(self, concept_engine)
         # project -> label config sent in /setup, least recently used first out
         self._projects: "OrderedDict[str, str]" = OrderedDict()
         self._projects_chars = 0
         self._projects_lock = threading.Lock()
         self.store = segmenter.cache.tier  # the shared embedding store, or None
-        self.queue = None  # with a store, opened tasks go to the workers' queue
-        if self.store is not None:
-            from sam_backend.embeddings.precompute import EncodeQueue
-
-            self.queue = EncodeQueue(self.store, settings.precompute_job_timeout)
+        self.queue = queue  # with a store, opened tasks go to the workers' queue
         self.label_configs = LabelConfigCache(int(settings.label_config_cache_mb * MIB))
         # new images loading at once; their bytes and pixels, and the masks of clicks
         self.loads = LoadGate(settings.max_concurrent_loads)
         self.memory = images.budget or MemoryBudget(settings.image_memory_mb * MIB)
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> "PredictionService":
-        """The service with its model and its image loader, both from ``settings``."""
-        budget = MemoryBudget(settings.image_memory_mb * MIB)
-        access = ImageAccessSettings.from_settings(settings)
-        return cls(settings, segmenter_for(settings), ImageLoader(access, budget=budget))
 
     # -- /setup --------------------------------------------------------------------------------
     def setup(self, project: Optional[str], schema: Optional[str], hostname: Optional[str],
@@ -183,7 +137,7 @@ class PredictionService:
     def concept_annotator(self) -> ConceptAnnotator:
         """The concept side; a clear error when the backend runs without one."""
         if self.concepts is None:
-            create_concept_engine(self.settings, self.segmenter)  # raises: what to start with
+            raise ConfigError(NO_CONCEPT_MODEL)
         return self.concepts
 
     def predict_task(self, task: Dict[str, Any], config: LabelConfig,

@@ -34,6 +34,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, RequestTim
 
 from sam_backend.common.deadline import WorkScope
 from sam_backend.common.limits import MIB, printable, release_memory_if_due
+from sam_backend import assembly
 from sam_backend.errors import BusyError, RequestError, SamBackendError
 from sam_backend.labelstudio.service import PredictionService
 from sam_backend.server import auth as basic_auth
@@ -245,7 +246,7 @@ def create_app(service: PredictionService) -> Flask:
 
 def build_app(settings: Settings) -> Flask:
     """Load the model (and download its checkpoint if allowed), then return the app."""
-    app = create_app(PredictionService.from_settings(settings))
+    app = create_app(assembly.prediction_service(settings))
     # After loading, the process tracks a few hundred thousand long-lived objects (torch, timm,
     # segment_anything); a full collection over them is slow (README "Speed") and lands in the
     # middle of a click. Freezing moves them out of the collector's generations for good.

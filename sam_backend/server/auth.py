@@ -22,7 +22,7 @@ import hmac
 import logging
 from typing import Optional
 
-from sam_backend.errors import ConfigError
+from sam_backend.settings import check_basic_auth
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +35,7 @@ class BasicAuth:
     def __init__(self, user: Optional[str] = None, password: Optional[str] = None):
         user = user or None
         password = password or None
-        if (user is None) != (password is None):
-            missing = "basic_auth_pass (BASIC_AUTH_PASS)" if password is None else \
-                "basic_auth_user (BASIC_AUTH_USER)"
-            raise ConfigError(f"basic auth needs both a user and a password: {missing} is not "
-                              "set. Set both, or neither to run without authentication")
-        if user is not None and ":" in user:
-            raise ConfigError("basic_auth_user must not contain ':' (HTTP basic auth separates "
-                              "user and password with it)")
+        check_basic_auth(user, password)  # both or neither
         # Only digests are kept: equal-length values for compare_digest, and no plain password
         # in the object (a repr or a traceback cannot show it).
         self._user = _digest(user) if user is not None else None

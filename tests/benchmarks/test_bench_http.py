@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.process  # runs the benchmark script as a process
+
 REPO = Path(__file__).resolve().parents[2]
 
 MEASUREMENTS = [

@@ -30,7 +30,7 @@ from sam_backend.errors import BusyError, ConfigError, RequestError
 from sam_backend.images.config import ImageAccessSettings
 from sam_backend.images.loader import ImageLoader
 from sam_backend.labelstudio.label_config import parse_label_config
-from sam_backend.labelstudio.service import PredictionService, segmenter_for
+from sam_backend.assembly import prediction_service
 from sam_backend.settings import Settings
 from tests.support.concept_server import many_labels_config, text_prompt
 
@@ -71,7 +71,7 @@ def make_service(checkpoint_factory, tmp_path, **options):
     images = ImageLoader(ImageAccessSettings.from_settings(
         settings, cache_dir=str(tmp_path / "cache"),
         local_files_document_root=tempfile.gettempdir()))
-    return PredictionService(settings, segmenter_for(settings), images)
+    return prediction_service(settings, images=images)
 
 
 def dino_service(checkpoint_factory, tmp_path, dino_dir, **options):
@@ -221,7 +221,7 @@ def test_sam3_refuses_a_phrase_longer_than_its_text_encoder(tmp_path):
     settings = Settings.load({"model_name": "sam3", "sam_checkpoint_file": str(directory),
                               "device": "cpu", "embedding_dtype": "float32",
                               "concept_model": "sam3", "concept_threshold": "0.25"}, environ={})
-    service = PredictionService(settings, segmenter_for(settings), ImageLoader(
+    service = prediction_service(settings, images=ImageLoader(
         ImageAccessSettings.from_settings(settings, cache_dir=str(tmp_path / "cache"),
                                           local_files_document_root=str(tmp_path))))
     path = tmp_path / "scene.png"

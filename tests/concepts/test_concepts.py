@@ -23,7 +23,7 @@ from sam_backend.images.loader import ImageLoader
 from sam_backend.labelstudio.label_config import parse_label_config
 from tests.support.random_weights import synthetic_image
 from sam_backend.models.registry import get_variant
-from sam_backend.labelstudio.service import PredictionService, segmenter_for
+from sam_backend.assembly import prediction_service
 from sam_backend.settings import Settings
 from tests.support.server_utils import BackendProcess, free_port
 
@@ -100,7 +100,7 @@ def make_service(checkpoint_factory, tmp_path, **options):
     images = ImageLoader(ImageAccessSettings.from_settings(
         settings, cache_dir=str(tmp_path / "cache"),
         local_files_document_root=tempfile.gettempdir()))
-    return PredictionService(settings, segmenter_for(settings), images)
+    return prediction_service(settings, images=images)
 
 
 def test_instances_equal_the_libraries_own_pipeline(checkpoint_factory, dino_dir, image_path,
@@ -220,6 +220,7 @@ def by_type(result):
     return counts
 
 
+@pytest.mark.process
 def test_typed_phrase_gives_every_instance_in_each_output_control(backend, image_path):
     response = post(backend, [{"id": 3, "data": {"image": str(image_path)}}],
                     textarea("striped animal_dog"))
@@ -235,6 +236,7 @@ def test_typed_phrase_gives_every_instance_in_each_output_control(backend, image
     assert prediction["model_version"].endswith("+grounding_dino")
 
 
+@pytest.mark.process
 def test_task_open_gives_a_prediction_and_a_click_after_it_encodes_nothing(backend, image_path):
     path = image_path.parent / "other.png"  # inside the backend's LOCAL_FILES_DOCUMENT_ROOT
     cv2.imwrite(str(path), synthetic_image(200, 260, seed=11))
@@ -255,6 +257,7 @@ def test_task_open_gives_a_prediction_and_a_click_after_it_encodes_nothing(backe
     assert [r["value"] for r in again["result"]] == [r["value"] for r in prediction["result"]]
 
 
+@pytest.mark.process
 def test_bad_text_prompt_is_a_400_and_the_server_keeps_serving(backend, image_path):
     response = post(backend, [{"id": 3, "data": {"image": str(image_path)}}], textarea("tree"))
     assert response.status_code == 400 and "which label" in response.json()["errors"][0]

@@ -16,7 +16,7 @@ from sam_backend.images.loader import ImageLoader
 from sam_backend.models.base import Prompt
 from tests.support.random_weights import cached_random_sam3, synthetic_image
 from tests.support.random_weights import write_test_tokenizer
-from sam_backend.labelstudio.service import PredictionService, segmenter_for
+from sam_backend.assembly import prediction_service
 from sam_backend.settings import Settings
 
 THRESHOLD = 0.25  # random weights: low enough to give instances
@@ -37,7 +37,7 @@ def test_sam3_instances_equal_the_libraries_pipeline_and_share_the_click_cache(s
                               "device": "cpu", "embedding_dtype": "float32",
                               "concept_model": "sam3", "concept_threshold": str(THRESHOLD)},
                              environ={})
-    service = PredictionService(settings, segmenter_for(settings), ImageLoader(
+    service = prediction_service(settings, images=ImageLoader(
         ImageAccessSettings.from_settings(settings, cache_dir=str(tmp_path / "cache"),
                                           local_files_document_root=str(tmp_path))))
     image = synthetic_image(180, 260, seed=2)
@@ -81,7 +81,7 @@ def test_full_size_sam3_concept_pass_on_the_cached_click_state(tmp_path):
                               "device": "cpu", "concept_model": "sam3",
                               "concept_threshold": str(THRESHOLD), "max_instances": "5"},
                              environ={})
-    service = PredictionService(settings, segmenter_for(settings), ImageLoader(
+    service = prediction_service(settings, images=ImageLoader(
         ImageAccessSettings.from_settings(settings, cache_dir=str(tmp_path / "cache"),
                                           local_files_document_root=str(tmp_path))))
     path = tmp_path / "scene.png"

@@ -12,7 +12,7 @@
   process group at teardown (function / session scope). The log goes to a file; its tail is
   printed when the owning test fails.
 
-Every test collected under this directory gets the ``e2e`` marker. Set ``SAM_BACKEND_SKIP_E2E=1``
+Every test collected under this directory gets the ``e2e`` and ``process`` markers. Set ``SAM_BACKEND_SKIP_E2E=1``
 to skip them all (e.g. for a quick unit-test run).
 """
 
@@ -42,6 +42,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if HERE in Path(str(item.path)).resolve().parents:
             item.add_marker(pytest.mark.e2e)
+            item.add_marker(pytest.mark.process)  # Label Studio and the backend run as processes
             if os.environ.get("SAM_BACKEND_SKIP_E2E"):
                 item.add_marker(skip)
 

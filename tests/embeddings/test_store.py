@@ -144,6 +144,7 @@ def replica(model, url, **kw) -> Segmenter:
     return Segmenter(model, EmbeddingCache(64 << 20, store), store_float16=True)
 
 
+@pytest.mark.process
 def test_a_second_replica_gets_the_first_ones_encode(mobile_sam, image, redis_server):
     a = replica(mobile_sam, redis_server.url, ttl_s=300)
     b = replica(mobile_sam, redis_server.url)
@@ -159,6 +160,7 @@ def test_a_second_replica_gets_the_first_ones_encode(mobile_sam, image, redis_se
     assert 0 < redis_server.client().ttl(key) <= 300
 
 
+@pytest.mark.process
 def test_eight_concurrent_first_requests_over_two_replicas_encode_once(mobile_sam, image,
                                                                       redis_server):
     replicas = [replica(mobile_sam, redis_server.url), replica(mobile_sam, redis_server.url)]
@@ -172,6 +174,7 @@ def test_eight_concurrent_first_requests_over_two_replicas_encode_once(mobile_sa
         same(results[0], r)
 
 
+@pytest.mark.process
 def test_garbage_under_a_key_is_recomputed_and_logged(mobile_sam, image, redis_server, caplog):
     a = replica(mobile_sam, redis_server.url)
     key = a.cache.tier.key_for("img-bad")
@@ -189,6 +192,7 @@ def test_garbage_under_a_key_is_recomputed_and_logged(mobile_sam, image, redis_s
     assert b.encodes == 1 and b.cache.tier.corrupt == 1
 
 
+@pytest.mark.process
 def test_a_crashed_lock_holder_blocks_nobody_past_the_expiry(mobile_sam, image, redis_server):
     a = replica(mobile_sam, redis_server.url, wait_s=30)
     key = a.cache.tier.key_for("img-crash")
@@ -205,6 +209,7 @@ def test_a_crashed_lock_holder_blocks_nobody_past_the_expiry(mobile_sam, image, 
     assert b.encodes == 1 and b.cache.tier.lock_waits == 1
 
 
+@pytest.mark.process
 def test_redis_down_at_start_then_back(mobile_sam, image, tmp_path, caplog):
     port = free_port()
     server = RedisServer(tmp_path, port)

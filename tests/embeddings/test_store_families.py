@@ -43,6 +43,7 @@ def family(request):
         model.keep_vision_state = False
 
 
+@pytest.mark.process
 def test_a_family_embedding_round_trips_through_redis(family, redis_server):  # noqa: F811
     model, arrays = family
     image = synthetic_image(240, 320, seed=5)  # not square: sizes are kept per axis
@@ -71,8 +72,7 @@ def test_concept_model_sam3_keeps_the_backbone_output_in_every_encoding_process(
     """Web replicas and precompute workers both build their model through ``segmenter_for``: with
     ``concept_model=sam3`` it keeps SAM 3's backbone output, and the store's model identity says
     so, so a worker's entries serve concept passes and never mix with click-only entries."""
-    from sam_backend.embeddings.precompute import identity_for
-    from sam_backend.labelstudio.service import segmenter_for
+    from sam_backend.assembly import identity_for, segmenter_for
     from sam_backend.settings import Settings
 
     options = dict(model_name="sam3", sam_checkpoint_file=str(official_dir), device="cpu",

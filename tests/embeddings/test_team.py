@@ -22,6 +22,8 @@ from tests.support.team_utils import (API_TOKEN, CLI, FakeLabelStudioAPI, Worker
                         process_env, start_replica)
 from tests.support.payloads import FULL_CONFIG, H, W, decode_brush, keypoint, payload
 
+pytestmark = pytest.mark.process  # Redis, replicas and workers as processes
+
 PROJECT_IMAGES = ["p1.png", "p2.png", "p3.png"]
 OTHER_IMAGES = ["n1.png", "n2.png", "n3.png", "n4.png", "n5.png"]
 
@@ -177,7 +179,7 @@ def test_an_opened_task_is_encoded_by_the_worker_not_the_replica(team, reference
 def test_garbage_under_a_store_key_is_recomputed_and_logged(team, docroot, reference):
     from sam_backend.images.config import ImageAccessSettings
     from sam_backend.images.loader import ImageLoader
-    from sam_backend.embeddings.precompute import identity_for
+    from sam_backend.assembly import identity_for
     from sam_backend.settings import Settings
     from sam_backend.embeddings.store import EmbeddingStore, decode_embedding
 
@@ -244,7 +246,8 @@ def test_a_worker_killed_mid_job_loses_only_that_job_which_is_retried(checkpoint
     from rq.job import Job
     from rq.serializers import JSONSerializer
 
-    from sam_backend.embeddings.precompute import RETRIES, EncodeQueue, identity_for
+    from sam_backend.assembly import identity_for
+    from sam_backend.embeddings.precompute import RETRIES, EncodeQueue
     from sam_backend.settings import Settings
     from sam_backend.embeddings.store import EmbeddingStore
 

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "sam_backend"
 #: what the server runs: every package but the exporters and the command line
@@ -38,6 +40,7 @@ def _imported_modules(path: Path, root: Path = ROOT):
 def test_no_request_path_module_imports_the_exporters():
     files = [p for name in REQUEST_PATH for p in sorted((PACKAGE / name).rglob("*.py"))]
     files += [PACKAGE / "__init__.py", PACKAGE / "settings.py", PACKAGE / "errors.py",
+              PACKAGE / "assembly.py",
               ROOT / "sam" / "_wsgi.py"]
     assert len(files) > 30
     found = [f"{path.relative_to(ROOT)}:{line} imports {module}"
@@ -58,6 +61,7 @@ def test_the_checker_sees_an_import_of_the_exporters(tmp_path):
             "sam_backend.export"} <= modules
 
 
+@pytest.mark.process
 def test_a_fresh_server_process_holds_no_exporter_module():
     code = """
 import importlib, json, pkgutil, sys

@@ -9,7 +9,7 @@ from PIL import Image
 
 from sam_backend.images.config import ImageAccessSettings
 from sam_backend.images.loader import ImageLoader
-from sam_backend.labelstudio.service import PredictionService, segmenter_for
+from sam_backend.assembly import prediction_service
 from sam_backend.settings import Settings
 
 from tests.support.loopback_hosts import LEGACY_TOKEN, encode
@@ -49,7 +49,7 @@ def test_a_click_touches_the_image_once(ls, checkpoint_factory, tmp_path, header
                               "embedding_dtype": "float32"}, environ={})
     images = ImageLoader(ImageAccessSettings(label_studio_url=ls.url, api_key=LEGACY_TOKEN,
                                              cache_dir=str(tmp_path / "cache")))
-    service = PredictionService(settings, segmenter_for(settings), images)
+    service = prediction_service(settings, images=images)
     tasks = [{"id": 1, "data": {"image": "/data/upload/1/scene.png"}}]
     try:
         before = len(header_reads)

@@ -96,6 +96,7 @@ def ask(backend, name, regions):
     return decode_brush(brush[0]), result["score"]
 
 
+@pytest.mark.process
 def test_health_names_the_sam2_variant_and_runtime(backend):
     body = requests.get(backend.url + "/health", timeout=5).json()
     assert body["model"] == "sam2/hiera_tiny"
@@ -115,6 +116,7 @@ def same(backend, mask, want):
     return (mask & want).sum() / (mask | want).sum() >= 0.99
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("name", list(SIZES))
 def test_masks_equal_sam2_image_predictor(backend, predictor, docroot, name):
     h, w = SIZES[name]

@@ -136,6 +136,7 @@ def pixels(percent_points, size):
 
 
 # -- over HTTP -----------------------------------------------------------------------------------
+@pytest.mark.process
 def test_health_names_sam3(backend):
     body = requests.get(backend.url + "/health", timeout=5).json()
     assert body["status"] == "UP"
@@ -143,6 +144,7 @@ def test_health_names_sam3(backend):
     assert body["runtime"] == "torch" and body["device"] == "cpu"
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("name", list(SIZES))
 def test_clicks_and_a_box_match_the_library_pipeline(name, backend, library, images):
     size = SIZES[name]
@@ -176,6 +178,7 @@ def test_clicks_and_a_box_match_the_library_pipeline(name, backend, library, ima
     assert score3 == pytest.approx(want_score3, abs=1e-5)
 
 
+@pytest.mark.process
 def test_the_image_is_encoded_once_for_all_clicks(backend):
     metrics = requests.get(backend.url + "/metrics", timeout=5).json()
     # two images, six answered prompts: two encodes, the rest are cache hits
@@ -252,6 +255,7 @@ def weights_cli(args, hub, tmp_path, token=None):
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.process
 def test_weights_download_sam3_through_a_hub_mirror(hub, official_dir, tmp_path):
     done = weights_cli(["download", "sam3"], hub, tmp_path, token="hf_granted")
     assert done.returncode == 0, done.stderr
@@ -270,6 +274,7 @@ def test_weights_download_sam3_through_a_hub_mirror(hub, official_dir, tmp_path)
     assert "yes," in line and "https://huggingface.co/facebook/sam3" in line
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("token", [None, "hf_not_approved"])
 def test_a_refused_gated_download_says_what_to_do_and_leaves_nothing(token, hub, tmp_path):
     done = weights_cli(["download", "sam3"], hub, tmp_path, token=token)

@@ -21,7 +21,7 @@ import requests
 from tests.support.server_utils import REPO, BackendProcess, free_port
 from tests.models.test_sam3 import ask, box, click
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.process, pytest.mark.slow]
 
 SIZE = (480, 720)  # H, W
 

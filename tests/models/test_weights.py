@@ -309,7 +309,7 @@ def test_offline_option_beats_the_environment(mirror, mobile_file, monkeypatch, 
     """README: an option (``--with offline=...``) beats the environment variable. The start-up
     path (settings -> checkpoint -> model) with ``offline=false`` downloads although
     ``SAM_BACKEND_OFFLINE=1``, and ``offline=true`` refuses although ``SAM_BACKEND_OFFLINE=0``."""
-    from sam_backend.labelstudio.service import build_model
+    from sam_backend.assembly import build_model
     from sam_backend.settings import Settings
 
     mirror.files["mobile_sam.pt"] = mobile_file
@@ -431,6 +431,7 @@ def test_cli_random(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "unused").exists()
 
 
+@pytest.mark.process
 def test_backend_start_downloads_the_missing_default_checkpoint(mirror, mobile_file, tmp_path,
                                                                 image_factory):
     """The production entry (`sam-backend serve`, waitress) with no checkpoint on disk: it
@@ -471,6 +472,7 @@ def test_backend_start_downloads_the_missing_default_checkpoint(mirror, mobile_f
         backend.stop()
 
 
+@pytest.mark.process
 def test_backend_start_offline_without_checkpoint_says_what_to_do(tmp_path, monkeypatch):
     import subprocess
 

@@ -28,6 +28,8 @@ import requests
 
 from tests.support.server_utils import BackendProcess, free_port
 
+pytestmark = pytest.mark.process  # a real backend process
+
 CONFIG = """<View>
   <Image name="image" value="$image"/>
   <KeyPointLabels name="kp" toName="image" smart="true"><Label value="cat" smart="true"/></KeyPointLabels>

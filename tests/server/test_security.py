@@ -108,6 +108,7 @@ def open_backend(checkpoint_factory, tmp_path_factory):
     process.stop()
 
 
+@pytest.mark.process
 class TestWithBasicAuth:
     @pytest.fixture
     def backend(self, auth_backend):
@@ -177,6 +178,7 @@ class TestWithBasicAuth:
         assert PASSWORD.encode("utf-8") not in backend.log_path.read_bytes()
 
 
+@pytest.mark.process
 class TestWithoutBasicAuth:
     """The attack of the issue against a backend with a key and no pinned Label Studio URL."""
 

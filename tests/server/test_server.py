@@ -17,6 +17,8 @@ from sam_backend.models.torch_runtime import TorchSamModel
 from tests.support.payloads import FULL_CONFIG, H, W, decode_brush, keypoint, payload, rectangle
 from tests.support.server_utils import BackendProcess, free_port
 
+pytestmark = pytest.mark.process  # a real `sam-backend serve`
+
 OTHER_CONFIG = """<View>
   <Image name="photo" value="$img"/>
   <KeyPointLabels name="clicks" toName="photo" smart="true"><Label value="car" smart="true"/></KeyPointLabels>

@@ -16,6 +16,8 @@ import requests
 
 from tests.support.server_utils import BackendProcess, free_port
 
+pytestmark = pytest.mark.process  # scripts/start.sh starts the backend
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -1,8 +1,8 @@
 """``sam-backend annotate --project ID``: pre-annotate every task of a Label Studio project.
 
 Each task's image gets every instance of every label (label by concept, see
-:mod:`sam_backend.concepts.base`), posted as a prediction (``POST /api/predictions``) under the
-backend's ``model_version``. The options are the backend's own (``--with key=value``, ``--option
+:mod:`sam_backend.concepts.base`), posted as a prediction (``POST /api/predictions``, through
+:class:`~sam_backend.labelstudio.api.LabelStudioAPI`) under the backend's ``model_version``. The options are the backend's own (``--with key=value``, ``--option
 value``, the environment: :class:`sam_backend.settings.Settings`, read as ``sam-backend serve``
 reads them; ``concept_model`` defaults to ``grounding_dino``), and so are Label Studio's address
 and token (``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``; ``--url`` / ``--token`` first). Tasks
@@ -17,64 +17,15 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Iterable, List, Optional, Tuple
 
-import requests
-
+from sam_backend import assembly
 from sam_backend.errors import ConfigError, SamBackendError
-from sam_backend.images.config import ImageAccessSettings
-from sam_backend.images.loader import ImageLoader
+from sam_backend.labelstudio.api import LabelStudioAPI
 from sam_backend.labelstudio.label_config import parse_label_config
+from sam_backend.settings import add_option_arguments, settings_from_args
 
 log = logging.getLogger(__name__)
-
-
-class LabelStudioAPI:
-    """The few calls ``annotate`` makes, authenticated like the image loader."""
-
-    def __init__(self, images: ImageLoader, timeout: float = 60.0):
-        if not images.label_studio_url:
-            raise ConfigError("Label Studio's address is unknown: set LABEL_STUDIO_URL or pass "
-                              "--url http://host:8080")
-        self.images = images
-        self.base = images.label_studio_url.rstrip("/")
-        self.session = requests.Session()
-        self.timeout = timeout
-
-    def request(self, method: str, path: str, **kwargs) -> Any:
-        for attempt in (0, 1):
-            headers = self.images.label_studio_headers(force_refresh=attempt == 1)
-            response = self.session.request(method, self.base + path, headers=headers,
-                                            timeout=self.timeout, **kwargs)
-            if response.status_code != 401 or attempt == 1:
-                break
-        if response.status_code >= 400:
-            raise SamBackendError(f"Label Studio answered {response.status_code} to {method} "
-                                  f"{path}: {response.text[:300]}")
-        return response.json() if response.content else None
-
-    def project(self, project_id: int) -> Dict[str, Any]:
-        return self.request("GET", f"/api/projects/{project_id}")
-
-    def tasks(self, project_id: int, page_size: int = 100) -> List[Dict[str, Any]]:
-        """Every task of the project (the data manager's paginated ``/api/tasks``)."""
-        tasks: List[Dict[str, Any]] = []
-        page = 1
-        while True:
-            data = self.request("GET", "/api/tasks", params={"project": project_id, "page": page,
-                                                            "page_size": page_size})
-            tasks.extend(data["tasks"])
-            if not data["tasks"] or len(tasks) >= data.get("total", 0):
-                return tasks
-            page += 1
-
-    def predicted_tasks(self, project_id: int, model_version: str) -> Set[int]:
-        """Ids of the tasks that already have a prediction of ``model_version``."""
-        predictions = self.request("GET", "/api/predictions", params={"project": project_id})
-        return {p["task"] for p in predictions if p.get("model_version") == model_version}
-
-    def add_prediction(self, task_id: int, prediction: Dict[str, Any]) -> None:
-        self.request("POST", "/api/predictions", json={"task": task_id, **prediction})
 
 
 @dataclass
@@ -130,16 +81,13 @@ def annotate_project(service, api: LabelStudioAPI, project_id: int,
 
 
 def run(args) -> int:
-    from sam_backend.labelstudio.service import PredictionService
-    from sam_backend.settings import settings_from_args
-
     # the backend's own settings: --with / --option flags over the environment over defaults
     settings = settings_from_args(args)
     if settings.concept_model == "none":  # this command needs a concept model: the default one
         settings = dataclasses.replace(settings, concept_model="grounding_dino")
     # Label Studio's address and token are the backend's label_studio_url / label_studio_api_key
     # (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY); --url / --token are those options' flags
-    service = PredictionService.from_settings(settings)
+    service = assembly.prediction_service(settings)
     api = LabelStudioAPI(service.images)
     task_ids = [int(t) for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     report = annotate_project(service, api, args.project, task_ids, args.limit,
@@ -154,8 +102,6 @@ def run(args) -> int:
 
 
 def register_cli(subparsers) -> None:
-    from sam_backend.settings import add_option_arguments
-
     parser = subparsers.add_parser(
         "annotate", help="pre-annotate a Label Studio project: every instance of every label, "
                          "as predictions")
