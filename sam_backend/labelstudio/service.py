@@ -40,10 +40,11 @@ log = logging.getLogger(__name__)
 # ~24 bytes per image pixel at the peak.
 MASK_BYTES_PER_PIXEL = 24
 # What a kept result costs until its answer is sent: a brush RLE value is a pointer in a Python
-# list (the small ints themselves are shared) and up to 4 characters of JSON ("255,"); a polygon
-# point is a list of two floats and ~20 characters; each region has a few dicts and strings.
-RLE_VALUE_BYTES = 8 + 4
-POINT_BYTES = 56 + 16 + 2 * 24 + 20
+# list (the small ints themselves are shared) and up to 4 characters of JSON ("255,"), twice
+# while the JSON text is turned into the response's bytes; a polygon point is a list of two
+# floats and ~2 x 20 characters; each region has a few dicts and strings.
+RLE_VALUE_BYTES = 8 + 2 * 4
+POINT_BYTES = 56 + 16 + 2 * 24 + 2 * 20
 REGION_BYTES = 2048
 
 

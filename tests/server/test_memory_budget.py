@@ -2,9 +2,10 @@
 process (issue 21, defect 5), under an RSS watchdog.
 
 The issue's case, at a reduced scale: after a click on a large image (here 16 Mpx, the issue
-64 Mpx), parallel requests of many tasks on that image (here 8 x 32, the issue 8 x 64). Each
-task's brush mask is ~0.95 M RLE values (~11 MB as Python lists and JSON), so the results of
-all requests would be ~2.8 GB; with ``image_memory_mb=768`` the process must stay under its
+64 Mpx), parallel requests of many tasks on that image (here 12 x 24, the issue 8 x 64). Each
+task's brush mask is ~0.95 M RLE values (~11-15 MB as Python lists, JSON text and response
+bytes), so the results of all requests would be ~3-4 GB; with ``image_memory_mb=768`` (one
+task's working memory, 384 MB, and one request's results fit) the process must stay under its
 baseline + the budget + slack, the requests that do not fit must get a 503 within seconds, the
 others their full answer, and ``/health`` must answer throughout.
 """
@@ -28,10 +29,10 @@ CONFIG = """<View>
   <KeyPointLabels name="kp" toName="image" smart="true"><Label value="cat" smart="true"/></KeyPointLabels>
   <BrushLabels name="brush" toName="image"><Label value="cat"/></BrushLabels>
 </View>"""
-SIDE = 4000  # 16 Mpx: a task's working memory 384 MB, its kept result ~11 MB
+SIDE = 4000  # 16 Mpx: a task's working memory 384 MB, its kept result ~15 MB
 IMAGE_MEMORY_MB = 768
 MEMORY_WAIT = 2.0
-REQUESTS, TASKS = 8, 32
+REQUESTS, TASKS = 12, 24
 RSS_SLACK = 300 * 2 ** 20
 HEALTH_BOUND = 2.5  # Label Studio waits 1 s; a shared 2-core test machine needs some slack
 MB = 2 ** 20
