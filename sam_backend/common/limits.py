@@ -191,12 +191,22 @@ class LoadGate:
     def held(self) -> int:
         return self._held
 
+    def _busy(self) -> BusyError:
+        return BusyError(f"the backend is {self.doing.format(held=self._held)} already "
+                         f"({self.name}={self.slots}): retry in a moment")
+
+    def check(self) -> None:
+        """The 503 :meth:`admit` would raise now, before work that leads to it is started (a
+        slot may still be gone when :meth:`admit` is called)."""
+        with self._lock:
+            if self._held >= self.slots:
+                raise self._busy()
+
     @contextmanager
     def admit(self) -> Iterator[None]:
         with self._lock:
             if self._held >= self.slots:
-                raise BusyError(f"the backend is {self.doing.format(held=self._held)} already "
-                                f"({self.name}={self.slots}): retry in a moment")
+                raise self._busy()
             self._held += 1
         try:
             yield

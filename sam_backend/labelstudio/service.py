@@ -273,6 +273,7 @@ class PredictionService:
             # another request is loading it: waiting for that is waiting on its download
             with self.images.downloads.admit():
                 return self.segmenter.embedding(image_key, image.load)
+        self.loads.check()  # no slot would be free: 503 now, not after reading the image
         with self.memory.reservation(self.images.settings.timeout) as held:
             header = image.fetch(held)
             scope.check("loading the image")

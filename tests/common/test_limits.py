@@ -49,6 +49,9 @@ def test_load_gate_refuses_at_once_when_full():
         with pytest.raises(BusyError, match="max_concurrent_loads=2"):
             with gate.admit():
                 pass
+        with pytest.raises(BusyError, match="max_concurrent_loads=2"):
+            gate.check()
+    gate.check()
     with gate.admit():
         pass
 

@@ -236,3 +236,12 @@ def test_clicks_waiting_for_the_same_hanging_image_hold_download_slots(make_serv
     finally:
         pool.shutdown(wait=True)
         hosts.close()
+
+
+def test_a_new_image_is_not_read_when_no_load_slot_is_free(make_service):
+    svc = make_service(max_concurrent_loads=1)
+    with svc.loads.admit():  # e.g. a long encode
+        with pytest.raises(BusyError, match="max_concurrent_loads=1"):
+            svc.predict(tasks("new6.png", 1), CONFIG, click())
+        assert svc.memory.peak == 0  # refused before its bytes were read
+    assert svc.predict(tasks("new6.png", 1), CONFIG, click())[0]["result"]
