@@ -23,7 +23,6 @@ from typing import Callable, Dict, Optional, TypeVar
 
 import numpy as np
 import requests
-
 from PIL import Image
 
 from sam_backend.common.limits import LoadGate, MemoryBudget, Reservation
