@@ -28,8 +28,8 @@ CONFIG = """<View>
   <BrushLabels name="brush" toName="image"><Label value="cat"/></BrushLabels>
 </View>"""
 SIDE = 2000  # the large image: 4 Mpx, a task's working memory 96 MB, its result ~5 MB
-HANG = 8.0  # seconds a hanging host keeps its connections (longer than IMAGE_TIMEOUT)
-IMAGE_TIMEOUT = 5.0
+HANG = 12.0  # seconds a hanging host keeps its connections (longer than IMAGE_TIMEOUT)
+IMAGE_TIMEOUT = 8.0
 
 
 def click(x=50.0, y=50.0):
@@ -199,11 +199,11 @@ def test_hanging_image_hosts_do_not_block_clicks_on_new_images(make_service):
         with pytest.raises(BusyError, match="max_concurrent_downloads=6"):
             svc.predict(tasks(f"{hosts.url}/one-more.png", 1), CONFIG, click())
         assert time.monotonic() - started < 1.0
-        for i in range(3):  # a new image each time: each needs a load slot
-            started = time.monotonic()
+        for i in range(2):  # a new image each time: each needs a load slot
             results = svc.predict(tasks(f"new{i}.png", 1), CONFIG, click())
             assert results[0]["result"], results
-            assert time.monotonic() - started < HANG / 2
+        # ... answered while every hanging download was still waiting on its host
+        assert svc.images.downloads.held == loads + 2 and svc.loads.held == 0
         # the downloads themselves end at image_timeout with a 400 naming it
         for future in hanging:
             with pytest.raises(ImageError, match=f"{IMAGE_TIMEOUT:g} s"):
