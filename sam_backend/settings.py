@@ -21,8 +21,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from sam_backend.common.text import parse_bool
 from sam_backend.errors import ConfigError, SamBackendError
-from sam_backend.images.config import (DEFAULT_CACHE_MAX_BYTES, DEFAULT_MAX_DOWNLOAD_BYTES,
-                                       DEFAULT_TIMEOUT)
+from sam_backend.images.config import (DEFAULT_CACHE_MAX_BYTES, DEFAULT_MAX_CONCURRENT_DOWNLOADS,
+                                       DEFAULT_MAX_DOWNLOAD_BYTES, DEFAULT_TIMEOUT)
 from sam_backend.images.decode import DEFAULT_MAX_PIXELS
 from sam_backend.images.netpolicy import parse_image_hosts
 
@@ -150,12 +150,22 @@ class Settings:
     max_projects: int = option(
         1000, "projects whose /setup config is remembered (least recently used forgotten)")
     image_memory_mb: int = option(
-        4096, "downloaded bytes plus decoded pixels of all images being loaded at once, MiB; a "
-        "load waits for room (up to the image timeout), an image larger than the whole budget is "
-        "refused with 400")
+        4096, "memory of what requests build, MiB: downloaded bytes and decoded pixels of the "
+        "images being loaded, each task's full-size mask while it is made, and every /predict's "
+        "results (regions and their JSON) until its answer is sent; a load waits for room (up to "
+        "the image timeout), a mask or a result up to memory_wait, then 503; an image larger "
+        "than the whole budget is refused with 400")
+    memory_wait: float = option(
+        5.0, "seconds a task's mask or result waits for room in image_memory_mb before the "
+        "/predict is answered 503 (early, rather than after minutes of work)")
     max_concurrent_loads: int = option(
-        4, "requests loading or encoding a new image at once; more get 503 at once, so clicks on "
+        4, "requests decoding and encoding a new image at once (its bytes are already fetched: "
+        "waiting on a host holds a download slot, not this); more get 503 at once, so clicks on "
         "embedded images and /health always find a free thread")
+    max_concurrent_downloads: int = option(
+        DEFAULT_MAX_CONCURRENT_DOWNLOADS, "image downloads at once (hosts that are slow or never "
+        "answer hold these, up to image_timeout); more get 503 at once. Local files and "
+        "disk-cache hits take none")
     request_timeout: float = option(
         10.0, "seconds from a request's first byte to its last (headers and body); a slower "
         "client is answered 408 and disconnected (a deadline: trickling bytes do not extend it)")
@@ -249,8 +259,9 @@ class Settings:
                               "precompute_job_timeout must be positive")
         for name in ("max_points", "max_tasks", "max_request_mb", "max_label_config_kb",
                      "label_config_cache_mb", "max_projects", "image_memory_mb",
-                     "max_concurrent_loads", "request_timeout", "max_connections",
-                     "predict_timeout", "max_image_pixels", "max_image_bytes", "image_timeout"):
+                     "max_concurrent_loads", "max_concurrent_downloads", "memory_wait",
+                     "request_timeout", "max_connections", "predict_timeout", "max_image_pixels",
+                     "max_image_bytes", "image_timeout"):
             value = getattr(self, name)
             if not (value > 0 and value < float("inf")):
                 raise ConfigError(f"{name}={value!r} must be a positive number")

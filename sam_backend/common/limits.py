@@ -4,14 +4,17 @@ and how much of a client's input is echoed back.
 The limits' values are options (:class:`~sam_backend.settings.Settings`, the README's "Limits"
 table); this module holds the mechanisms:
 
-* :class:`MemoryBudget`: downloaded bytes and decoded pixels of every image being loaded at once
-  (and the full-size masks of clicks being answered) stay under one byte budget. A load reserves
-  as it goes (download chunks, then the decode's estimated peak once the header gives the size);
-  when the budget is full it waits, up to a deadline, and then fails with 503. A single image
-  that needs more than the whole budget fails at once with 400.
-* :class:`LoadGate`: at most N requests load or encode a new image at once; more are refused
-  with 503 right away instead of holding a server thread each (a host that never answers must
-  not take every thread, or ``/health`` stops answering).
+* :class:`MemoryBudget`: downloaded bytes and decoded pixels of every image being loaded at once,
+  the full-size masks of clicks being answered and the results (regions, their JSON) of every
+  /predict until its answer is sent stay under one byte budget. A load reserves as it goes
+  (download chunks, then the decode's estimated peak once the header gives the size); when the
+  budget is full it waits, up to a deadline, and then fails with 503. A single image that needs
+  more than the whole budget fails at once with 400. A reservation can give part of what it
+  holds back (:meth:`Reservation.shrink`: a task's working memory once only its result is kept)
+  and can outlive a ``with`` block (:meth:`MemoryBudget.hold`: a response until it is sent).
+* :class:`LoadGate`: at most N holders at once (requests decoding and encoding a new image;
+  downloads); more are refused with 503 right away instead of holding a server thread each (a
+  host that never answers must not take every thread, or ``/health`` stops answering).
 * :func:`shown` and :func:`printable`: a client's value in an error message is printable and
   short.
 """
@@ -23,7 +26,7 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator, Sized
+from typing import Any, Iterator, Optional, Sized
 
 from sam_backend.errors import BusyError, ImageError, RequestError
 
@@ -94,7 +97,7 @@ class MemoryBudget:
     def reservation(self, wait_seconds: float) -> Iterator["Reservation"]:
         """A reservation that grows as the load goes and is returned in full at the end;
         waiting for room ends ``wait_seconds`` from now."""
-        held = Reservation(self, time.monotonic() + wait_seconds)
+        held = self.hold(wait_seconds)
         try:
             yield held
         except BaseException:
@@ -106,14 +109,21 @@ class MemoryBudget:
         finally:
             held.release()
 
+    def hold(self, wait_seconds: float) -> "Reservation":
+        """An empty reservation that the caller releases (:meth:`Reservation.release`) when what
+        it counts is gone, e.g. a response once it has been sent; waiting for room ends
+        ``wait_seconds`` from now unless a :meth:`Reservation.grow` gives its own wait."""
+        return Reservation(self, time.monotonic() + wait_seconds)
+
     def _take(self, nbytes: int, deadline: float) -> None:
         with self._cond:
             while self.used + nbytes > self.max_bytes:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise BusyError(
-                        f"the backend is loading other large images ({self.used // MIB} MiB of "
-                        f"{self.name}={self.max_bytes // MIB} in use): retry in a moment")
+                        f"the backend's memory for images and results is in use ("
+                        f"{self.used // MIB} MiB of {self.name}={self.max_bytes // MIB}): retry "
+                        f"in a moment")
                 self._cond.wait(remaining)
             self.used += nbytes
             self.peak = max(self.peak, self.used)
@@ -131,18 +141,32 @@ class Reservation:
         self.deadline = deadline
         self.held = 0
 
-    def grow(self, nbytes: int, what: str) -> None:
-        """Reserve ``nbytes`` more for ``what`` (an image, for messages)."""
+    def grow(self, nbytes: int, what: str, wait: Optional[float] = None,
+             advice: str = "downscale it") -> None:
+        """Reserve ``nbytes`` more for ``what`` (an image, for messages); ``wait``: seconds
+        from now to wait for room (default: until the reservation's deadline). 400 when this
+        reservation alone would need more than the whole budget (the message ends with
+        ``advice``, "or raise <the budget's option>"), 503 when there is no room in time."""
         nbytes = int(nbytes)
         if nbytes <= 0:
             return
         budget = self.budget
         if self.held + nbytes > budget.max_bytes:
             raise ImageError(
-                f"{what} needs more than {budget.max_bytes // MIB} MiB to load "
-                f"({budget.name}): downscale it, or raise {budget.name}")
-        budget._take(nbytes, self.deadline)
+                f"{what} needs more than {budget.max_bytes // MIB} MiB of memory "
+                f"({budget.name}): {advice}, or raise {budget.name}")
+        deadline = self.deadline if wait is None else time.monotonic() + max(0.0, wait)
+        budget._take(nbytes, deadline)
         self.held += nbytes
+
+    def shrink(self, nbytes: int) -> None:
+        """Give ``nbytes`` of what is held back (at most all of it): memory that is gone
+        while the rest is still in use."""
+        nbytes = min(max(0, int(nbytes)), self.held)
+        self.held -= nbytes
+        self.budget._give(nbytes)
+        if nbytes >= RELEASE_AFTER_BYTES:
+            _trim.set()
 
     def release(self) -> None:
         held, self.held = self.held, 0
@@ -152,20 +176,37 @@ class Reservation:
 
 
 class LoadGate:
-    """At most ``slots`` holders at once; :meth:`admit` never waits."""
+    """At most ``slots`` holders at once; :meth:`admit` never waits. ``doing``: what the holders
+    do, for the 503's message (``{held}`` is their number)."""
 
-    def __init__(self, slots: int, name: str = "max_concurrent_loads"):
+    def __init__(self, slots: int, name: str = "max_concurrent_loads",
+                 doing: str = "loading {held} new images"):
         self.slots = int(slots)
         self.name = name
+        self.doing = doing
         self._held = 0
         self._lock = threading.Lock()
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    def _busy(self) -> BusyError:
+        return BusyError(f"the backend is {self.doing.format(held=self._held)} already "
+                         f"({self.name}={self.slots}): retry in a moment")
+
+    def check(self) -> None:
+        """The 503 :meth:`admit` would raise now, before work that leads to it is started (a
+        slot may still be gone when :meth:`admit` is called)."""
+        with self._lock:
+            if self._held >= self.slots:
+                raise self._busy()
 
     @contextmanager
     def admit(self) -> Iterator[None]:
         with self._lock:
             if self._held >= self.slots:
-                raise BusyError(f"the backend is loading {self._held} new images already "
-                                f"({self.name}={self.slots}): retry in a moment")
+                raise self._busy()
             self._held += 1
         try:
             yield

@@ -210,6 +210,11 @@ class Segmenter:
     def is_embedded(self, image_key: str) -> bool:
         return self.embedding_key(image_key) in self.cache
 
+    def is_pending(self, image_key: str) -> bool:
+        """Whether the image's embedding is being computed in this process right now (a
+        request asking for it waits for that one)."""
+        return self.cache.pending(self.embedding_key(image_key))
+
     def segment(self, image_key: str, load_image: ImageLoaderFn, prompt: Prompt,
                 memory_scope: Hashable = None) -> Prediction:
         """Embed (or reuse) the image, then :meth:`decode` ``prompt`` on it."""

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 DEFAULT_CACHE_MAX_BYTES = 2 * 1024**3
 DEFAULT_MAX_DOWNLOAD_BYTES = 1024**3
 DEFAULT_TIMEOUT = 30.0
+DEFAULT_MAX_CONCURRENT_DOWNLOADS = 16
 
 
 @dataclass
@@ -31,6 +32,7 @@ class ImageAccessSettings:
     max_download_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES  # max_image_bytes
     image_hosts: Optional[str] = None  # image_hosts; comma-separated allowlist (netpolicy)
     allow_link_local: bool = False  # allow_link_local_images
+    max_concurrent_downloads: int = DEFAULT_MAX_CONCURRENT_DOWNLOADS  # max_concurrent_downloads
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_pixels, int) or self.max_pixels <= 0:
@@ -41,6 +43,9 @@ class ImageAccessSettings:
             raise ConfigError(
                 f"max_download_bytes must be a positive integer, got {self.max_download_bytes!r}"
             )
+        if not isinstance(self.max_concurrent_downloads, int) or self.max_concurrent_downloads <= 0:
+            raise ConfigError(f"max_concurrent_downloads must be a positive integer, got "
+                              f"{self.max_concurrent_downloads!r}")
 
     @classmethod
     def from_settings(cls, settings: "Settings", **overrides) -> "ImageAccessSettings":
@@ -62,9 +67,10 @@ class ImageAccessSettings:
             max_download_bytes=settings.max_image_bytes,
             image_hosts=settings.image_hosts,
             allow_link_local=settings.allow_link_local_images,
+            max_concurrent_downloads=settings.max_concurrent_downloads,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
 
-__all__ = ["ImageAccessSettings"]
+__all__ = ["DEFAULT_MAX_CONCURRENT_DOWNLOADS", "ImageAccessSettings"]

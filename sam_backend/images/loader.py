@@ -23,8 +23,9 @@ from typing import Callable, Dict, Optional, TypeVar
 
 import numpy as np
 import requests
+from PIL import Image
 
-from sam_backend.common.limits import MemoryBudget, Reservation
+from sam_backend.common.limits import LoadGate, MemoryBudget, Reservation
 from sam_backend.errors import ImageError
 from sam_backend.images.config import ImageAccessSettings
 from sam_backend.images.credentials import LabelStudioAccess
@@ -52,6 +53,18 @@ class ImageRef:
     def load(self) -> np.ndarray:
         return self.loader.load_source(self.source)
 
+    def fetch(self, reservation: Optional[Reservation] = None) -> Image.Image:
+        """The image's bytes (from disk, the disk cache, or downloaded under a download slot)
+        with its header read and checked, no pixel decoded; with ``reservation``, the bytes are
+        reserved from its budget as they arrive."""
+        return self.loader.fetch_source(self.source, reservation)
+
+    def decode(self, header: Image.Image, reservation: Optional[Reservation] = None
+               ) -> np.ndarray:
+        """The pixels of what :meth:`fetch` returned (HxWx3 uint8 RGB, EXIF orientation
+        applied); with ``reservation``, the decode's peak is reserved before decoding."""
+        return self.loader.decode_fetched(self.source, header, reservation)
+
 
 class ImageLoader:
     """Fetches and decodes task images; one per process, safe to share between threads."""
@@ -71,6 +84,8 @@ class ImageLoader:
         self.sources = Sources(self.access, settings.local_files_document_root,
                                settings.max_download_bytes, local_paths_anywhere)
         self.fetcher = Fetcher(settings, self.access, self.policy, self._session)
+        self.downloads = LoadGate(settings.max_concurrent_downloads, "max_concurrent_downloads",
+                                  "downloading {held} images")
         self.cache: Optional[DiskCache] = (
             DiskCache(settings.cache_dir or default_cache_dir(), settings.cache_max_bytes)
             if settings.cache_max_bytes > 0 else None
@@ -124,9 +139,18 @@ class ImageLoader:
             return self._decode(src, held)
 
     def _decode(self, src: Source, reservation: Optional[Reservation]) -> np.ndarray:
+        return self.decode_fetched(src, self.fetch_source(src, reservation), reservation)
+
+    def fetch_source(self, src: Source, reservation: Optional[Reservation] = None
+                     ) -> Image.Image:
+        """:meth:`ImageRef.fetch` of a resolved source."""
         name, max_pixels = f"image {src.display}", self.settings.max_pixels
-        header = self._obtain(src, reservation, lambda data: open_image(data, max_pixels, name))
-        return pixels_of(header, max_pixels, name, reservation)
+        return self._obtain(src, reservation, lambda data: open_image(data, max_pixels, name))
+
+    def decode_fetched(self, src: Source, header: Image.Image,
+                       reservation: Optional[Reservation] = None) -> np.ndarray:
+        """:meth:`ImageRef.decode`: the pixels of a header :meth:`fetch_source` returned."""
+        return pixels_of(header, self.settings.max_pixels, f"image {src.display}", reservation)
 
     def fetch_bytes(self, url: str, task_id: Optional[int] = None,
                     reservation: Optional[Reservation] = None) -> bytes:
@@ -167,7 +191,8 @@ class ImageLoader:
             else:
                 logger.debug("Image %s: from the disk cache (%d bytes)", src.display, len(data))
                 return accepted
-        data, content_type = self.fetcher.download(src, reservation)
+        with self.downloads.admit():  # waiting on a host holds a download slot, nothing else
+            data, content_type = self.fetcher.download(src, reservation)
         try:
             accepted = accept(data)
         except NotAnImage:

@@ -23,18 +23,41 @@ from sam_backend.concepts.phrases import text_prompt_region
 from sam_backend.errors import ConfigError, RequestError
 from sam_backend.labelstudio.label_config import LabelConfig, LabelConfigCache
 from sam_backend.common.deadline import UNBOUNDED, WorkScope
-from sam_backend.common.limits import MIB, LoadGate, MemoryBudget, check_count, shown
+from sam_backend.common.limits import MIB, LoadGate, MemoryBudget, Reservation, check_count, shown
 from sam_backend.labelstudio.prompts import PromptRequest, parse_context
 from sam_backend.labelstudio.regions import brush_region, mask_bbox, mask_polygons, polygon_region, rectangle_region
 from sam_backend.embeddings.store import StoreUnavailable
+from sam_backend.models.base import Embedding
 
 if TYPE_CHECKING:  # handed in by sam_backend.assembly, never built here
     from sam_backend.embeddings.engine import Segmenter
     from sam_backend.embeddings.precompute import EncodeQueue
-    from sam_backend.images.loader import ImageLoader
+    from sam_backend.images.loader import ImageLoader, ImageRef
     from sam_backend.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# A task's working memory while its mask is made: the full-size logits, mask and RLE buffers,
+# ~24 bytes per image pixel at the peak.
+MASK_BYTES_PER_PIXEL = 24
+# What a kept result costs until its answer is sent: a brush RLE value is a pointer in a Python
+# list (the small ints themselves are shared) and up to 4 characters of JSON ("255,"), twice
+# while the JSON text is turned into the response's bytes; a polygon point is a list of two
+# floats and ~2 x 20 characters; each region has a few dicts and strings.
+RLE_VALUE_BYTES = 8 + 2 * 4
+POINT_BYTES = 56 + 16 + 2 * 24 + 2 * 20
+REGION_BYTES = 2048
+
+
+def result_bytes(regions: List[Dict[str, Any]]) -> int:
+    """An upper estimate of the memory ``regions`` (Label Studio regions) take as Python objects
+    plus their JSON text: what a /predict's answer holds until it is sent."""
+    total = 0
+    for region in regions:
+        value = region.get("value") or {}
+        total += REGION_BYTES + RLE_VALUE_BYTES * len(value.get("rle") or ()) \
+            + POINT_BYTES * len(value.get("points") or ())
+    return total
 
 
 class PredictionService:
@@ -64,8 +87,10 @@ class PredictionService:
         self.store = segmenter.cache.tier  # the shared embedding store, or None
         self.queue = queue  # with a store, opened tasks go to the workers' queue
         self.label_configs = LabelConfigCache(int(settings.label_config_cache_mb * MIB))
-        # new images loading at once; their bytes and pixels, and the masks of clicks
-        self.loads = LoadGate(settings.max_concurrent_loads)
+        # new images decoding and encoding at once (their bytes fetched before, under the
+        # loader's download slots); the memory of loads, of masks being made and of results
+        self.loads = LoadGate(settings.max_concurrent_loads, "max_concurrent_loads",
+                              "decoding and encoding {held} new images")
         self.memory = images.budget or MemoryBudget(settings.image_memory_mb * MIB)
 
     # -- /setup --------------------------------------------------------------------------------
@@ -101,10 +126,13 @@ class PredictionService:
 
     # -- /predict ------------------------------------------------------------------------------
     def predict(self, tasks: Any, label_config: Optional[str], context: Any,
-                project: Any = None, scope: WorkScope = UNBOUNDED) -> List[Dict[str, Any]]:
+                project: Any = None, scope: WorkScope = UNBOUNDED,
+                held: Optional[Reservation] = None) -> List[Dict[str, Any]]:
         """One result per task (Label Studio uses the first), or [] when there is no prompt.
         ``scope``: the request's deadline and whether its client is still there; long steps
-        check it between units of work."""
+        check it between units of work. ``held``: a reservation of :attr:`memory` that counts
+        the results until the caller has sent them (and then releases it); without one, they
+        are counted while they are made only."""
         if not isinstance(tasks, list) or not tasks:
             raise RequestError("the request has no tasks: /predict expects {\"tasks\": [{...}], "
                                "\"label_config\": \"<View>...</View>\", \"params\": {\"context\": "
@@ -130,9 +158,13 @@ class PredictionService:
                 return self.concept_annotator().auto_annotate(tasks, config, scope)
             if self.settings.precompute:
                 for task in tasks:
+                    scope.check("precomputing the tasks' images")
                     self.precompute(task, config)
             return []
-        return [self.predict_task(task, config, prompt) for task in tasks]
+        if held is not None:
+            return [self.predict_task(task, config, prompt, scope, held) for task in tasks]
+        with self.memory.reservation(self.settings.memory_wait) as own:
+            return [self.predict_task(task, config, prompt, scope, own) for task in tasks]
 
     def concept_annotator(self) -> ConceptAnnotator:
         """The concept side; a clear error when the backend runs without one."""
@@ -141,30 +173,75 @@ class PredictionService:
         return self.concepts
 
     def predict_task(self, task: Dict[str, Any], config: LabelConfig,
-                     prompt_request: PromptRequest) -> Dict[str, Any]:
+                     prompt_request: PromptRequest, scope: WorkScope = UNBOUNDED,
+                     held: Optional[Reservation] = None) -> Dict[str, Any]:
+        """One task's prediction for a click. ``held``: the request's reservation, which keeps
+        the task's result counted after this returns (a reservation of its own otherwise)."""
+        if held is None:
+            with self.memory.reservation(self.settings.memory_wait) as own:
+                return self.predict_task(task, config, prompt_request, scope, own)
+        scope.check("the prediction")
         url, task_id = config.image_url(task, prompt_request.to_name,
                                         prompt_request.item_index), task.get("id")
         image = self.images.locate(url, task_id)  # resolved once; loaded only if not embedded
         image_key = image.key
-        if self.segmenter.is_embedded(image_key):
-            embedding = self.segmenter.embedding(image_key, image.load)
-        else:  # a new image: hold one of the few load slots (503 when all are taken)
-            with self.loads.admit():
-                embedding = self.segmenter.embedding(image_key, image.load)
+        embedding = self.embedding_for(image, scope)
         height, width = embedding.original_size
         if prompt_request.original_width and prompt_request.original_height and \
                 (prompt_request.original_width, prompt_request.original_height) != (width, height):
             log.warning("task %s: Label Studio reports the image as %dx%d, the decoded image is "
                         "%dx%d; using the decoded size", task_id, prompt_request.original_width,
                         prompt_request.original_height, width, height)
-        # the full-size logits, mask and RLE of a click: ~24 bytes per image pixel at the peak
+        scope.check("the prediction")
+        # the task's working memory, then only its result stays counted (with the results of
+        # the request's earlier tasks): no room within memory_wait -> 503, early
+        work = width * height * MASK_BYTES_PER_PIXEL
+        wait = min(self.settings.memory_wait, max(0.0, scope.remaining()))
+        if held.held == 0:
+            held.grow(work, f"a mask of {width}x{height} pixels", wait=wait,
+                      advice="downscale the image")
+        else:
+            held.grow(work, f"a mask of {width}x{height} pixels with the results before it in "
+                      f"this request", wait=wait, advice="send fewer tasks at once")
+        prediction = self.segmenter.decode(
+            image_key, embedding, prompt_request.to_prompt(width, height),
+            memory_scope=(prompt_request.from_name, prompt_request.label))
+        score = prediction.score
+        regions = self.regions(prediction.mask, score, config, prompt_request)
+        del prediction
+        kept = result_bytes(regions)
+        if kept <= work:
+            held.shrink(work - kept)
+        else:
+            held.grow(kept - work, f"the results of task {shown(task_id)}", wait=wait,
+                      advice="send fewer tasks at once")
+        return {"result": regions, "score": score, "model_version": self.model_version}
+
+    def embedding_for(self, image: ImageRef, scope: WorkScope = UNBOUNDED) -> Embedding:
+        """The image's embedding: from the cache; or its bytes fetched first (a download waits
+        under one of ``max_concurrent_downloads`` slots, never a load slot), then decoded and
+        encoded under one of the few ``max_concurrent_loads`` slots (503 when all are taken).
+        The bytes, the decode's peak and then the pixels are counted in :attr:`memory` until
+        the embedding is made."""
+        image_key = image.key
+        if self.segmenter.is_embedded(image_key):
+            return self.segmenter.embedding(image_key, image.load)
+        if self.segmenter.is_pending(image_key):
+            # another request is loading it: waiting for that is waiting on its download
+            with self.images.downloads.admit():
+                return self.segmenter.embedding(image_key, image.load)
+        self.loads.check()  # no slot would be free: 503 now, not after reading the image
         with self.memory.reservation(self.images.settings.timeout) as held:
-            held.grow(width * height * 24, f"a mask of {width}x{height} pixels")
-            prediction = self.segmenter.decode(
-                image_key, embedding, prompt_request.to_prompt(width, height),
-                memory_scope=(prompt_request.from_name, prompt_request.label))
-            regions = self.regions(prediction.mask, prediction.score, config, prompt_request)
-        return {"result": regions, "score": prediction.score, "model_version": self.model_version}
+            header = image.fetch(held)
+            scope.check("loading the image")
+
+            def decode() -> np.ndarray:
+                pixels = image.decode(header, held)
+                held.shrink(held.held - pixels.nbytes)  # the bytes and the decode's buffers are gone
+                return pixels
+
+            with self.loads.admit():
+                return self.segmenter.embedding(image_key, decode)
 
     def regions(self, mask: np.ndarray, score: float, config: LabelConfig,
                 prompt: PromptRequest) -> List[Dict[str, Any]]:

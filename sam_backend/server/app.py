@@ -32,7 +32,7 @@ import ujson
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, RequestTimeout
 
-from sam_backend.common.deadline import WorkScope
+from sam_backend.common.deadline import ClientGone, WorkScope
 from sam_backend.common.limits import MIB, printable, release_memory_if_due
 from sam_backend import assembly
 from sam_backend.errors import BusyError, RequestError, SamBackendError
@@ -154,6 +154,12 @@ def create_app(service: PredictionService) -> Flask:
         response.headers["Retry-After"] = "2"
         return response
 
+    @app.errorhandler(ClientGone)
+    def client_gone(exc):
+        # nobody reads the answer: one line in the log, no trace (499: nginx's "client closed")
+        log.info("%s %s: %s", request.method, request.path, exc)
+        return _error(str(exc), 499)
+
     @app.errorhandler(SamBackendError)
     def user_error(exc):
         log.warning("%s %s: %s", request.method, request.path, printable(str(exc), 2000))
@@ -205,16 +211,25 @@ def create_app(service: PredictionService) -> Flask:
         body = _json_body(body_limit)
         params = _optional(body, "params", dict, "an object") or {}
         context = params.get("context", body.get("context"))
-        results = service.predict(
-            body.get("tasks"),
-            _optional(body, "label_config", str, "the labeling config XML (a string)"),
-            context, _optional(body, "project", (str, int), "a string or an integer"),
-            scope=WorkScope(service.settings.predict_timeout,
-                            request.environ.get("waitress.client_disconnected"),
-                            "predict_timeout"))
-        log.info("predict: %d result(s) in %.0f ms", len(results),
-                 (time.perf_counter() - started) * 1000)
-        return _json_response({"results": results, "model_version": service.model_version})
+        # the results and their JSON stay counted in image_memory_mb until the answer is sent
+        held = service.memory.hold(service.settings.memory_wait)
+        try:
+            results = service.predict(
+                body.get("tasks"),
+                _optional(body, "label_config", str, "the labeling config XML (a string)"),
+                context, _optional(body, "project", (str, int), "a string or an integer"),
+                scope=WorkScope(service.settings.predict_timeout,
+                                request.environ.get("waitress.client_disconnected"),
+                                "predict_timeout"),
+                held=held)
+            log.info("predict: %d result(s) in %.0f ms", len(results),
+                     (time.perf_counter() - started) * 1000)
+            response = _json_response({"results": results, "model_version": service.model_version})
+        except BaseException:
+            held.release()
+            raise
+        response.call_on_close(held.release)
+        return response
 
     @app.route("/versions", methods=["GET", "POST"])
     def versions():
@@ -266,10 +281,11 @@ def serve(args) -> int:
     settings = settings_from_args(args)
     if args.threads < 1:
         raise SamBackendError(f"--threads {args.threads}: at least 1")
-    if args.threads < settings.max_concurrent_loads + 4:
-        log.warning("--threads %d leaves fewer than 4 threads beside max_concurrent_loads=%d: "
-                    "clicks and /health may wait behind image loads", args.threads,
-                    settings.max_concurrent_loads)
+    busy = settings.max_concurrent_loads + settings.max_concurrent_downloads
+    if args.threads < busy + 4:
+        log.warning("--threads %d leaves fewer than 4 threads beside max_concurrent_loads=%d and "
+                    "max_concurrent_downloads=%d: clicks and /health may wait behind image loads",
+                    args.threads, settings.max_concurrent_loads, settings.max_concurrent_downloads)
     app = build_app(settings)
     try:
         http.run(app, settings, args.host, args.port, threads=args.threads,
@@ -286,8 +302,9 @@ def register_cli(subparsers) -> None:
     add_listen_arguments(parser)
     parser.add_argument("--threads", type=int, default=32,
                         help="request threads (default 32; a thread only gets a request that has "
-                             "fully arrived; at most max_concurrent_loads of them load new "
-                             "images, the rest stay free for clicks and /health)")
+                             "fully arrived; at most max_concurrent_loads + "
+                             "max_concurrent_downloads of them load new images, the rest stay "
+                             "free for clicks and /health)")
     parser.add_argument("--access-log", action="store_true", help="log every request")
     add_option_arguments(parser)
     parser.set_defaults(func=serve)

@@ -4,7 +4,7 @@
 Waitress reads every connection in one event loop and hands a request to its thread pool only
 once the request (headers and body) has fully arrived, so a client that sends slowly, or stops
 half-way, costs a buffer and a file descriptor, never a thread: ``/health`` and clicks keep
-finding free threads (``tests/server/test_slow_clients.py``: 100 such clients).
+finding free threads (``tests/server/test_hardening.py``: 100 such clients).
 
 What this module adds to waitress:
 

@@ -49,6 +49,9 @@ def test_load_gate_refuses_at_once_when_full():
         with pytest.raises(BusyError, match="max_concurrent_loads=2"):
             with gate.admit():
                 pass
+        with pytest.raises(BusyError, match="max_concurrent_loads=2"):
+            gate.check()
+    gate.check()
     with gate.admit():
         pass
 
@@ -105,3 +108,35 @@ def test_label_config_cache_is_bounded_in_bytes_and_refuses_dtds():
     for bad in (5, ["<View/>"], None):
         with pytest.raises(RequestError, match="label_config"):
             parse_label_config(bad)
+
+
+def test_a_reservation_shrinks_outlives_its_block_and_waits_as_long_as_each_grow_says():
+    budget = MemoryBudget(100)
+    held = budget.hold(60)  # a long default wait ...
+    held.grow(70, "a mask")
+    held.shrink(50)  # ... the mask is gone, its 20-byte result stays
+    assert held.held == 20 and budget.used == 20
+    with budget.reservation(60) as other:
+        other.grow(80, "another")
+        started = time.monotonic()
+        with pytest.raises(BusyError, match="image_memory_mb=0"):
+            held.grow(10, "more", wait=0.2)  # ... but this grow waits 0.2 s only
+        assert time.monotonic() - started < 2
+    with pytest.raises(ImageError, match="send fewer tasks, or raise image_memory_mb"):
+        held.grow(90, "the results", advice="send fewer tasks")
+    held.shrink(1000)  # at most what it holds
+    assert held.held == 0 and budget.used == 0
+    held.grow(5, "again")
+    held.release()
+    assert budget.used == 0
+
+
+def test_load_gate_names_what_its_holders_do():
+    gate = LoadGate(1, "max_concurrent_downloads", "downloading {held} images")
+    with gate.admit():
+        assert gate.held == 1
+        with pytest.raises(BusyError, match=r"downloading 1 images already "
+                                            r"\(max_concurrent_downloads=1\)"):
+            with gate.admit():
+                pass
+    assert gate.held == 0

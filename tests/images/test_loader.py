@@ -62,3 +62,20 @@ def test_a_click_touches_the_image_once(ls, checkpoint_factory, tmp_path, header
         assert ls.count("/data/upload/1/scene.png") == 1 and len(header_reads) - before == 1
     finally:
         images.close()
+
+
+def test_only_downloads_take_a_download_slot(ls, make_loader, doc_root):
+    from sam_backend.errors import BusyError
+
+    loader = make_loader(label_studio_url=ls.url, api_key=LEGACY_TOKEN, cache_max_bytes=10**7,
+                         local_files_document_root=str(doc_root), max_concurrent_downloads=1)
+    cached = loader.locate("/data/upload/1/y.png")
+    assert cached.load().shape == (6, 8, 3)  # downloaded once, now in the disk cache
+    with loader.downloads.admit():  # the one download slot is taken
+        with pytest.raises(BusyError, match="max_concurrent_downloads=1"):
+            loader.locate("/data/upload/1/x.jpg").fetch()
+        # a local file and a disk-cache hit need no slot; fetch and decode are two steps
+        local = loader.locate("sub/img.png")
+        assert local.decode(local.fetch()).shape == (6, 8, 3)
+        assert cached.decode(cached.fetch()).shape == (6, 8, 3)
+    assert ls.count("/data/upload/1/y.png") == 1 and loader.downloads.held == 0

@@ -201,3 +201,16 @@ def test_basic_auth_refuses_requests_without_the_credentials(make_app, reference
     assert response.status_code == 200, response.get_data(as_text=True)
     brush = response.get_json()["results"][0]["result"][0]
     assert np.array_equal(decode_brush(brush), reference([[0.4 * W, 0.5 * H]], [1]).mask)
+
+
+def test_a_predict_whose_client_has_gone_stops_with_one_log_line(client, caplog):
+    # the server's disconnect check (waitress provides it) says the client has left
+    with caplog.at_level("INFO", logger="sam_backend"):
+        response = client.post("/predict", json=payload([keypoint(40, 50)]),
+                               environ_base={"waitress.client_disconnected": lambda: True})
+    assert response.status_code == 499
+    assert "disconnected" in response.get_json()["errors"][0]
+    records = [r for r in caplog.records if "disconnected" in r.getMessage()]
+    assert len(records) == 1 and records[0].exc_info is None
+    assert records[0].levelname == "INFO"
+    assert client.post("/predict", json=payload([keypoint(40, 50)])).status_code == 200

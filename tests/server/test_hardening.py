@@ -13,19 +13,19 @@ from __future__ import annotations
 import json
 import os
 import socket
-import socketserver
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import cv2
 import numpy as np
 import pytest
 import requests
 
+from tests.support.hardening import RawServer, RssWatch, process_tree_rss, read_request
 from tests.support.server_utils import BackendProcess, free_port
 
 pytestmark = pytest.mark.process  # a real backend process
@@ -70,47 +70,6 @@ def payload(image="ok.png", regions=None, task_id=1):
                                                      else regions}}}
 
 
-def process_tree_rss(pid: int) -> int:
-    """RSS in bytes of ``pid`` and its descendants (the server and any process it starts)."""
-    total, todo = 0, [pid]
-    while todo:
-        current = todo.pop()
-        try:
-            with open(f"/proc/{current}/status") as fh:
-                for line in fh:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-            for task in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{task}/children") as fh:
-                    todo.extend(int(c) for c in fh.read().split())
-        except (OSError, ValueError):
-            continue
-    return total
-
-
-class RssWatch:
-    """Samples the server's RSS every 50 ms; ``peak`` since the last :meth:`reset`."""
-
-    def __init__(self, pid: int):
-        self.pid = pid
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, process_tree_rss(self.pid))
-
-    def reset(self) -> int:
-        self.peak = now = process_tree_rss(self.pid)
-        return now
-
-    def stop(self):
-        self._stop.set()
-        self._thread.join()
-
-
 class Clickers:
     """Eight clients clicking on an embedded image in a loop; every answer must be a 200."""
 
@@ -144,41 +103,6 @@ class Clickers:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=60)
-
-
-class RawServer:
-    """A loopback TCP server whose connections are handled by ``handler(socket)``."""
-
-    def __init__(self, handler: Callable[[socket.socket], None]):
-        class Handler(socketserver.BaseRequestHandler):
-            def handle(self):
-                try:
-                    handler(self.request)
-                except OSError:
-                    pass
-
-        class Server(socketserver.ThreadingTCPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def read_request(conn: socket.socket) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = conn.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def post(url: str, body, timeout: float = 30) -> requests.Response:

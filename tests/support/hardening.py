@@ -1,0 +1,87 @@
+"""Helpers for tests that run a real backend process under a memory watchdog and give it
+hostile neighbours: the RSS of a process tree, a sampler of its peak, and loopback TCP servers
+whose connections do what a test says (hang, dribble, stream without end)."""
+from __future__ import annotations
+
+import os
+import socket
+import socketserver
+import threading
+from typing import Callable
+
+
+def process_tree_rss(pid: int) -> int:
+    """RSS in bytes of ``pid`` and its descendants (the server and any process it starts)."""
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            with open(f"/proc/{current}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as fh:
+                    todo.extend(int(c) for c in fh.read().split())
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+class RssWatch:
+    """Samples the server's RSS every 50 ms; ``peak`` since the last :meth:`reset`."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, process_tree_rss(self.pid))
+
+    def reset(self) -> int:
+        self.peak = now = process_tree_rss(self.pid)
+        return now
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+
+
+class RawServer:
+    """A loopback TCP server whose connections are handled by ``handler(socket)``."""
+
+    def __init__(self, handler: Callable[[socket.socket], None]):
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                try:
+                    handler(self.request)
+                except OSError:
+                    pass
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def read_request(conn: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
