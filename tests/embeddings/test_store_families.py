@@ -15,9 +15,11 @@ from sam_backend.models.runtimes import create_model
 from sam_backend.embeddings.store import EmbeddingStore
 from test_store import same
 
-# (name, variant args, keep_vision_state, arrays in the embedding: features + extra)
-FAMILIES = {"sam2": (("sam2", "hiera_tiny"), None, 3), "sam3": (("sam3",), False, 3),
-            "sam3+vision_state": (("sam3",), True, 4)}
+# (name, variant args, keep_vision_state, the embedding's named parts)
+FAMILIES = {"sam2": (("sam2", "hiera_tiny"), None, {"image_embedding", "high_res_features"}),
+            "sam3": (("sam3",), False, {"image_embedding", "high_res_features"}),
+            "sam3+vision_state": (("sam3",), True, {"image_embedding", "high_res_features",
+                                                    "vision_state"})}
 
 
 @pytest.fixture(scope="module")
@@ -32,28 +34,28 @@ def sam3_model(official_dir):  # noqa: F811
 
 @pytest.fixture(params=list(FAMILIES))
 def family(request):
-    """(model, number of arrays its embedding has); SAM 3 with ``keep_vision_state`` as the
+    """(model, the parts its embedding has); SAM 3 with ``keep_vision_state`` as the
     service sets it for ``concept_model=sam3``."""
-    args, keep, arrays = FAMILIES[request.param]
+    args, keep, parts = FAMILIES[request.param]
     model = request.getfixturevalue(f"{args[0]}_model")
     if keep is not None:
         model.keep_vision_state = keep
-    yield model, arrays
+    yield model, parts
     if keep is not None:
         model.keep_vision_state = False
 
 
 def test_a_family_embedding_round_trips_through_redis(family, redis_server):  # noqa: F811
-    model, arrays = family
+    model, parts = family
     image = synthetic_image(240, 320, seed=5)  # not square: sizes are kept per axis
     embedding = model.embed(image)
-    assert 1 + len(embedding.extra) == arrays
+    assert set(embedding.parts()) == parts and len(embedding.high_res_features) == 2
     store = EmbeddingStore(redis_server.url, f"{model.variant.key}:torch:float16:test")
     prompt = Prompt(np.array([[100.0, 80.0], [250.0, 190.0]], np.float32), np.array([1, 0]))
     click = Prompt(np.array([[160.0, 120.0]], np.float32), np.array([1]))
     # float16 (the backend's default embedding_dtype) and float32 (bit-exact) entries
     for stored in (embedding.to_float16(), embedding):
-        name = f"img-{stored.features.dtype}"
+        name = f"img-{stored.image_embedding.dtype}"
         assert store.save(name, stored)
         back = store.load(name)
         same(stored, back)  # kinds, dtypes, shapes, values, original and input size
@@ -81,6 +83,6 @@ def test_concept_model_sam3_keeps_the_backbone_output_in_every_encoding_process(
     clicks_only = Settings.load(options, environ={})
     model = segmenter_for(with_concepts).model
     assert model.keep_vision_state is True
-    assert 1 + len(model.embed(synthetic_image(64, 96, seed=1)).extra) == 4
+    assert model.embed(synthetic_image(64, 96, seed=1)).vision_state is not None
     assert identity_for(with_concepts, model).endswith(":vision")
     assert identity_for(clicks_only) == identity_for(with_concepts, model)[:-len(":vision")]
