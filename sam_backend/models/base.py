@@ -7,7 +7,15 @@ Coordinate conventions (shared by every runtime):
   (1 = positive / foreground, 0 = negative / background);
 - a box is ``4 float`` ``(x0, y0, x1, y1)`` in pixels;
 - masks are ``HxW bool`` at the image's size; low-res logits ``1xhxw float32`` in the decoder's
-  low-res frame: 1x256x256 for SAM, HQ-SAM, MobileSAM and SAM 2, 1x288x288 for SAM 3.
+  low-res frame: 1x256x256 for SAM, HQ-SAM, MobileSAM and SAM 2, 1x288x288 for SAM 3. That frame
+  covers the model input, not the image: SAM's 1024 square with the image resized (long side
+  1024) in its top-left corner and zero padding; SAM 2's 1024 and SAM 3's 1008 square the image
+  is squashed to. Only a runtime's own ``upscale_mask`` maps it back to the image.
+
+The decode contract, the same for every runtime (:class:`SegmentationModel`):
+``decode_low_res(embedding, prompt) -> Candidates`` (Kxhxw float32 numpy logits in the low-res
+frame, K float32 predicted IoUs); ``upscale_mask(logits 1xhxw, embedding) -> HxW bool``;
+``decode(embedding, prompt) -> Prediction`` = the best candidate, upscaled.
 
 Multimask policy (SAM's own guidance): a prompt of a single point and no box is ambiguous, so the
 decoder is asked for its 3 candidate masks and the one with the highest predicted IoU is kept;

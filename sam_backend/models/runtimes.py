@@ -31,11 +31,6 @@ log = logging.getLogger(__name__)
 RUNTIMES = tuple(name for name in RUNTIME_NAMES if name != "auto")
 
 
-def default_runtime(variant: Variant, device: str = "cpu") -> str:
-    """The runtime ``runtime=auto`` picks for ``variant`` on ``device``."""
-    return choose_runtime(variant, device, "auto")
-
-
 def create_model(variant: Variant, checkpoint: Union[str, Path, None], device: str,
                  runtime: str = "auto") -> SegmentationModel:
     """The variant's checkpoint loaded on ``device`` by ``runtime`` (auto, torch or onnx), through

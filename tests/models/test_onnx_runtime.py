@@ -20,7 +20,8 @@ from sam_backend.models.base import Embedding, Prompt
 from sam_backend.models.onnx_export import OnnxExportError, checkpoint_sha256, graph_path
 from sam_backend.models.onnx_runtime import OnnxSamModel, mask_iou, upscale_logits, upscale_mask
 from sam_backend.models.registry import get_variant
-from sam_backend.models.runtimes import create_model, default_runtime
+from sam_backend.models.families import choose_runtime
+from sam_backend.models.runtimes import create_model
 from sam_backend.models.torch_runtime import TorchSamModel
 
 pytestmark = pytest.mark.usefixtures("release_memory")
@@ -287,7 +288,7 @@ def test_a_wrong_export_is_rejected_and_torch_takes_over(checkpoint_factory, tmp
     with pytest.raises(OnnxExportError, match="differ from torch"):
         OnnxSamModel(variant, checkpoint, "cpu")
     assert not list((weights / "onnx").glob("*decoder*"))  # nothing wrong is left cached
-    with caplog.at_level(logging.WARNING, logger="sam_backend.models.runtimes"):
+    with caplog.at_level(logging.WARNING, logger="sam_backend.models"):
         model = create_model(variant, checkpoint, "cpu", runtime="onnx")
     assert isinstance(model, TorchSamModel)
     assert "running it with torch" in caplog.text and "differ from torch" in caplog.text
@@ -301,7 +302,7 @@ def test_no_export_without_the_memory_for_it(checkpoint_factory, tmp_path, monke
     shutil.copy(checkpoint_factory("mobile_sam", "vit_t"), checkpoint)
     monkeypatch.setattr(onnx_export, "available_memory", lambda: 500 * 2 ** 20)
     variant = get_variant("mobile_sam", "vit_t")
-    with caplog.at_level(logging.WARNING, logger="sam_backend.models.runtimes"):
+    with caplog.at_level(logging.WARNING, logger="sam_backend.models"):
         model = create_model(variant, checkpoint, "cpu", runtime="onnx")
     assert isinstance(model, TorchSamModel)
     assert "free memory" in caplog.text
@@ -309,9 +310,9 @@ def test_no_export_without_the_memory_for_it(checkpoint_factory, tmp_path, monke
 
 
 def test_runtime_selection(checkpoint_factory):
-    assert default_runtime(get_variant("mobile_sam", "vit_t")) == "onnx"
-    assert default_runtime(get_variant("sam_hq", "vit_tiny")) == "onnx"
-    assert default_runtime(get_variant("sam", "vit_h")) == "torch"
+    assert choose_runtime(get_variant("mobile_sam", "vit_t"), "cpu") == "onnx"
+    assert choose_runtime(get_variant("sam_hq", "vit_tiny"), "cpu") == "onnx"
+    assert choose_runtime(get_variant("sam", "vit_h"), "cpu") == "torch"
     path = checkpoint_factory("mobile_sam", "vit_t")
     variant = get_variant("mobile_sam", "vit_t")
     model = create_model(variant, path, "cpu", runtime="auto")
