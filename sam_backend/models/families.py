@@ -19,7 +19,7 @@ A row (:class:`Family`) says, for one ``model_name``:
   family-specific overrides for a reduced model in tests, e.g. SAM 3's config);
 - ``embedding_parts``: per runtime, the named :class:`~sam_backend.models.base.Embedding` fields
   its ``embed`` fills (the contract test checks them);
-- ``title`` and ``summary``: the words the options' help and error messages use.
+- ``title`` and ``help_configs``: the words the options' help uses.
 
 Builders and factories are referenced lazily (:func:`_lazy`): reading the table imports neither
 torch nor any model package, so ``settings`` can derive its help text from it.
@@ -69,7 +69,6 @@ class Family:
 
     name: str
     title: str
-    summary: str
     variants: Tuple[Variant, ...]
     default_config: str
     runtimes: Tuple[str, ...]
@@ -144,15 +143,15 @@ def _sam2_variant(config: str, legacy: bool = False) -> Variant:
     return Variant("sam2", config, file_name, url, _lazy(_SAM2, "build_sam2", yaml))
 
 
-# The SAM 1 decoder's parts per runtime: HQ-SAM's torch decoder reads the encoder's intermediate
-# features; its onnx encoder graph runs the HQ decoder's image-only first step instead.
+# SAM and MobileSAM decoders read the image embedding only, with either runtime (HQ-SAM's row
+# says what its decoder reads besides)
 _SAM_PARTS = {"torch": ("image_embedding",), "onnx": ("image_embedding",)}
 _SAM_STATE_FILE = _lazy(_LOADING, "read_state_dict")
 _STATE_DICT_RECIPE = _lazy(_RANDOM, "write_random_state_dict")
 
 FAMILIES: Dict[str, Family] = {f.name: f for f in [
     Family(
-        name="sam", title="SAM", summary="Segment Anything (segment-anything)",
+        name="sam", title="SAM",
         variants=(_sam_variant("vit_b", "sam_vit_b_01ec64.pth", "01ec64"),
                   _sam_variant("vit_l", "sam_vit_l_0b3195.pth", "0b3195"),
                   _sam_variant("vit_h", "sam_vit_h_4b8939.pth", "4b8939")),
@@ -163,7 +162,7 @@ FAMILIES: Dict[str, Family] = {f.name: f for f in [
         recognise=_lazy(_TORCH, "recognise_sam"), random_init=_STATE_DICT_RECIPE,
         embedding_parts=_SAM_PARTS),
     Family(
-        name="sam_hq", title="HQ-SAM", summary="HQ-SAM (segment-anything-hq)",
+        name="sam_hq", title="HQ-SAM",
         variants=(_hq_variant("vit_b"), _hq_variant("vit_l"), _hq_variant("vit_h"),
                   _hq_variant("vit_tiny")),
         smallest_config="vit_tiny",
@@ -171,11 +170,12 @@ FAMILIES: Dict[str, Family] = {f.name: f for f in [
         onnx_by_default=frozenset({"vit_tiny", "vit_b", "vit_l"}),
         create=_lazy(_TORCH, "create_sam_model"), read_state=_SAM_STATE_FILE,
         recognise=_lazy(_TORCH, "recognise_sam_hq"), random_init=_STATE_DICT_RECIPE,
+        # torch: the ViT's intermediate features; onnx: the HQ decoder's image-only first step,
+        # which its encoder graph runs
         embedding_parts={"torch": ("image_embedding", "interm_embeddings"),
                          "onnx": ("image_embedding", "hq_features")}),
     Family(
         name="mobile_sam", title="MobileSAM",
-        summary="MobileSAM (SAM's decoder on a TinyViT encoder)",
         variants=(Variant("mobile_sam", "vit_t", "mobile_sam.pt",
                           _MOBILE_URL.format("mobile_sam.pt"), _lazy(_TORCH, "build_mobile_sam")),),
         default_config="vit_t", runtimes=("torch", "onnx"), onnx_by_default=frozenset({"vit_t"}),
@@ -183,7 +183,7 @@ FAMILIES: Dict[str, Family] = {f.name: f for f in [
         recognise=_lazy(_TORCH, "recognise_mobile_sam"), random_init=_STATE_DICT_RECIPE,
         embedding_parts=_SAM_PARTS),
     Family(
-        name="sam2", title="SAM 2.1", summary="SAM 2 / 2.1 (the sam2 package)",
+        name="sam2", title="SAM 2.1",
         variants=tuple([_sam2_variant(c) for c in _SAM2_CONFIG_FILE]
                        + [_sam2_variant(c, legacy=True) for c in _SAM2_CONFIG_FILE]),
         default_config="hiera_tiny", runtimes=("torch", "onnx"),
@@ -197,7 +197,7 @@ FAMILIES: Dict[str, Family] = {f.name: f for f in [
         embedding_parts={"torch": ("image_embedding", "high_res_features"),
                          "onnx": ("image_embedding", "high_res_features")}),
     Family(
-        name="sam3", title="SAM 3", summary="SAM 3's click model (transformers)",
+        name="sam3", title="SAM 3",
         # its checkpoint is a hub-format directory, fetched from the hub repository its url names
         variants=(Variant("sam3", "default", "sam3", "https://huggingface.co/facebook/sam3",
                           _lazy(_SAM3, "build_click_model")),),
