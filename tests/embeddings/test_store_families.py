@@ -1,7 +1,8 @@
-"""The shared embedding store with the model families whose embeddings carry more than one array:
-SAM 2.1 (two high-resolution feature maps) and SAM 3 (two FPN levels, and with
-``keep_vision_state`` the ViT backbone output the concept engine reads). Real random-weight models
-loaded through the normal loading code, a real redis-server on loopback."""
+"""The shared embedding store with the model families whose embeddings carry more than the image
+embedding (read from the family table: HQ-SAM's intermediate features, SAM 2.1's two
+high-resolution feature maps, SAM 3's two FPN levels), and SAM 3 with ``keep_vision_state`` (the
+ViT backbone output the concept engine reads). Real random-weight models loaded through the normal
+loading code, a real redis-server on loopback."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,38 +11,48 @@ import pytest
 from redis_utils import redis_server  # noqa: F401  (fixture)
 from sam_backend.models.base import Prompt
 from random_weights import synthetic_image
-from sam_backend.models.registry import get_variant
+from sam_backend.models.families import FAMILIES
 from sam_backend.models.runtimes import create_model
 from sam_backend.embeddings.store import EmbeddingStore
 from test_store import same
 
-# (name, variant args, keep_vision_state, the embedding's named parts)
-FAMILIES = {"sam2": (("sam2", "hiera_tiny"), None, {"image_embedding", "high_res_features"}),
-            "sam3": (("sam3",), False, {"image_embedding", "high_res_features"}),
-            "sam3+vision_state": (("sam3",), True, {"image_embedding", "high_res_features",
-                                                    "vision_state"})}
+# every row whose torch embedding has more than one part, + SAM 3 as concept_model=sam3 runs it
+CASES = [name for name, family in FAMILIES.items()
+         if len(family.embedding_parts["torch"]) > 1] + ["sam3+vision_state"]
 
 
 @pytest.fixture(scope="module")
-def sam2_model(sam2_file):  # noqa: F811
-    return create_model(get_variant("sam2", "hiera_tiny"), str(sam2_file), "cpu", "torch")
+def models(request):
+    """family name -> its smallest variant's torch model (SAM 3: the reduced one), loaded once."""
+    loaded = {}
+
+    def get(name):
+        if name not in loaded:
+            variant = FAMILIES[name].smallest
+            if name == "sam3":
+                checkpoint = request.getfixturevalue("official_dir")
+            else:
+                checkpoint = request.getfixturevalue("checkpoint_factory")(variant.model_name,
+                                                                           variant.sam_config)
+            loaded[name] = create_model(variant, checkpoint, "cpu", "torch")
+        return loaded[name]
+
+    yield get
+    loaded.clear()
 
 
-@pytest.fixture(scope="module")
-def sam3_model(official_dir):  # noqa: F811
-    return create_model(get_variant("sam3"), official_dir, "cpu", "torch")
-
-
-@pytest.fixture(params=list(FAMILIES))
-def family(request):
+@pytest.fixture(params=CASES)
+def family(request, models):
     """(model, the parts its embedding has); SAM 3 with ``keep_vision_state`` as the
     service sets it for ``concept_model=sam3``."""
-    args, keep, parts = FAMILIES[request.param]
-    model = request.getfixturevalue(f"{args[0]}_model")
-    if keep is not None:
-        model.keep_vision_state = keep
+    name, _, vision = request.param.partition("+")
+    model = models(name)
+    parts = set(FAMILIES[name].embedding_parts["torch"])
+    if vision:
+        model.keep_vision_state = True
+        parts.add("vision_state")
     yield model, parts
-    if keep is not None:
+    if vision:
         model.keep_vision_state = False
 
 
@@ -49,7 +60,7 @@ def test_a_family_embedding_round_trips_through_redis(family, redis_server):  # 
     model, parts = family
     image = synthetic_image(240, 320, seed=5)  # not square: sizes are kept per axis
     embedding = model.embed(image)
-    assert set(embedding.parts()) == parts and len(embedding.high_res_features) == 2
+    assert set(embedding.parts()) == parts
     store = EmbeddingStore(redis_server.url, f"{model.variant.key}:torch:float16:test")
     prompt = Prompt(np.array([[100.0, 80.0], [250.0, 190.0]], np.float32), np.array([1, 0]))
     click = Prompt(np.array([[160.0, 120.0]], np.float32), np.array([1]))
