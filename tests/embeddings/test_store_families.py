@@ -97,3 +97,24 @@ def test_concept_model_sam3_keeps_the_backbone_output_in_every_encoding_process(
     assert model.embed(synthetic_image(64, 96, seed=1)).vision_state is not None
     assert identity_for(with_concepts, model).endswith(":vision")
     assert identity_for(clicks_only) == identity_for(with_concepts, model)[:-len(":vision")]
+
+
+@pytest.mark.parametrize("name,runtime", [("sam2", "auto"), ("sam3", "onnx")])
+def test_the_store_identity_without_a_model_names_the_runtime_the_model_runs(name, runtime,
+                                                                             request):
+    """``sam-backend precompute`` computes the store's model identity without loading the model;
+    it must name the runtime the loaded model runs (the family table's one choice), else the
+    command queues images under another identity than its workers and replicas read. SAM 2 with
+    runtime=auto on CPU runs its decoder in onnxruntime; SAM 3 asked for onnx runs torch."""
+    from sam_backend.embeddings.precompute import identity_for
+    from sam_backend.settings import Settings
+
+    variant = FAMILIES[name].smallest
+    checkpoint = request.getfixturevalue("official_dir" if name == "sam3" else "sam2_file")
+    settings = Settings.load(dict(model_name=name, sam_config=variant.sam_config,
+                                  sam_checkpoint_file=str(checkpoint), device="cpu",
+                                  runtime=runtime, offline=True), environ={})
+    model = create_model(variant, checkpoint, "cpu", runtime)
+    assert model.runtime == {"sam2": "onnx", "sam3": "torch"}[name]
+    assert identity_for(settings) == identity_for(settings, model)
+    assert f":{model.runtime}:" in identity_for(settings)
