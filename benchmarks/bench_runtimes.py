@@ -51,33 +51,18 @@ def load(variant, runtime: str):
 
 
 def parts(model, embedding, prompt):
-    """(decoder, upscale) callables for one prompt on either runtime."""
-    if model.runtime == "torch":
-        import torch
+    """(decoder, upscale) callables for one prompt (the same decode contract on every runtime)."""
 
-        def decoder():
-            low_res, iou = model.decode_low_res(embedding, prompt)
-            best = int(torch.argmax(iou))
-            return low_res[best:best + 1]
+    def decoder():
+        candidates = model.decode_low_res(embedding, prompt)
+        best = candidates.best()
+        return candidates.logits[best:best + 1]
 
-        chosen = decoder()
+    chosen = decoder()
 
-        def upscale():
-            with torch.inference_mode():
-                up = model.sam.postprocess_masks(chosen[None], embedding.input_size,
-                                                 embedding.original_size)
-                return (up[0, 0] > model.sam.mask_threshold).cpu().numpy()
-    else:
-        from sam_backend.models.onnx_runtime import upscale_mask
+    def upscale():
+        return model.upscale_mask(chosen, embedding)
 
-        def decoder():
-            return model.decode_low_res(embedding, prompt)[0]
-
-        chosen = decoder()
-
-        def upscale():
-            return upscale_mask(chosen, embedding.input_size, embedding.original_size,
-                                model.mask_threshold, model.img_size)
     return decoder, upscale
 
 

@@ -29,7 +29,7 @@ from tests.support.redis_utils import RedisServer  # noqa: E402
 
 
 def main(argv=None) -> int:
-    from sam_backend.models.base import Embedding
+    import dataclasses
     from sam_backend.models.registry import get_variant
     from sam_backend.models.runtimes import create_model
     from sam_backend.embeddings.store import EmbeddingStore, encode_embedding
@@ -59,15 +59,14 @@ def main(argv=None) -> int:
             cases = [(key, embedding)]
             if hasattr(model, "keep_vision_state"):
                 cases = [(f"{key} (keep_vision_state)", embedding),
-                         (key, Embedding(embedding.features, embedding.extra[:2],
-                                         embedding.original_size, embedding.input_size))]
+                         (key, dataclasses.replace(embedding, vision_state=None))]
             for label, emb in cases:
                 store = EmbeddingStore(server.url, f"{label}:torch:float16:bench")
                 assert store.save("image-1080p", emb)
                 redis_key = store.key_for("image-1080p")
                 rows.append({"variant": label, "runtime": model.runtime,
-                             "shapes": [list(a.shape) for a in [emb.features] + list(emb.extra)],
-                             "arrays": 1 + len(emb.extra or []), "array_bytes": emb.nbytes,
+                             "shapes": [list(a.shape) for a in emb.arrays()],
+                             "arrays": len(emb.arrays()), "array_bytes": emb.nbytes,
                              "entry_bytes": len(encode_embedding(emb, redis_key)),
                              "redis_memory_usage_bytes": int(client.memory_usage(redis_key)),
                              "encode_s": round(seconds, 1)})

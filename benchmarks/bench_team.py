@@ -187,7 +187,7 @@ def store_bytes(variants: List[str], runtimes: List[str], weights_dir: Path,
             data = encode_embedding(embedding, name)
             client.set(name, data)
             rows.append({"variant": key, "runtime": model.runtime,
-                         "arrays": 1 + len(embedding.extra or []), "entry_bytes": len(data),
+                         "arrays": len(embedding.arrays()), "entry_bytes": len(data),
                          "redis_memory_usage_bytes": int(client.memory_usage(name))})
             del model
     return rows

@@ -73,8 +73,8 @@ def segmenter_for(settings: Settings) -> Segmenter:
 def identity_for(settings: Settings, model=None) -> str:
     """The store's model identity for ``settings`` (of the loaded ``model`` when given: its
     actual runtime; else the runtime ``settings`` resolve to), without loading anything else."""
-    from sam_backend.models.runtimes import default_runtime
     from sam_backend.models.checkpoints import ensure_checkpoint, infer_variant
+    from sam_backend.models.families import choose_runtime
 
     variant = infer_variant(settings.model_name, settings.sam_config, settings.sam_checkpoint_file)
     sha = getattr(model, "sha256", None)
@@ -84,12 +84,9 @@ def identity_for(settings: Settings, model=None) -> str:
         checkpoint = ensure_checkpoint(variant, settings.sam_checkpoint_file,
                                        offline=settings.offline)
         sha = checkpoint_sha256(checkpoint, onnx_dir_for(checkpoint) / HASH_SIDECAR)
-    if model is not None:
-        runtime = model.runtime
-    elif settings.runtime == "auto":
-        runtime = default_runtime(variant, settings.device)
-    else:
-        runtime = settings.runtime
+    # the loaded model's runtime (it may have fallen back to torch), else the family table's choice
+    runtime = model.runtime if model is not None else \
+        choose_runtime(variant, settings.device, settings.runtime)
     identity = model_identity(variant.key, sha, runtime, settings.embedding_dtype)
 
     # entries with SAM 3's backbone output (concept_model=sam3) are not mixed with click-only ones

@@ -25,6 +25,7 @@ from sam_backend.images.config import (DEFAULT_CACHE_MAX_BYTES, DEFAULT_MAX_CONC
                                        DEFAULT_MAX_DOWNLOAD_BYTES, DEFAULT_TIMEOUT)
 from sam_backend.images.decode import DEFAULT_MAX_PIXELS
 from sam_backend.images.netpolicy import parse_image_hosts
+from sam_backend.models import families
 
 
 def check_basic_auth(user: Optional[str], password: Optional[str]) -> None:
@@ -59,19 +60,14 @@ def env_names(f: dataclasses.Field) -> Tuple[str, ...]:
 class Settings:
     """Every option, its default, and what it does (the README's option table mirrors this)."""
 
-    model_name: Optional[str] = option(
-        None, "sam, sam_hq, mobile_sam or sam2 (default: inferred from sam_checkpoint_file, else "
-        "mobile_sam)")
-    sam_config: Optional[str] = option(
-        None, "vit_b/vit_l/vit_h (sam), + vit_tiny (sam_hq), vit_t (mobile_sam), "
-        "hiera_tiny/hiera_small/hiera_base_plus/hiera_large (sam2); default per model: vit_b, "
-        "vit_b, vit_t, hiera_tiny")
+    # model_name, sam_config and runtime: their values come from the family table
+    model_name: Optional[str] = option(None, families.model_name_help())
+    sam_config: Optional[str] = option(None, families.sam_config_help())
     sam_checkpoint_file: Optional[str] = option(
         None, "checkpoint path (default: weights/<official file name>, downloaded at start when "
         "missing)")
     device: str = option("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps")
-    runtime: str = option(
-        "auto", "torch, onnx, or auto (the fastest runtime that is faithful for the variant)")
+    runtime: str = option("auto", families.runtime_help())
     out_mask: bool = option(True, "return a BrushLabels mask (Label Studio RLE)")
     out_bbox: bool = option(True, "return the mask's tight RectangleLabels box")
     out_poly: bool = option(False, "return PolygonLabels, one per connected component")
@@ -239,7 +235,7 @@ class Settings:
         return settings
 
     def validate(self) -> None:
-        if self.runtime not in ("auto", "torch", "onnx"):
+        if self.runtime not in families.RUNTIME_NAMES:
             raise ConfigError(f"runtime={self.runtime!r}: use auto, torch or onnx")
         if self.embedding_dtype not in ("float16", "float32"):
             raise ConfigError(f"embedding_dtype={self.embedding_dtype!r}: use float16 or float32")

@@ -5,7 +5,7 @@ SAM 3's checkpoint holds one ViT backbone that two heads share: the click model
 (``Sam3TrackerModel``, :mod:`sam_backend.models.sam3_runtime`) and the concept model
 (``Sam3Model``: its own FPN neck, a CLIP text encoder, a DETR encoder/decoder and a mask decoder).
 With ``concept_model=sam3`` the click model keeps the backbone's output in each cached embedding
-(``extra[2]``, (1, 5184, 1024) float for a 1008 px input; its memory per image is in the README's
+(``vision_state``, (1, 5184, 1024) float for a 1008 px input; its memory per image is in the README's
 SAM 3 section); a concept pass runs only the concept model's neck and heads on it — the expensive
 backbone runs once per image for both clicks and concepts. The concept model's weights are read
 from the same checkpoint directory (``detector_model.*`` of the official layout; its backbone
@@ -101,7 +101,7 @@ class Sam3ConceptEngine(ConceptEngine):
         from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
         embedding = self.segmenter.embedding(image_key, load_image)
-        if embedding.extra is None or len(embedding.extra) < 3:
+        if embedding.vision_state is None:
             # cached by a click before the concept model was loaded: encode again, keeping it
             image = load_image()
             with self.segmenter.gate.slot(True):
@@ -110,7 +110,7 @@ class Sam3ConceptEngine(ConceptEngine):
                                      embedding.to_float16() if self.segmenter.store_float16
                                      else embedding)
         device = self.detector.device
-        hidden = torch.as_tensor(embedding.extra[2]).to(device=device, dtype=torch.float32)
+        hidden = torch.as_tensor(embedding.vision_state).to(device=device, dtype=torch.float32)
         patch = self.detector.config.vision_config.backbone_config.patch_size
         height, width = (s // patch for s in embedding.input_size)
         spatial = hidden.view(hidden.shape[0], height, width, -1).permute(0, 3, 1, 2)

@@ -10,25 +10,28 @@ Keys
     (:func:`model_identity`), so deployments with different models never read each other's
     entries. The device is not part of it: a GPU replica and a CPU worker share embeddings.
 
-Wire format (version 1), little-endian::
+Wire format (version 2), little-endian::
 
     b"SAMEMB\\0"  (7 bytes, magic)
-    u16          format version (1)
+    u16          format version (2)
     u32          header length N
     N bytes      header, UTF-8 JSON:
                  {"key": <the Redis key it was written under>,
                   "original_size": [H, W], "input_size": [h, w],
-                  "extra": null | <number of extra arrays>,
+                  "parts": {"image_embedding": null, "high_res_features": 2, ...},
                   "arrays": [{"dtype": "<f2", "shape": [1, 256, 64, 64], "kind": "numpy"|"torch"}, ...],
                   "crc32": <zlib.crc32 of the payload>}
-    payload      the arrays' bytes in C order, one after another: features, then ``extra`` in order
+    payload      the arrays' bytes in C order, one after another, part by part in the header's order
 
-It is written over the :class:`~sam_backend.models.base.Embedding`'s arrays generically (features + every
-array of ``extra``; torch tensors are stored as numpy and come back as CPU tensors), so a model
-family whose embedding carries more arrays (HQ-SAM's intermediate features, SAM 2's high-res
-features, SAM 3's state) needs no change here. Only numeric dtypes are accepted when reading
-(never pickle, never object arrays). An entry that is truncated, corrupt (CRC), of another
-format version, or written under another key is logged, deleted and recomputed — never served.
+``parts`` names the :class:`~sam_backend.models.base.Embedding`'s parts that are set, in
+``Embedding.PARTS`` order: ``null`` for a single array, the list's length for a list part
+(``high_res_features``, ``interm_embeddings``). Version 1 stored ``features`` + a positional
+``extra`` list; its entries are under ``v1`` keys, which this version never reads. The format is
+written over the parts generically (torch tensors are stored as numpy and come back as CPU
+tensors), so a model family that fills more parts needs no change here; a part name this code does
+not know is refused. Only numeric dtypes are accepted when reading (never pickle, never object
+arrays). An entry that is truncated, corrupt (CRC), of another format version, or written under
+another key is logged, deleted and recomputed — never served.
 
 One encode per image across replicas: the first replica (or worker) to miss takes a Redis lock
 (redis-py's :class:`~redis.lock.Lock`, expiring after ``wait_s`` so a crashed holder cannot block
@@ -60,7 +63,7 @@ from sam_backend.models.base import Embedding
 log = logging.getLogger(__name__)
 
 MAGIC = b"SAMEMB\0"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: named embedding parts (1: features + a positional extra list)
 _PREFIX = struct.Struct("<7sHI")  # magic, version, header length
 _ALLOWED_KINDS = "fiub"  # float, signed/unsigned int, bool: plain numbers only
 KEY_ROOT = "sam_backend"
@@ -84,20 +87,23 @@ def _to_numpy(array: Any) -> Tuple[np.ndarray, str]:
 
 def encode_embedding(embedding: Embedding, key: str) -> bytes:
     """``embedding`` as bytes (the module's wire format), stamped with the Redis ``key``."""
-    arrays = [embedding.features] + list(embedding.extra or [])
+    parts: Dict[str, Optional[int]] = {}
     metas: List[Dict[str, Any]] = []
     chunks: List[bytes] = []
-    for array in arrays:
-        data, kind = _to_numpy(array)
-        data = data.astype(data.dtype.newbyteorder("<"), copy=False)
-        metas.append({"dtype": data.dtype.str, "shape": list(data.shape), "kind": kind})
-        chunks.append(data.tobytes())
+    for name, value in embedding.parts().items():
+        is_list = name in Embedding.LIST_PARTS
+        parts[name] = len(value) if is_list else None
+        for array in (value if is_list else [value]):
+            data, kind = _to_numpy(array)
+            data = data.astype(data.dtype.newbyteorder("<"), copy=False)
+            metas.append({"dtype": data.dtype.str, "shape": list(data.shape), "kind": kind})
+            chunks.append(data.tobytes())
     payload = b"".join(chunks)
     header = json.dumps({
         "key": key,
         "original_size": [int(v) for v in embedding.original_size],
         "input_size": [int(v) for v in embedding.input_size],
-        "extra": None if embedding.extra is None else len(embedding.extra),
+        "parts": parts,
         "arrays": metas,
         "crc32": zlib.crc32(payload),
     }, separators=(",", ":")).encode("utf-8")
@@ -122,9 +128,22 @@ def decode_embedding(data: bytes, key: str) -> Embedding:
         stored_key = header["key"]
         original_size = tuple(int(v) for v in header["original_size"])
         input_size = tuple(int(v) for v in header["input_size"])
-        n_extra = header["extra"]
+        parts = header["parts"]
         metas = header["arrays"]
         crc = int(header["crc32"])
+        if not isinstance(parts, dict):
+            raise StoreFormatError("header's parts are not a mapping")
+        counts = []
+        for name, count in parts.items():
+            if name not in Embedding.PARTS:
+                raise StoreFormatError(f"unknown embedding part {str(name)[:60]!r}")
+            if name in Embedding.LIST_PARTS:
+                ok = isinstance(count, int) and not isinstance(count, bool) and count >= 0
+            else:
+                ok = count is None
+            if not ok:
+                raise StoreFormatError(f"header's part {name} has a bad count {count!r}")
+            counts.append((name, count))
         specs = []
         for meta in metas:
             dtype = np.dtype(str(meta["dtype"]))
@@ -138,9 +157,9 @@ def decode_embedding(data: bytes, key: str) -> Embedding:
         raise StoreFormatError(f"unreadable header ({type(exc).__name__}: {exc})") from None
     if stored_key != key:
         raise StoreFormatError(f"entry written under another key ({str(stored_key)[:120]!r})")
-    if len(original_size) != 2 or len(input_size) != 2 or not specs:
-        raise StoreFormatError("header lacks sizes or arrays")
-    if n_extra is not None and n_extra != len(specs) - 1:
+    if len(original_size) != 2 or len(input_size) != 2 or "image_embedding" not in parts:
+        raise StoreFormatError("header lacks sizes or the image embedding")
+    if sum(1 if count is None else count for _, count in counts) != len(specs):
         raise StoreFormatError("header's array count does not match")
     sizes = [int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for dtype, shape, _ in specs]
     if len(data) - start != sum(sizes):
@@ -159,8 +178,16 @@ def decode_embedding(data: bytes, key: str) -> Embedding:
 
             array = torch.from_numpy(array)
         arrays.append(array)
-    extra = None if n_extra is None else arrays[1:]
-    return Embedding(arrays[0], extra, original_size, input_size)
+    values: Dict[str, Any] = {}
+    taken = 0
+    for name, count in counts:
+        if count is None:
+            values[name] = arrays[taken]
+            taken += 1
+        else:
+            values[name] = arrays[taken:taken + count]
+            taken += count
+    return Embedding(original_size=original_size, input_size=input_size, **values)
 
 
 # -- identities -----------------------------------------------------------------------------------

@@ -7,7 +7,15 @@ Coordinate conventions (shared by every runtime):
   (1 = positive / foreground, 0 = negative / background);
 - a box is ``4 float`` ``(x0, y0, x1, y1)`` in pixels;
 - masks are ``HxW bool`` at the image's size; low-res logits ``1xhxw float32`` in the decoder's
-  low-res frame: 1x256x256 for SAM, HQ-SAM, MobileSAM and SAM 2, 1x288x288 for SAM 3.
+  low-res frame: 1x256x256 for SAM, HQ-SAM, MobileSAM and SAM 2, 1x288x288 for SAM 3. That frame
+  covers the model input, not the image: SAM's 1024 square with the image resized (long side
+  1024) in its top-left corner and zero padding; SAM 2's 1024 and SAM 3's 1008 square the image
+  is squashed to. Only a runtime's own ``upscale_mask`` maps it back to the image.
+
+The decode contract, the same for every runtime (:class:`SegmentationModel`):
+``decode_low_res(embedding, prompt) -> Candidates`` (Kxhxw float32 numpy logits in the low-res
+frame, K float32 predicted IoUs); ``upscale_mask(logits 1xhxw, embedding) -> HxW bool``;
+``decode(embedding, prompt) -> Prediction`` = the best candidate, upscaled.
 
 Multimask policy (SAM's own guidance): a prompt of a single point and no box is ambiguous, so the
 decoder is asked for its 3 candidate masks and the one with the highest predicted IoU is kept;
@@ -17,8 +25,9 @@ candidate itself and returns one mask either way.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -56,24 +65,26 @@ class Embedding:
     """A variant's encoding of one image, made by one runtime's ``embed`` for the same runtime's
     ``decode`` (caches key embeddings by variant, runtime and dtype, so they never cross).
 
-    ``features``: the image embedding, 1x256xSxS (S = 64; SAM 3: 72), the decoder's main input.
-    ``extra``: the other per-image arrays that runtime's decoder reads, in this fixed order
-    (None when there are none); the arrays are precomputed from the image once so that a click
-    does not redo them:
+    Each part is a named field; a runtime fills the parts its decoder reads (the family table's
+    ``embedding_parts`` lists them per runtime) and leaves the others None. They are computed from
+    the image once, so that a click does not redo them:
 
-    ======================  =========  ==============================================================
-    family                  runtime    ``extra``
-    ======================  =========  ==============================================================
-    sam, mobile_sam         any        None
-    sam_hq                  torch      the encoder's intermediate features (``interm_embeddings``),
-                                       a list of 1x64x64xC (C: the encoder's width)
-    sam_hq                  onnx       ``[hq_features]`` 1x32x256x256: the HQ decoder's image-only
-                                       first step, run by the encoder graph (see onnx_runtime)
-    sam2                    any        ``high_res_feats`` ``[1x32x256x256, 1x64x128x128]``
-    sam3                    torch      ``[1x32x288x288, 1x64x144x144]`` (FPN levels after the
-                                       decoder's conv_s0/conv_s1), + the ViT output 1x5184x1024
-                                       when the concept model shares it (``keep_vision_state``)
-    ======================  =========  ==============================================================
+    ======================  =================================================================
+    part                    shape, and which families fill it
+    ======================  =================================================================
+    ``image_embedding``     1x256xSxS, the decoder's main input: every family (S = 64;
+                            SAM 3: 72); SAM 2 / SAM 3 with their no-memory embedding added
+    ``high_res_features``   the decoder's upscaling path, finest first: SAM 2
+                            ``[1x32x256x256, 1x64x128x128]``; SAM 3 ``[1x32x288x288,
+                            1x64x144x144]`` (FPN levels after the decoder's conv_s0/conv_s1)
+    ``interm_embeddings``   HQ-SAM, torch runtime: the ViT's intermediate features, a list of
+                            1x64x64xC (C: the encoder's width)
+    ``hq_features``         HQ-SAM, onnx runtime: 1x32x256x256, the HQ decoder's image-only
+                            first step, run by the encoder graph (see onnx_runtime)
+    ``vision_state``        SAM 3 with ``keep_vision_state`` (concept_model=sam3): the ViT's
+                            last hidden state 1x5184x1024, which the concept model's own neck
+                            reads
+    ======================  =================================================================
 
     ``original_size``: (H, W) of the image; ``input_size``: (h, w) of the model input the image
     was resized to (SAM: long side 1024, before padding; SAM 2 / SAM 3: the square input).
@@ -81,15 +92,40 @@ class Embedding:
     float16 when cached so (:meth:`to_float16`); decoders take float32.
     """
 
-    features: Any
-    extra: Optional[List[Any]]
+    image_embedding: Any
     original_size: Tuple[int, int]
     input_size: Tuple[int, int]
+    high_res_features: Optional[List[Any]] = None
+    interm_embeddings: Optional[List[Any]] = None
+    hq_features: Optional[Any] = None
+    vision_state: Optional[Any] = None
+
+    #: every part, in a fixed order (the store writes them in it); list-valued ones in LIST_PARTS
+    PARTS: ClassVar[Tuple[str, ...]] = ("image_embedding", "high_res_features",
+                                        "interm_embeddings", "hq_features", "vision_state")
+    LIST_PARTS: ClassVar[Tuple[str, ...]] = ("high_res_features", "interm_embeddings")
+
+    def parts(self) -> Dict[str, Any]:
+        """The parts that are set, by name, in :attr:`PARTS` order (a list part as its list)."""
+        return {name: getattr(self, name) for name in self.PARTS
+                if getattr(self, name) is not None}
+
+    def arrays(self) -> List[Any]:
+        """Every array of every part, flat."""
+        flat: List[Any] = []
+        for name, value in self.parts().items():
+            flat.extend(value if name in self.LIST_PARTS else [value])
+        return flat
 
     @property
     def nbytes(self) -> int:
-        arrays = [self.features] + list(self.extra or [])
-        return int(sum(_nbytes(a) for a in arrays))
+        return int(sum(_nbytes(a) for a in self.arrays()))
+
+    def map_arrays(self, fn: Callable[[Any], Any]) -> "Embedding":
+        """A copy with ``fn`` applied to every array (sizes kept)."""
+        changes = {name: [fn(a) for a in value] if name in self.LIST_PARTS else fn(value)
+                   for name, value in self.parts().items()}
+        return dataclasses.replace(self, **changes)
 
     def _cast(self, dtype_name: str) -> "Embedding":
         def cast(a):
@@ -99,8 +135,7 @@ class Embedding:
 
             return a.to(getattr(torch, dtype_name))
 
-        return Embedding(cast(self.features), [cast(a) for a in self.extra] if self.extra else
-                         self.extra, self.original_size, self.input_size)
+        return self.map_arrays(cast)
 
     def to_float16(self) -> "Embedding":
         """Half the bytes, for storage in the cache (see the measured tolerance in the README)."""
@@ -127,39 +162,70 @@ class Prediction:
     low_res_logits: np.ndarray
 
 
-def best_candidate(low_res: Any, iou: Any, to_mask: Callable[[Any], np.ndarray],
-                   logit_bound: Optional[float] = None) -> Prediction:
-    """The prediction of the candidate mask with the highest predicted IoU.
+@dataclass
+class Candidates:
+    """What a decoder proposes for one prompt (:meth:`SegmentationModel.decode_low_res`).
 
-    ``low_res``: Kxhxw torch logits, ``iou``: K torch scores (the decoder's output for one prompt);
-    ``to_mask``: the chosen 1xhxw logits -> HxW bool mask at the image's size (the runtime's own
-    upscaling and threshold); ``logit_bound``: clamp the returned logits to +-bound (SAM 2's
-    predictor returns them so)."""
-    best = int(iou.argmax())
-    chosen = low_res[best:best + 1]
-    mask = to_mask(chosen)
-    if logit_bound is not None:
-        chosen = chosen.clamp(-logit_bound, logit_bound)
-    return Prediction(mask, float(iou[best]), chosen.float().cpu().numpy())
+    ``logits``: Kxhxw float32 numpy, the candidate masks' logits in the decoder's low-res frame
+    (h = w = 256; SAM 3: 288; the frame covers the model input: SAM's padded 1024 square, SAM 2's
+    and SAM 3's squashed square); ``scores``: K float32 numpy, their predicted IoUs. K is 3 for an
+    ambiguous prompt (:attr:`Prompt.multimask`), else 1; HQ-SAM gives 1 either way (its decoder
+    picks its best candidate itself).
+    """
+
+    logits: np.ndarray
+    scores: np.ndarray
+
+    def best(self) -> int:
+        """The candidate with the highest predicted IoU (the first of equal ones)."""
+        return int(np.argmax(self.scores))
 
 
 class SegmentationModel(ABC):
-    """A loaded variant on a device, behind the two calls every runtime provides."""
+    """A loaded variant on a device, behind the calls every runtime provides.
+
+    One decode contract for every runtime: :meth:`decode_low_res` (prompt -> :class:`Candidates`
+    in the low-res frame) and :meth:`upscale_mask` (chosen logits -> HxW bool mask at the image's
+    size); :meth:`decode` is the two together with SAM's multimask policy.
+    """
 
     variant: Variant
     device: str
     runtime: str
+    #: the returned logits are clamped to +-this (SAM 2's predictor returns them so); None: not
+    logit_bound: Optional[float] = None
 
     @abstractmethod
     def embed(self, image: np.ndarray) -> Embedding:
         """Encode an HxWx3 uint8 RGB image (the expensive step, once per image)."""
 
     @abstractmethod
+    def decode_low_res(self, embedding: Embedding, prompt: Prompt) -> Candidates:
+        """The decoder's candidate masks for ``prompt`` (points and box in pixels of the image
+        ``embedding`` was computed from) on that image (see :class:`Candidates`)."""
+
+    @abstractmethod
+    def upscale_mask(self, logits: np.ndarray, embedding: Embedding) -> np.ndarray:
+        """1xhxw float32 low-res logits (one candidate) -> the HxW bool mask at
+        ``embedding.original_size``."""
+
     def decode(self, embedding: Embedding, prompt: Prompt) -> Prediction:
-        """The mask for ``prompt`` on the image ``embedding`` was computed from."""
+        """The mask for ``prompt``: the candidate with the highest predicted IoU, upscaled."""
+        candidates = self.decode_low_res(embedding, prompt)
+        best = candidates.best()
+        chosen = np.ascontiguousarray(candidates.logits[best:best + 1], dtype=np.float32)
+        mask = self.upscale_mask(chosen, embedding)
+        if self.logit_bound is not None:
+            chosen = np.clip(chosen, -self.logit_bound, self.logit_bound)
+        return Prediction(mask, float(candidates.scores[best]), chosen)
 
     def describe(self) -> str:
         return f"{self.variant.key} ({self.runtime}, {self.device})"
+
+
+def candidates_of(low_res: Any, iou: Any) -> Candidates:
+    """:class:`Candidates` from a torch decoder's Kxhxw logits and K scores."""
+    return Candidates(low_res.detach().float().cpu().numpy(), iou.detach().float().cpu().numpy())
 
 
 def check_image(image: np.ndarray) -> None:

@@ -11,11 +11,12 @@ from typing import Iterable, List, Optional, Union
 from sam_backend.errors import CheckpointError, ConfigError
 from sam_backend.models import hub, registry
 from sam_backend.models.download import download
+from sam_backend.models.families import DEFAULT_MODEL_NAME
 from sam_backend.models.registry import VARIANTS, Variant
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "mobile_sam"
+__all__ = ["DEFAULT_MODEL_NAME", "ensure_checkpoint", "infer_variant", "resolve_names"]
 
 
 # -- names ---------------------------------------------------------------------------------------

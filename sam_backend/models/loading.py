@@ -64,36 +64,14 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
 
 
 def guess_variant(state: Dict[str, torch.Tensor]) -> Optional[str]:
-    """What a state dict looks like, e.g. ``sam_hq/vit_h`` (None if unrecognisable).
+    """What a state dict looks like, e.g. ``sam_hq/vit_h`` (None if unrecognisable): each
+    family's recogniser (the family table's ``recognise``) asked in turn.
 
     Used only to make mismatch errors helpful; loading never depends on it.
     """
-    sam2 = _guess_sam2(state)
-    if sam2:
-        return sam2
-    hq = any(k.startswith("mask_decoder.hf_token") for k in state)
-    family = "sam_hq" if hq else "sam"
-    if any(k.startswith("image_encoder.layers.") for k in state):  # TinyViT
-        return "sam_hq/vit_tiny" if hq else "mobile_sam/vit_t"
-    pos = state.get("image_encoder.pos_embed")
-    if pos is None or pos.dim() != 4:
-        return None
-    return {768: f"{family}/vit_b", 1024: f"{family}/vit_l", 1280: f"{family}/vit_h"}.get(
-        int(pos.shape[-1])
-    )
+    from sam_backend.models.families import recognise
 
-
-def _guess_sam2(state: Dict[str, torch.Tensor]) -> Optional[str]:
-    """``sam2/hiera_*`` (``_v2.0`` for SAM 2.0's layout) from the Hiera trunk's width and depth."""
-    patch = state.get("image_encoder.trunk.patch_embed.proj.weight")
-    if patch is None or patch.dim() != 4:
-        return None
-    blocks = {k.split(".")[3] for k in state if k.startswith("image_encoder.trunk.blocks.")}
-    config = {(96, 12): "hiera_tiny", (96, 16): "hiera_small", (112, 24): "hiera_base_plus",
-              (144, 48): "hiera_large"}.get((int(patch.shape[0]), len(blocks)))
-    if config is None:
-        return None
-    return f"sam2/{config}" + ("" if "no_obj_embed_spatial" in state else "_v2.0")
+    return recognise(state)
 
 
 def _mismatch_report(model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> List[str]:

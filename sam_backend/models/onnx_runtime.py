@@ -54,7 +54,7 @@ import numpy as np
 
 from sam_backend.common.files import file_lock
 from sam_backend.errors import CheckpointError, ConfigError
-from sam_backend.models.base import (Embedding, Prediction, Prompt, SegmentationModel, check_image,
+from sam_backend.models.base import (Candidates, Embedding, Prompt, SegmentationModel, check_image,
                                      resize_longest_side)
 from sam_backend.models import onnx_export
 from sam_backend.models.onnx_export import (HASH_SIDECAR, LOW_RES, META, PARTS,
@@ -287,8 +287,8 @@ class OnnxSamModel(SegmentationModel):
                           ((xx // 48 + yy // 48) % 2) * 200], -1).astype(np.uint8)
         ours, theirs = self.embed(image), reference_embed(image)
         if feature_tolerance is not None:
-            ref_features = _as_float32(theirs.features)
-            err = float(np.abs(ours.features - ref_features).max())
+            ref_features = _as_float32(theirs.image_embedding)
+            err = float(np.abs(ours.image_embedding - ref_features).max())
             scale = float(np.abs(ref_features).max()) or 1.0
             if not err <= feature_tolerance * scale:
                 return f"encoder features differ by up to {err:.3g} (max |feature| {scale:.3g})"
@@ -324,9 +324,8 @@ class OnnxSamModel(SegmentationModel):
         check_image(image)
         x, input_size = self.preprocess(image)
         outputs = self.encoder.run(None, {"image": x})
-        features = outputs[0]
-        extra = [outputs[1]] if self._hq else None
-        return Embedding(features, extra, tuple(image.shape[:2]), input_size)
+        return Embedding(outputs[0], tuple(image.shape[:2]), input_size,
+                         hq_features=outputs[1] if self._hq else None)
 
     # -- prompt --------------------------------------------------------------------------------
     def decoder_inputs(self, embedding: Embedding, prompt: Prompt) -> Dict[str, np.ndarray]:
@@ -351,32 +350,35 @@ class OnnxSamModel(SegmentationModel):
             mask_input = np.zeros((1, 1, LOW_RES, LOW_RES), np.float32)
             has_mask = np.zeros(1, np.float32)
         feed = {
-            "image_embeddings": _as_float32(embedding.features),
+            "image_embeddings": _as_float32(embedding.image_embedding),
             "point_coords": np.concatenate(coords).astype(np.float32)[None],
             "point_labels": np.concatenate(labels).astype(np.float32)[None],
             "mask_input": mask_input,
             "has_mask_input": has_mask,
         }
         if self._hq:
-            feed["hq_features"] = _as_float32(embedding.extra[0])
+            feed["hq_features"] = _as_float32(embedding.hq_features)
         return feed
 
-    def decode_low_res(self, embedding: Embedding, prompt: Prompt) -> Tuple[np.ndarray, float]:
-        """The chosen mask's low-res logits (256x256 float32) and its predicted IoU, picked as
-        ``MaskDecoder.forward`` / ``MaskDecoderHQ.forward`` (hq_token_only=False) pick them."""
+    def decode_low_res(self, embedding: Embedding, prompt: Prompt) -> Candidates:
+        """The candidates ``MaskDecoder.forward`` / ``MaskDecoderHQ.forward`` (hq_token_only=False)
+        keep from every token's logits: tokens 1-3 for an ambiguous prompt, else token 0; HQ-SAM:
+        the best of those plus the HQ token's logits, one candidate either way."""
         masks, iou = self.decoder.run(None, self.decoder_inputs(embedding, prompt))
         masks, iou = masks[0], iou[0]
-        best = 1 + int(np.argmax(iou[1:4])) if prompt.multimask else 0
-        chosen = masks[best]
+        kept = slice(1, 4) if prompt.multimask else slice(0, 1)
+        logits, scores = masks[kept], iou[kept]
         if self._hq:
-            chosen = chosen + masks[-1]  # masks_sam + masks_hq
-        return np.ascontiguousarray(chosen, dtype=np.float32), float(iou[best])
+            best = int(np.argmax(scores))
+            logits = logits[best:best + 1] + masks[-1]  # masks_sam + masks_hq
+            scores = scores[best:best + 1]
+        return Candidates(np.ascontiguousarray(logits, dtype=np.float32),
+                          np.ascontiguousarray(scores, dtype=np.float32))
 
-    def decode(self, embedding: Embedding, prompt: Prompt) -> Prediction:
-        chosen, score = self.decode_low_res(embedding, prompt)
-        mask = upscale_mask(chosen, embedding.input_size, embedding.original_size,
+    def upscale_mask(self, logits: np.ndarray, embedding: Embedding) -> np.ndarray:
+        """:func:`upscale_mask` (``Sam.postprocess_masks`` in OpenCV) at the model's threshold."""
+        return upscale_mask(logits, embedding.input_size, embedding.original_size,
                             self.mask_threshold, self.img_size)
-        return Prediction(mask, score, chosen[None])
 
 
 def _as_float32(array: Any) -> np.ndarray:

@@ -5,8 +5,10 @@ No pretrained weights can be fetched on every machine (CI, air-gapped sites). A 
 checkpoint has the exact layout and compute cost of the official file, so the whole pipeline can
 be exercised and timed; its masks are meaningless. Files made here are saved with
 ``torch.save(model.state_dict(), path)`` — the official files' format — and loaded through the
-normal loading path; SAM 2's official files wrap theirs as ``{"model": state_dict}``, and so do
-the files made here for ``family == "sam2"``.
+normal loading path. Each family's recipe is its row's ``random_init`` in the family table
+(:mod:`.families`): a state-dict file (:func:`write_random_state_dict`, wrapped as the official
+files wrap theirs, e.g. SAM 2's ``{"model": state_dict}``) or a hub-format directory
+(:func:`write_random_pretrained_dir`, SAM 3).
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ import torch
 
 from sam_backend.common.files import atomic_path
 from sam_backend.errors import CheckpointError
-from sam_backend.models import hub, registry
+from sam_backend.models import registry
+from sam_backend.models.families import family_of
 from sam_backend.models.registry import Variant
 
 log = logging.getLogger(__name__)
@@ -38,16 +41,46 @@ def seeded_random_model(build: Callable[[], torch.nn.Module], seed: int) -> torc
     return model
 
 
-def make_random_checkpoint(variant: Variant, path: Union[str, Path], seed: int = 0) -> Path:
-    """Build ``variant`` with weights drawn from ``seed`` and save its state dict to ``path``."""
+def write_random_state_dict(variant: Variant, path: Union[str, Path], seed: int = 0,
+                            wrap: Optional[str] = None) -> Path:
+    """The state-dict-file recipe: ``variant``'s architecture with weights drawn from ``seed``,
+    saved with ``torch.save(state_dict)`` to ``path`` (``{wrap: state_dict}`` when the official
+    files wrap theirs so, as SAM 2's do under ``"model"``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = seeded_random_model(variant.builder, seed)
     state = model.state_dict()
     with atomic_path(path) as tmp:
-        torch.save({"model": state} if variant.family == "sam2" else state, tmp)
+        torch.save({wrap: state} if wrap else state, tmp)
     log.info("wrote random-weight %s checkpoint (seed %d) to %s", variant.key, seed, path)
     return path
+
+
+def write_random_pretrained_dir(build: Callable[[], torch.nn.Module], path: Union[str, Path],
+                                seed: int = 0, what: str = "hub-format") -> Path:
+    """The hub-format-directory recipe: ``build()`` with weights drawn from ``seed``, written
+    with ``save_pretrained`` (config.json + model.safetensors) into ``path``, replacing it."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = seeded_random_model(build, seed)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    del model
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+    log.info("wrote random-weight %s checkpoint directory (seed %d) to %s", what, seed, path)
+    return path
+
+
+def make_random_checkpoint(variant: Variant, path: Union[str, Path], seed: int = 0,
+                           **architecture) -> Path:
+    """``variant``'s random-weight checkpoint at ``path``, by its family's recipe (the family
+    table's ``random_init``); ``architecture``: that recipe's overrides for a reduced model."""
+    return family_of(variant).random_init(variant, path, seed, **architecture)
 
 
 RANDOM_WARNING = ("RANDOM WEIGHTS: {path} is a random-weight {key} checkpoint (seed {seed}) under "
@@ -64,34 +97,13 @@ def write_random(variant: Variant, dest_dir: Union[str, Path, None] = None, seed
     if dest.exists() and not force:
         raise CheckpointError(f"{dest} already exists: not replacing it with random weights "
                               f"(use --force, or --dir to write elsewhere)")
-    if hub.hub_repo(variant):
-        make_random_sam3_dir(dest, seed=seed)
-    else:
-        make_random_checkpoint(variant, dest, seed=seed)
+    make_random_checkpoint(variant, dest, seed=seed)
     log.warning(RANDOM_WARNING.format(path=dest, key=variant.key, seed=seed))
     return dest
 
 
 def make_random_sam3_dir(path: Union[str, Path], seed: int = 0,
                          config: Optional[Dict] = None) -> Path:
-    """Write a seeded random-weight SAM 3 checkpoint directory in the official layout
-    (``Sam3VideoModel.save_pretrained``: config.json + model.safetensors, ~3.4 GB at full size;
-    building it needs about twice that in memory). ``config``: Sam3VideoConfig keyword arguments
-    (None: the published architecture). Masks from it are meaningless."""
-    import shutil
-
-    from transformers import Sam3VideoConfig, Sam3VideoModel
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    config = Sam3VideoConfig(**(config or {}))
-    model = seeded_random_model(lambda: Sam3VideoModel(config), seed)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    del model
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
-    log.info("wrote random-weight SAM 3 checkpoint directory (seed %d) to %s", seed, path)
-    return path
+    """SAM 3's random-weight checkpoint directory (official layout); ``config``: Sam3VideoConfig
+    keyword arguments (None: the published architecture)."""
+    return make_random_checkpoint(registry.get_variant("sam3"), path, seed, config=config)

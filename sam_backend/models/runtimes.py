@@ -1,19 +1,20 @@
 """Which runtime runs a variant: ``torch`` (the variant's own modules) or ``onnx`` (onnxruntime).
 
+The choice is the family table's (:func:`~sam_backend.models.families.choose_runtime`, one place):
 ``runtime=auto`` picks, per variant, the fastest runtime whose masks match the torch reference
 (mask IoU >= 0.99 on four aspect ratios and five prompt kinds: tests/models/test_onnx_runtime.py):
-``onnx`` for the variants in :data:`ONNX_DEFAULT` on a CPU device, measured faster than torch
-with the same masks (benchmarks/bench_runtimes.py; the figures are in the README's "Speed"
+``onnx`` for the configs in each row's ``onnx_by_default`` on a CPU device, measured faster than
+torch with the same masks (benchmarks/bench_runtimes.py; the figures are in the README's "Speed"
 section and benchmarks/README.md). It stays ``torch`` for vit_h (SAM and HQ-SAM): not measured,
 since exporting it needs more memory than the project's machines have
 (:func:`~.onnx_export.export_memory_needed`); and on GPUs, where onnxruntime would need its GPU
-build. ``runtime=onnx`` can be asked for any variant; when a checkpoint cannot be exported
-faithfully (an unsupported op, a graph that disagrees with torch, not enough memory), the torch
-runtime runs instead and the reason is logged.
+build. ``runtime=onnx`` can be asked for any variant of a family with an onnx runtime; when a
+checkpoint cannot be exported faithfully (an unsupported op, a graph that disagrees with torch,
+not enough memory), the torch runtime runs instead and the reason is logged. SAM 2 runs its
+decoder in onnxruntime and its encoder in torch; SAM 3 has no onnx runtime.
 
 The first start with ``onnx`` exports the graphs into ``<checkpoint dir>/onnx/``
-(:mod:`.onnx_export`); later starts reuse them. SAM 2 and SAM 3 choose their runtime in their own
-factories (``registry.Variant.factory``).
+(:mod:`.onnx_export`); later starts reuse them.
 """
 from __future__ import annotations
 
@@ -21,65 +22,25 @@ import logging
 from pathlib import Path
 from typing import Union
 
-from sam_backend.errors import ConfigError
 from sam_backend.models.base import SegmentationModel
+from sam_backend.models.families import RUNTIME_NAMES, choose_runtime, family_of
 from sam_backend.models.registry import Variant
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("torch", "onnx")
-
-# Variants (model_name/sam_config) for which onnxruntime was measured faster than torch on CPU,
-# with masks matching torch's (see the module docstring).
-ONNX_DEFAULT = frozenset({"mobile_sam/vit_t", "sam_hq/vit_tiny", "sam/vit_b", "sam_hq/vit_b",
-                          "sam/vit_l", "sam_hq/vit_l"})
-
-
-def default_runtime(variant: Variant, device: str = "cpu") -> str:
-    """The runtime ``runtime=auto`` picks for ``variant`` on ``device``."""
-    if variant.key in ONNX_DEFAULT and _is_cpu(device):
-        return "onnx"
-    return "torch"
-
-
-def _is_cpu(device: str) -> bool:
-    from sam_backend.models.loading import resolve_device
-
-    try:
-        return resolve_device(device).type == "cpu"
-    except ConfigError:
-        return True  # create_model reports the bad device itself
+RUNTIMES = tuple(name for name in RUNTIME_NAMES if name != "auto")
 
 
 def create_model(variant: Variant, checkpoint: Union[str, Path, None], device: str,
                  runtime: str = "auto") -> SegmentationModel:
-    """The variant's checkpoint loaded on ``device`` by ``runtime`` (auto, torch or onnx).
+    """The variant's checkpoint loaded on ``device`` by ``runtime`` (auto, torch or onnx), through
+    its family's runtime module (the family table's ``create``).
 
-    runtime=onnx falls back to torch (with a logged warning) when onnxruntime is not installed
-    or the checkpoint cannot be exported faithfully; it is a ConfigError on a device onnxruntime
-    cannot use."""
-    if variant.factory is not None:
-        return variant.factory(variant, checkpoint, device, runtime)
-    chosen = default_runtime(variant, device) if runtime == "auto" else runtime
-    if chosen not in RUNTIMES:
-        raise ConfigError(f"runtime={runtime!r}: use auto, torch or onnx")
-    sam = None
-    if chosen == "onnx":
-        try:
-            from sam_backend.models.onnx_runtime import OnnxExportError, OnnxSamModel
-        except ImportError as exc:
-            log.warning("onnxruntime cannot be imported (%s): running %s with torch", exc,
-                        variant.key)
-        else:
-            try:
-                return OnnxSamModel(variant, checkpoint, device)
-            except OnnxExportError as exc:
-                log.warning("cannot run %s with onnxruntime (%s): running it with torch",
-                            variant.key, exc)
-                sam = exc.sam
-    from sam_backend.models.loading import resolve_device
-    from sam_backend.models.torch_runtime import TorchSamModel
-
-    if sam is not None:
-        sam = sam.to(resolve_device(device))
-    return TorchSamModel(variant, str(checkpoint) if checkpoint else None, device, sam=sam)
+    runtime=onnx falls back to torch (with a logged warning) for a family without an onnx
+    runtime, when onnxruntime is not installed or the checkpoint cannot be exported faithfully;
+    for SAM 1 families it is a ConfigError on a device onnxruntime cannot use."""
+    chosen = choose_runtime(variant, device, runtime)  # ConfigError for an unknown runtime
+    if runtime not in ("auto", chosen):
+        log.warning("runtime=%s is not available for %s: running it with %s", runtime,
+                    variant.key, chosen)
+    return family_of(variant).create(variant, checkpoint, device, chosen)

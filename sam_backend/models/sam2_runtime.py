@@ -9,9 +9,9 @@ and cached embeddings, and a click never re-runs the image encoder.
 
 The embedding of an image (1024x1024 model input, whatever the aspect ratio):
 
-- ``features``: ``image_embed``, ``1x256x64x64`` (with SAM 2's ``no_mem_embed`` added, as the
-  predictor does for single images);
-- ``extra``: ``high_res_feats``, ``[1x32x256x256, 1x64x128x128]``, which the mask decoder's
+- ``image_embedding``: ``image_embed``, ``1x256x64x64`` (with SAM 2's ``no_mem_embed`` added, as
+  the predictor does for single images);
+- ``high_res_features``: ``high_res_feats``, ``[1x32x256x256, 1x64x128x128]``, which the mask decoder's
   upscaling path uses.
 
 16 MiB per image in float32, 8 MiB in float16 (MobileSAM/SAM: 4 / 2 MiB).
@@ -37,14 +37,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Mapping, Optional, Union
 
 import numpy as np
 import torch
 
 from sam_backend.models.loading import load_model, resolve_device
-from sam_backend.models.base import (Embedding, Prediction, Prompt, SegmentationModel,
-                                     best_candidate, check_image)
+from sam_backend.models.base import (Candidates, Embedding, Prompt, SegmentationModel,
+                                     candidates_of, check_image)
 from sam_backend.models.registry import Variant
 
 log = logging.getLogger(__name__)
@@ -57,21 +57,41 @@ ONNX_ENCODER_REASON = ("the Hiera image encoder runs with torch: its ONNX export
 _FEAT_SIZES = [(256, 256), (128, 128), (64, 64)]
 
 
-def create_sam2_model(variant: Variant, checkpoint: Union[str, Path, None], device: str,
-                      runtime: str = "auto") -> "Sam2Model":
-    """The registry's factory for ``family == "sam2"`` (see registry.Variant.factory):
-    ``auto`` is onnx (decoder) on CPU, torch elsewhere; onnx falls back to torch with the reason
-    logged."""
-    from sam_backend.errors import ConfigError
+def build_sam2(yaml: str) -> torch.nn.Module:
+    """The family table's builder: the package's architecture for ``yaml``, uninitialised."""
+    from sam2.build_sam import build_sam2 as package_build
 
-    if runtime not in ("auto", "torch", "onnx"):
-        raise ConfigError(f"runtime={runtime!r}: use auto, torch or onnx")
+    # As SAM2ImagePredictor users build it (apply_postprocessing=True: the decoder falls
+    # back to its best multimask output when a single mask is unstable).
+    return package_build(yaml, None, device="cpu")
+
+
+_HIERA_CONFIGS = {(96, 12): "hiera_tiny", (96, 16): "hiera_small", (112, 24): "hiera_base_plus",
+                  (144, 48): "hiera_large"}
+
+
+def recognise_sam2(state: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """``sam2/hiera_*`` (``_v2.0`` for SAM 2.0's layout) from the Hiera trunk's width and depth."""
+    patch = state.get("image_encoder.trunk.patch_embed.proj.weight")
+    if patch is None or patch.dim() != 4:
+        return None
+    blocks = {k.split(".")[3] for k in state if k.startswith("image_encoder.trunk.blocks.")}
+    config = _HIERA_CONFIGS.get((int(patch.shape[0]), len(blocks)))
+    if config is None:
+        return None
+    return f"sam2/{config}" + ("" if "no_obj_embed_spatial" in state else "_v2.0")
+
+
+def create_sam2_model(variant: Variant, checkpoint: Union[str, Path, None], device: str,
+                      runtime: str) -> "Sam2Model":
+    """The family table's ``create``: ``runtime`` as families.choose_runtime chose it; onnx (the
+    decoder in onnxruntime) needs a CPU device here, and falls back to torch with the reason
+    logged."""
     checkpoint = str(checkpoint) if checkpoint else None
-    cpu = resolve_device(device).type == "cpu"
-    if runtime == "torch" or (runtime == "auto" and not cpu):
-        return Sam2Model(variant, checkpoint, device)
     model = Sam2Model(variant, checkpoint, device)
-    if not cpu:
+    if runtime != "onnx":
+        return model
+    if resolve_device(device).type != "cpu":
         log.warning("runtime=onnx for %s needs device=cpu here: running it with torch",
                     variant.key)
         return model
@@ -85,6 +105,7 @@ def create_sam2_model(variant: Variant, checkpoint: Union[str, Path, None], devi
 
 class Sam2Model(SegmentationModel):
     runtime = "torch"
+    logit_bound = 32.0  # the predictor returns the logits clamped to [-32, 32]
 
     def __init__(self, variant: Variant, checkpoint: Optional[str] = None,
                  device: Optional[str] = "cpu", model: Optional[torch.nn.Module] = None):
@@ -116,8 +137,8 @@ class Sam2Model(SegmentationModel):
             vision_feats[-1] = vision_feats[-1] + self.model.no_mem_embed
         feats = [feat.permute(1, 2, 0).reshape(1, -1, *size)
                  for feat, size in zip(vision_feats[::-1], _FEAT_SIZES[::-1])][::-1]
-        return Embedding(feats[-1], list(feats[:-1]), tuple(image.shape[:2]),
-                         (self.resolution, self.resolution))
+        return Embedding(feats[-1], tuple(image.shape[:2]), (self.resolution, self.resolution),
+                         high_res_features=list(feats[:-1]))
 
     # -- prompt --------------------------------------------------------------------------------
     def _prompt_tensors(self, embedding: Embedding, prompt: Prompt):
@@ -140,9 +161,9 @@ class Sam2Model(SegmentationModel):
         return torch.cat(coords, dim=1), torch.cat(labels, dim=1)
 
     @torch.inference_mode()
-    def decode_low_res(self, embedding: Embedding, prompt: Prompt):
-        """Low-res logits (Kx256x256 float32 torch, unclamped) and IoU predictions (K); K is 3
-        for an ambiguous single-point prompt, else 1."""
+    def decode_low_res(self, embedding: Embedding, prompt: Prompt) -> Candidates:
+        """Kx256x256 candidates (unclamped) in the squashed 1024x1024 input's low-res frame; K
+        is 3 for an ambiguous single-point prompt, else 1."""
         masks = None
         if prompt.mask_input is not None:
             masks = torch.as_tensor(prompt.mask_input, dtype=torch.float, device=self._dev)
@@ -150,9 +171,10 @@ class Sam2Model(SegmentationModel):
                 masks = masks[None]
         sparse, dense = self.model.sam_prompt_encoder(
             points=self._prompt_tensors(embedding, prompt), boxes=None, masks=masks)
-        high_res = [f.to(device=self._dev, dtype=torch.float32) for f in embedding.extra]
+        high_res = [f.to(device=self._dev, dtype=torch.float32)
+                    for f in embedding.high_res_features]
         low_res, iou, _, _ = self.model.sam_mask_decoder(
-            image_embeddings=embedding.features.to(device=self._dev, dtype=torch.float32),
+            image_embeddings=embedding.image_embedding.to(device=self._dev, dtype=torch.float32),
             image_pe=self._dense_pe,
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
@@ -160,16 +182,15 @@ class Sam2Model(SegmentationModel):
             repeat_image=False,
             high_res_features=high_res,
         )
-        return low_res[0], iou[0]
+        return candidates_of(low_res[0], iou[0])
 
     @torch.inference_mode()
-    def decode(self, embedding: Embedding, prompt: Prompt) -> Prediction:
-        def to_mask(chosen: torch.Tensor) -> np.ndarray:
-            upscaled = self.transforms.postprocess_masks(chosen[None], embedding.original_size)
-            return (upscaled[0, 0] > self.mask_threshold).cpu().numpy()
-
-        # the predictor returns the logits clamped to [-32, 32]
-        return best_candidate(*self.decode_low_res(embedding, prompt), to_mask, logit_bound=32.0)
+    def upscale_mask(self, logits: np.ndarray, embedding: Embedding) -> np.ndarray:
+        """The predictor's bilinear upscaling of the (unclamped) logits to the image size,
+        thresholded at 0."""
+        chosen = torch.from_numpy(logits).to(self._dev)
+        upscaled = self.transforms.postprocess_masks(chosen[None], embedding.original_size)
+        return (upscaled[0, 0] > self.mask_threshold).cpu().numpy()
 
 
 class _DecoderGraph(torch.nn.Module):
@@ -258,20 +279,21 @@ class Sam2OnnxModel(Sam2Model):
         log.info("exported the %s of %s to %s in %.1f s", part, self.variant.key, path,
                  time.perf_counter() - started)
 
-    def decode_low_res(self, embedding: Embedding, prompt: Prompt):
+    def decode_low_res(self, embedding: Embedding, prompt: Prompt) -> Candidates:
         from sam_backend.models.onnx_runtime import _as_float32
 
         coords, labels = self._prompt_tensors(embedding, prompt)
         has_mask = prompt.mask_input is not None
         mask = (_as_float32(prompt.mask_input).reshape(1, 1, 256, 256) if has_mask
                 else np.zeros((1, 1, 256, 256), np.float32))
-        feed = dict(zip(_INPUTS, [_as_float32(embedding.features), _as_float32(embedding.extra[0]),
-                                  _as_float32(embedding.extra[1]), _as_float32(coords),
+        high_res = embedding.high_res_features
+        feed = dict(zip(_INPUTS, [_as_float32(embedding.image_embedding), _as_float32(high_res[0]),
+                                  _as_float32(high_res[1]), _as_float32(coords),
                                   labels.cpu().numpy().astype(np.int32), mask,
                                   np.array(float(has_mask), np.float32)]))
         part = "decoder-multi" if prompt.multimask else "decoder-single"
         low_res, iou = self.sessions[part].run(None, feed)
-        return torch.from_numpy(low_res[0]), torch.from_numpy(iou[0])
+        return Candidates(low_res[0], iou[0])
 
     def check(self, seed: int = 0) -> float:
         """The smallest mask IoU between this decoder and torch's on a seeded random embedding
@@ -281,9 +303,9 @@ class Sam2OnnxModel(Sam2Model):
 
         generator = torch.Generator().manual_seed(seed)
         embedding = Embedding(
-            torch.randn(1, 256, 64, 64, generator=generator),
-            [torch.randn(1, 32, 256, 256, generator=generator),
-             torch.randn(1, 64, 128, 128, generator=generator)], (720, 1280), (1024, 1024))
+            torch.randn(1, 256, 64, 64, generator=generator), (720, 1280), (1024, 1024),
+            high_res_features=[torch.randn(1, 32, 256, 256, generator=generator),
+                               torch.randn(1, 64, 128, 128, generator=generator)])
         first = Prompt(np.array([[400.0, 300.0]]), np.array([1]))
         box = np.array([100.0, 80.0, 900.0, 600.0])
         prompts = [first, None, Prompt(np.zeros((0, 2)), np.zeros(0), box),

@@ -24,10 +24,10 @@ in an :class:`~sam_backend.models.base.Embedding` instead of being recomputed:
 
 - image: ``Sam3ImageProcessor`` (resize to 1008x1008 whatever the aspect ratio, bilinear, rescale,
   normalise with mean = std = 0.5);
-- embedding: ``features`` = the lowest-resolution FPN level plus the tracker's ``no_memory_embedding``
-  (1x256x72x72), ``extra`` = the two high-resolution levels already projected by the mask decoder's
-  ``conv_s0``/``conv_s1`` (1x32x288x288 and 1x64x144x144): 21.2 MB in float32, 10.6 MB in float16
-  per image, whatever the image size;
+- embedding: ``image_embedding`` = the lowest-resolution FPN level plus the tracker's
+  ``no_memory_embedding`` (1x256x72x72), ``high_res_features`` = the two high-resolution levels
+  already projected by the mask decoder's ``conv_s0``/``conv_s1`` (1x32x288x288 and 1x64x144x144):
+  21.2 MB in float32, 10.6 MB in float16 per image, whatever the image size;
 - prompt: points and boxes scaled by (1008 / W, 1008 / H), as the processor does;
 - mask: low-res logits 1x288x288, upscaled bilinearly to the image size and thresholded at 0
   (``post_process_masks``). The previous prediction's logits go back as ``input_masks``.
@@ -37,15 +37,15 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
 from sam_backend.errors import CheckpointError
 from sam_backend.models.loading import check_fits, resolve_device
-from sam_backend.models.base import (Embedding, Prediction, Prompt, SegmentationModel,
-                                     best_candidate, check_image)
+from sam_backend.models.base import (Candidates, Embedding, Prompt, SegmentationModel,
+                                     candidates_of, check_image)
 from sam_backend.models.registry import Variant
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,39 @@ VIDEO_ONLY_PREFIXES = ("memory_", "mask_downsample", "object_pointer_proj",
                        "no_object_pointer", "occlusion_spatial_embedding_parameter")
 
 CLICK_LAYOUTS = ("sam3_video", "sam3_tracker", "sam3_tracker_video")
+
+
+# -- the family table's builder, recogniser and random-init recipe ------------------------------
+def build_click_model() -> torch.nn.Module:
+    """SAM 3's click model at its published size (~458M parameters), uninitialised weights."""
+    from transformers import Sam3TrackerConfig, Sam3TrackerModel
+
+    return Sam3TrackerModel(Sam3TrackerConfig())
+
+
+def recognise_sam3(state: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """``sam3/default`` for the click model's tensors (Sam3TrackerModel's names, as
+    :func:`click_model_state` reads them) or the official layout's."""
+    if any(k.startswith(("detector_model.", TRACKER_PREFIX)) for k in state) or \
+            ("no_memory_embedding" in state
+             and any(k.startswith("vision_encoder.backbone.") for k in state)):
+        return "sam3/default"
+    return None
+
+
+def write_random_checkpoint_dir(variant: Variant, path: Union[str, Path], seed: int = 0,
+                                config: Optional[Dict[str, Any]] = None) -> Path:
+    """A seeded random-weight SAM 3 checkpoint directory in the official layout
+    (``Sam3VideoModel.save_pretrained``: config.json + model.safetensors, ~3.4 GB at full size;
+    building it needs about twice that in memory). ``config``: Sam3VideoConfig keyword arguments
+    (None: the published architecture; tests pass a reduced one). Masks from it are meaningless."""
+    from transformers import Sam3VideoConfig, Sam3VideoModel
+
+    from sam_backend.models.random_init import write_random_pretrained_dir
+
+    video_config = Sam3VideoConfig(**(config or {}))
+    return write_random_pretrained_dir(lambda: Sam3VideoModel(video_config), path, seed,
+                                       what=variant.key)
 
 
 # -- checkpoint directory ----------------------------------------------------------------------
@@ -217,7 +250,7 @@ class Sam3ClickModel(SegmentationModel):
     """SAM 3's interactive prediction behind the embed/decode interface.
 
     ``keep_vision_state``: also keep the ViT backbone's output (1x5184x1024 for a 1008 px input)
-    in the embedding (``extra[2]``), for a second consumer of the same image (SAM 3's concept
+    in the embedding (``vision_state``), for a second consumer of the same image (SAM 3's concept
     model runs its own FPN neck on the same backbone output).
     """
 
@@ -256,10 +289,9 @@ class Sam3ClickModel(SegmentationModel):
         maps[-1] = maps[-1] + self.model.no_memory_embedding
         levels = [feat.permute(1, 2, 0).reshape(1, -1, *size)
                   for feat, size in zip(maps, self.model.backbone_feature_sizes)]
-        extra = list(levels[:-1])
-        if self.keep_vision_state:
-            extra.append(outputs.last_hidden_state)
-        return Embedding(levels[-1], extra, tuple(image.shape[:2]), tuple(pixels.shape[-2:]))
+        return Embedding(levels[-1], tuple(image.shape[:2]), tuple(pixels.shape[-2:]),
+                         high_res_features=list(levels[:-1]),
+                         vision_state=outputs.last_hidden_state if self.keep_vision_state else None)
 
     # -- prompt --------------------------------------------------------------------------------
     def prompt_inputs(self, embedding: Embedding, prompt: Prompt) -> Dict[str, torch.Tensor]:
@@ -275,13 +307,13 @@ class Sam3ClickModel(SegmentationModel):
                 if k in ("input_points", "input_labels", "input_boxes")}
 
     @torch.inference_mode()
-    def decode_low_res(self, embedding: Embedding, prompt: Prompt):
-        """Low-res logits (Kx288x288 torch) and predicted IoUs (K); K is 3 for a single point
-        without a box, else 1 (the decoder then falls back to its best multimask output when its
-        single mask is unstable, as SAM 2 does)."""
+    def decode_low_res(self, embedding: Embedding, prompt: Prompt) -> Candidates:
+        """Kx288x288 candidates in the squashed 1008x1008 input's low-res frame; K is 3 for a
+        single point without a box, else 1 (the decoder then falls back to its best multimask
+        output when its single mask is unstable, as SAM 2 does)."""
         device = self.model.device
         levels = [t.to(device=device, dtype=torch.float32)
-                  for t in list(embedding.extra[:2]) + [embedding.features]]
+                  for t in list(embedding.high_res_features) + [embedding.image_embedding]]
         masks = None
         if prompt.mask_input is not None:
             masks = torch.as_tensor(prompt.mask_input, dtype=torch.float32, device=device)[None]
@@ -289,26 +321,19 @@ class Sam3ClickModel(SegmentationModel):
                              multimask_output=prompt.multimask,
                              **self.prompt_inputs(embedding, prompt))
         low_res, iou = outputs.pred_masks, outputs.iou_scores
-        return low_res[0, 0], iou[0, 0]
+        return candidates_of(low_res[0, 0], iou[0, 0])
 
     @torch.inference_mode()
-    def decode(self, embedding: Embedding, prompt: Prompt) -> Prediction:
-        def to_mask(chosen: torch.Tensor) -> np.ndarray:
-            # (image, object, mask, h, w) in, a list over images of (object, mask, H, W) bool out
-            masks = self.processor.post_process_masks(chosen[None, None],
-                                                      [list(embedding.original_size)])[0]
-            return masks[0, 0].cpu().numpy()
+    def upscale_mask(self, logits: np.ndarray, embedding: Embedding) -> np.ndarray:
+        """``post_process_masks``: bilinear to the image size, thresholded at 0."""
+        chosen = torch.from_numpy(logits).to(self.model.device)
+        # (image, object, mask, h, w) in, a list over images of (object, mask, H, W) bool out
+        masks = self.processor.post_process_masks(chosen[None, None],
+                                                  [list(embedding.original_size)])[0]
+        return masks[0, 0].cpu().numpy()
 
-        return best_candidate(*self.decode_low_res(embedding, prompt), to_mask)
 
-
-def create_sam3_model(variant: Variant, checkpoint, device: str, runtime: str = "auto"):
-    """The registry's factory for SAM 3: torch only (an onnx export of a 1008 px ViT-L with
-    rotary attention is not attempted)."""
-    if runtime == "onnx":
-        log.warning("runtime=onnx is not available for %s: running it with torch", variant.key)
-    elif runtime not in ("auto", "torch"):
-        from sam_backend.errors import ConfigError
-
-        raise ConfigError(f"runtime={runtime!r}: use auto, torch or onnx")
+def create_sam3_model(variant: Variant, checkpoint, device: str, runtime: str = "torch"):
+    """The family table's ``create`` for SAM 3: torch only (an onnx export of a 1008 px ViT-L with
+    rotary attention is not attempted; the table lists no onnx runtime for it)."""
     return Sam3ClickModel(variant, checkpoint, device)

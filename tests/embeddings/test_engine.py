@@ -148,17 +148,17 @@ def test_float16_cache_is_converted_to_float32_once_per_image(mobile_sam, image_
     first = segmenter.segment("a", lambda: images["a"], click)
     second = segmenter.segment("a", lambda: images["a"], two)
     cached = segmenter.cache.get(segmenter.embedding_key("a"))
-    assert cached.features.dtype == torch.float16  # the cache keeps half the bytes
-    assert seen[0].features.dtype == torch.float32
-    assert seen[1].features is seen[0].features  # not converted again
-    assert all(b is a for a, b in zip(seen[0].extra or [], seen[1].extra or []))
+    assert cached.image_embedding.dtype == torch.float16  # the cache keeps half the bytes
+    assert seen[0].image_embedding.dtype == torch.float32
+    assert seen[1].image_embedding is seen[0].image_embedding  # not converted again
+    assert all(b is a for a, b in zip(seen[0].arrays(), seen[1].arrays()))
     assert np.array_equal(first.mask, real_decode(cached.to_float32(), click).mask)
     assert second.mask.shape == (120, 160)
 
     segmenter.segment("b", lambda: images["b"], click)  # two images are kept converted
     segmenter.segment("a", lambda: images["a"], click)
-    assert seen[-1].features is seen[0].features
+    assert seen[-1].image_embedding is seen[0].image_embedding
     segmenter.segment("c", lambda: images["c"], click)  # "b" is now the oldest: dropped
     segmenter.segment("b", lambda: images["b"], click)
-    assert seen[-1].features is not seen[2].features
+    assert seen[-1].image_embedding is not seen[2].image_embedding
     assert len(segmenter._decodable) == 2

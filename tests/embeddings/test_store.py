@@ -24,7 +24,7 @@ from sam_backend.embeddings.store import (EmbeddingStore, StoreFormatError, deco
 from sam_backend.models.torch_runtime import TorchSamModel
 from tests.support.server_utils import free_port, run_together
 
-KEY = "sam_backend:emb:v1:test:abc"
+KEY = "sam_backend:emb:v2:test:abc"
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +45,15 @@ def embedding(mobile_sam, image):
 
 
 def as_numpy(e: Embedding) -> Embedding:
-    return Embedding(e.features.numpy(), [a.numpy() for a in e.extra] if e.extra else e.extra,
-                     e.original_size, e.input_size)
+    return e.map_arrays(lambda a: a.numpy())
 
 
 def same(a: Embedding, b: Embedding) -> None:
+    """The same parts (names, list lengths), and arrays of the same kind, dtype, shape, values."""
     assert (a.original_size, a.input_size) == (b.original_size, b.input_size)
-    pairs = [(a.features, b.features)] + list(zip(a.extra or [], b.extra or []))
-    assert (a.extra is None) == (b.extra is None) and len(a.extra or []) == len(b.extra or [])
-    for x, y in pairs:
+    assert {k: len(v) if isinstance(v, list) else None for k, v in a.parts().items()} == \
+        {k: len(v) if isinstance(v, list) else None for k, v in b.parts().items()}
+    for x, y in zip(a.arrays(), b.arrays()):
         assert type(x) is type(y)
         assert x.dtype == y.dtype and tuple(x.shape) == tuple(y.shape)
         assert np.array_equal(np.asarray(x), np.asarray(y))
@@ -74,22 +74,27 @@ def test_round_trip_keeps_arrays_kinds_dtypes_and_sizes(mobile_sam, embedding):
 
 
 def test_round_trip_of_an_embedding_with_extra_arrays(checkpoint_factory, image):
-    """HQ-SAM's embedding carries the encoder's intermediate features in ``extra``; the format
-    stores any number of extra arrays without knowing what they are."""
+    """HQ-SAM's embedding carries the encoder's intermediate features (``interm_embeddings``, a
+    list part); the format stores every named part, lists of any length."""
     hq = TorchSamModel(get_variant("sam_hq", "vit_tiny"), str(checkpoint_factory("sam_hq", "vit_tiny")),
                        "cpu")
     embedding = hq.embed(image)
-    assert embedding.extra
+    assert embedding.interm_embeddings and set(embedding.parts()) == {"image_embedding",
+                                                                       "interm_embeddings"}
     back = decode_embedding(encode_embedding(embedding.to_float16(), KEY), KEY)
     same(embedding.to_float16(), back)
     prompt = Prompt(np.array([[50.0, 60.0], [200.0, 100.0]], np.float32), np.array([1, 0]))
     assert np.array_equal(hq.decode(back.to_float32(), prompt).mask,
                           hq.decode(embedding.to_float16().to_float32(), prompt).mask)
-    # empty extra list and mixed kinds
-    mixed = Embedding(np.zeros((1, 2, 3), np.float32), [torch.ones(4, dtype=torch.int64), np.array([True])],
-                      (3, 4), (5, 6))
-    same(mixed, decode_embedding(encode_embedding(mixed, KEY), KEY))
-    empty = Embedding(np.zeros((2,), np.float16), [], (1, 1), (1, 1))
+    # every part at once, mixed kinds, and an empty list part
+    mixed = Embedding(np.zeros((1, 2, 3), np.float32), (3, 4), (5, 6),
+                      high_res_features=[torch.ones(4, dtype=torch.int64), np.array([True])],
+                      interm_embeddings=[], hq_features=torch.zeros(2, 2),
+                      vision_state=np.ones((1, 3, 2), np.float16))
+    back = decode_embedding(encode_embedding(mixed, KEY), KEY)
+    same(mixed, back)
+    assert back.interm_embeddings == [] and back.vision_state.shape == (1, 3, 2)
+    empty = Embedding(np.zeros((2,), np.float16), (1, 1), (1, 1))
     same(empty, decode_embedding(encode_embedding(empty, KEY), KEY))
 
 
@@ -113,10 +118,16 @@ def test_bad_entries_are_refused(embedding):
         "flipped byte": bytes(flipped),
         "magic": b"PICKLE\0" + good[7:],
         "version": good[:7] + struct.pack("<H", 99) + good[9:],
-        "foreign key": with_header(key="sam_backend:emb:v1:other-model:abc"),
+        "version 1": good[:7] + struct.pack("<H", 1) + good[9:],
+        "foreign key": with_header(key="sam_backend:emb:v2:other-model:abc"),
         "object dtype": with_header(arrays=[dict(header["arrays"][0], dtype="|O")]),
         "header not json": good[:13] + b"{" * header_len + good[13 + header_len:],
         "missing field": with_header(original_size=None),
+        "unknown part": with_header(parts=dict(header["parts"], features=None)),
+        "no image embedding": with_header(parts={"vision_state": None}),
+        "list count on a single part": with_header(parts={"image_embedding": 1}),
+        "array count": with_header(parts={"image_embedding": None, "high_res_features": 2}),
+        "version 1 layout": with_header(parts=None, extra=None),
     }
     for name, data in bad.items():
         with pytest.raises(StoreFormatError):
@@ -155,7 +166,7 @@ def test_a_second_replica_gets_the_first_ones_encode(mobile_sam, image, redis_se
     same(ea, eb)
     # the entry is bytes of the documented format, under the model identity's key, with the TTL
     key = a.cache.tier.key_for("img-1")
-    assert key.startswith("sam_backend:emb:v1:mobile_sam/vit_t:torch:float16:test:")
+    assert key.startswith("sam_backend:emb:v2:mobile_sam/vit_t:torch:float16:test:")
     assert redis_server.client().get(key)[:7] == b"SAMEMB\0"
     assert 0 < redis_server.client().ttl(key) <= 300
 

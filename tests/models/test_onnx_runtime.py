@@ -20,7 +20,8 @@ from sam_backend.models.base import Embedding, Prompt
 from sam_backend.models.onnx_export import OnnxExportError, checkpoint_sha256, graph_path
 from sam_backend.models.onnx_runtime import OnnxSamModel, mask_iou, upscale_logits, upscale_mask
 from sam_backend.models.registry import get_variant
-from sam_backend.models.runtimes import create_model, default_runtime
+from sam_backend.models.families import choose_runtime
+from sam_backend.models.runtimes import create_model
 from sam_backend.models.torch_runtime import TorchSamModel
 
 pytestmark = pytest.mark.usefixtures("release_memory")
@@ -76,8 +77,8 @@ def check_fidelity(model_name, sam_config, checkpoint_factory, image_factory):
         ref_embedding = reference.embed(image)
         assert embedding.original_size == ref_embedding.original_size == (h, w)
         assert tuple(embedding.input_size) == tuple(ref_embedding.input_size)
-        features = ref_embedding.features.numpy()
-        assert np.abs(embedding.features - features).max() <= 1e-3 * np.abs(features).max()
+        features = ref_embedding.image_embedding.numpy()
+        assert np.abs(embedding.image_embedding - features).max() <= 1e-3 * np.abs(features).max()
         for name, prompt in prompts_for(h, w).items():
             what = f"{model_name}/{sam_config} {h}x{w} {name}"
             want = reference.decode(ref_embedding, prompt)
@@ -123,9 +124,8 @@ def test_mask_choice_is_the_torch_decoders(model_name, sam_config, checkpoint_fa
     hq = model_name == "sam_hq"
     h, w = 120, 160
     ref_embedding = reference.embed(image_factory(h, w, seed=1))
-    stub = Embedding(np.zeros((1, 256, 64, 64), np.float32),
-                     [np.zeros((1, 32, 256, 256), np.float32)] if hq else None,
-                     (h, w), ref_embedding.input_size)
+    stub = Embedding(np.zeros((1, 256, 64, 64), np.float32), (h, w), ref_embedding.input_size,
+                     hq_features=np.zeros((1, 32, 256, 256), np.float32) if hq else None)
     single = Prompt(np.array([[50.0, 60.0]]), np.array([1]))
     several = Prompt(np.array([[50.0, 60.0], [100.0, 30.0]]), np.array([1, 0]))
     rng = np.random.default_rng(0)
@@ -140,11 +140,13 @@ def test_mask_choice_is_the_torch_decoders(model_name, sam_config, checkpoint_fa
         monkeypatch.setattr(reference.sam.mask_decoder, "predict_masks",
                             lambda **kwargs: (torch.from_numpy(masks), torch.from_numpy(iou)))
         for prompt in (single, several):
-            low_res, score = ours.decode_low_res(stub, prompt)
-            ref_low_res, ref_iou = reference.decode_low_res(ref_embedding, prompt)
-            best = int(torch.argmax(ref_iou))
-            assert np.array_equal(low_res, ref_low_res[best].numpy())
-            assert score == float(ref_iou[best])
+            # one decode contract: the same candidates (K logits and scores) from both runtimes
+            got = ours.decode_low_res(stub, prompt)
+            want = reference.decode_low_res(ref_embedding, prompt)
+            assert got.logits.shape == want.logits.shape and got.logits.dtype == np.float32
+            assert np.array_equal(got.logits, want.logits)
+            assert np.array_equal(got.scores, want.scores)
+            assert got.best() == want.best()
             if prompt is single:
                 chosen.add(int(np.argmax(iou[0, 1:])))
     assert chosen == {0, 1, 2}
@@ -157,11 +159,9 @@ def test_embeddings_of_other_dtypes_decode(checkpoint_factory, image_factory):
     embedding = ours.embed(image)
     prompt = Prompt(np.array([[150.0, 120.0]]), np.array([1]))
     want = ours.decode(embedding, prompt)
-    as_torch = Embedding(torch.from_numpy(embedding.features), None, embedding.original_size,
-                         embedding.input_size)
+    as_torch = embedding.map_arrays(torch.from_numpy)
     assert np.array_equal(ours.decode(as_torch, prompt).mask, want.mask)
-    as_half = Embedding(embedding.features.astype(np.float16), None, embedding.original_size,
-                        embedding.input_size)
+    as_half = embedding.to_float16()
     assert mask_iou(ours.decode(as_half, prompt).mask, want.mask) >= 0.99
 
 
@@ -288,7 +288,7 @@ def test_a_wrong_export_is_rejected_and_torch_takes_over(checkpoint_factory, tmp
     with pytest.raises(OnnxExportError, match="differ from torch"):
         OnnxSamModel(variant, checkpoint, "cpu")
     assert not list((weights / "onnx").glob("*decoder*"))  # nothing wrong is left cached
-    with caplog.at_level(logging.WARNING, logger="sam_backend.models.runtimes"):
+    with caplog.at_level(logging.WARNING, logger="sam_backend.models"):
         model = create_model(variant, checkpoint, "cpu", runtime="onnx")
     assert isinstance(model, TorchSamModel)
     assert "running it with torch" in caplog.text and "differ from torch" in caplog.text
@@ -302,7 +302,7 @@ def test_no_export_without_the_memory_for_it(checkpoint_factory, tmp_path, monke
     shutil.copy(checkpoint_factory("mobile_sam", "vit_t"), checkpoint)
     monkeypatch.setattr(onnx_export, "available_memory", lambda: 500 * 2 ** 20)
     variant = get_variant("mobile_sam", "vit_t")
-    with caplog.at_level(logging.WARNING, logger="sam_backend.models.runtimes"):
+    with caplog.at_level(logging.WARNING, logger="sam_backend.models"):
         model = create_model(variant, checkpoint, "cpu", runtime="onnx")
     assert isinstance(model, TorchSamModel)
     assert "free memory" in caplog.text
@@ -310,9 +310,9 @@ def test_no_export_without_the_memory_for_it(checkpoint_factory, tmp_path, monke
 
 
 def test_runtime_selection(checkpoint_factory):
-    assert default_runtime(get_variant("mobile_sam", "vit_t")) == "onnx"
-    assert default_runtime(get_variant("sam_hq", "vit_tiny")) == "onnx"
-    assert default_runtime(get_variant("sam", "vit_h")) == "torch"
+    assert choose_runtime(get_variant("mobile_sam", "vit_t"), "cpu") == "onnx"
+    assert choose_runtime(get_variant("sam_hq", "vit_tiny"), "cpu") == "onnx"
+    assert choose_runtime(get_variant("sam", "vit_h"), "cpu") == "torch"
     path = checkpoint_factory("mobile_sam", "vit_t")
     variant = get_variant("mobile_sam", "vit_t")
     model = create_model(variant, path, "cpu", runtime="auto")

@@ -303,7 +303,7 @@ def test_one_cached_image_state_serves_the_concept_model_too(official_dir):
     image = synthetic_image(200, 320, seed=9)
     clicks = Sam3ClickModel(get_variant("sam3"), official_dir, "cpu", keep_vision_state=True)
     embedding = clicks.embed(image)
-    backbone = embedding.extra[2]  # 1x5184xC: the ViT's last hidden state
+    backbone = embedding.vision_state  # 1x5184xC: the ViT's last hidden state
     assert backbone.shape[:2] == (1, 72 * 72)
     # clicks still decode from the same embedding
     assert clicks.decode(embedding, Prompt(np.array([[50.0, 60.0]]), np.array([1]))).mask.shape \
