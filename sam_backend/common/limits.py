@@ -115,15 +115,15 @@ class MemoryBudget:
         ``wait_seconds`` from now unless a :meth:`Reservation.grow` gives its own wait."""
         return Reservation(self, time.monotonic() + wait_seconds)
 
-    def _take(self, nbytes: int, deadline: float) -> None:
+    def _take(self, nbytes: int, deadline: float, what: str = "") -> None:
         with self._cond:
             while self.used + nbytes > self.max_bytes:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise BusyError(
                         f"the backend's memory for images and results is in use ("
-                        f"{self.used // MIB} MiB of {self.name}={self.max_bytes // MIB}): retry "
-                        f"in a moment")
+                        f"{self.used // MIB} MiB of {self.name}={self.max_bytes // MIB})"
+                        + (f", no room for {what}" if what else "") + ": retry in a moment")
                 self._cond.wait(remaining)
             self.used += nbytes
             self.peak = max(self.peak, self.used)
@@ -156,7 +156,7 @@ class Reservation:
                 f"{what} needs more than {budget.max_bytes // MIB} MiB of memory "
                 f"({budget.name}): {advice}, or raise {budget.name}")
         deadline = self.deadline if wait is None else time.monotonic() + max(0.0, wait)
-        budget._take(nbytes, deadline)
+        budget._take(nbytes, deadline, what)
         self.held += nbytes
 
     def shrink(self, nbytes: int) -> None:

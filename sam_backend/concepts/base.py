@@ -35,7 +35,7 @@ from typing import (TYPE_CHECKING, Any, Callable, Dict, Hashable, Iterable, List
 import numpy as np
 
 from sam_backend.common.deadline import UNBOUNDED, WorkScope
-from sam_backend.common.limits import shown
+from sam_backend.common.limits import Reservation, shown
 from sam_backend.concepts.phrases import Concept, PhraseLimits, concepts_of, concepts_of_region
 from sam_backend.errors import RequestError
 
@@ -246,31 +246,42 @@ class ConceptAnnotator:
 
     # -- a typed prompt ------------------------------------------------------------------------
     def annotate_typed(self, tasks: Sequence[Dict[str, Any]], config: LabelConfig,
-                       region: Tuple[int, dict], scope: WorkScope = UNBOUNDED
-                       ) -> List[Dict[str, Any]]:
+                       region: Tuple[int, dict], scope: WorkScope = UNBOUNDED,
+                       held: Optional["Reservation"] = None) -> List[Dict[str, Any]]:
         """The phrases of a textarea region (from
         :func:`~sam_backend.concepts.phrases.text_prompt_region`) on every task: the prompt is
         read within its bounds (``max_phrases``, ``max_phrase_chars``), each phrase checked
         against the engine's text encoder, then one pass per task, all under ``scope`` (the
-        request's deadline and client)."""
+        request's deadline and client). ``held``: the request's reservation of the service's
+        memory budget; every task's masks and regions are counted in it (see
+        :meth:`annotate_task`)."""
         concepts = concepts_of_region(region, config, PhraseLimits.from_settings(self.settings),
                                       scope)
         answers = []
         for task in tasks:
             scope.check("the concept pass")
-            answers.append(self.annotate_task(task, config, concepts, scope))
+            answers.append(self.annotate_task(task, config, concepts, scope, held))
         return answers
 
     # -- one task ------------------------------------------------------------------------------
     def annotate_task(self, task: Dict[str, Any], config: LabelConfig,
-                      concepts: Sequence[Concept], scope: WorkScope = UNBOUNDED
-                      ) -> Dict[str, Any]:
+                      concepts: Sequence[Concept], scope: WorkScope = UNBOUNDED,
+                      held: Optional["Reservation"] = None) -> Dict[str, Any]:
         """Every instance of every concept on the task's image(s) -> one prediction
         ``{"result": [regions], "score": mean instance score, "model_version": ...}``.
 
         Concepts of one label (several phrases typed for it) are one selection: duplicates are
         suppressed and ``max_instances`` kept per label, across its phrases. ``scope`` is checked
-        between images, phrases, mask decodes and instances."""
+        between images, phrases, mask decodes and instances.
+
+        ``held`` (a reservation of the service's ``image_memory_mb`` budget; one of this pass's
+        own when None): the instances' full-size masks are counted while the regions are made,
+        and the regions for as long as the reservation lives (the caller's: until the answer is
+        sent), so many tasks or instances get a 503 after ``memory_wait`` instead of growing
+        the process past the budget."""
+        if held is None:
+            with self.service.memory.reservation(self.settings.memory_wait) as own:
+                return self.annotate_task(task, config, concepts, scope, own)
         self.check_label_count(concepts)
         engine = self.engine
         # a phrase the text encoder cannot take is refused before the image is touched
@@ -288,15 +299,25 @@ class ConceptAnnotator:
             image = self.service.images.locate(url, task_id)  # resolved once
             found = engine.detect(image.key, image.load, [list(p) for p in labels.values()],
                                   self.settings.concept_threshold, self.selection, scope)
+            masks_bytes = sum(int(m.nbytes) for instances in found for m in instances.masks)
+            held.grow(masks_bytes, f"the masks of {sum(len(i) for i in found)} instance(s) of "
+                      f"task {shown(task_id)}", wait=self.settings.memory_wait,
+                      advice="ask for fewer labels or instances (max_instances), downscale it")
             for (label, phrases), instances in zip(labels.items(), found):
                 log.info("task %s: %d instance(s) of %r (%s)", task_id, len(instances), label,
                          ", ".join(repr(p) for p in phrases))
                 for mask, box, score in zip(instances.masks, instances.boxes, instances.scores):
                     scope.check("the concept pass's regions")
-                    regions += self.service.mask_regions(
+                    made = self.service.mask_regions(
                         mask, float(score), config, label, to_name,
                         bbox=tuple(float(v) for v in box))
+                    held.grow(self.service.result_bytes(made), f"the regions of task "
+                              f"{shown(task_id)}", wait=self.settings.memory_wait,
+                              advice="ask for fewer tasks, labels or instances at once")
+                    regions += made
                     scores.append(float(score))
+            del found
+            held.shrink(masks_bytes)  # the masks are gone; their regions stay counted
         return {"result": regions, "score": float(np.mean(scores)) if scores else 0.0,
                 "model_version": self.service.model_version}
 

@@ -61,6 +61,9 @@ def result_bytes(regions: List[Dict[str, Any]]) -> int:
 
 
 class PredictionService:
+    # what a kept answer's regions cost until it is sent (the concept side counts its own with it)
+    result_bytes = staticmethod(result_bytes)
+
     """Answers Label Studio's /setup and /predict (clicks, opened tasks, concept prompts) for any
     number of projects with one segmenter and one image loader: the Label Studio layer.
 
@@ -151,7 +154,10 @@ class PredictionService:
         concepts = self.concept_annotator() if typed is not None else None
         config = self.label_config_for(project, label_config)
         if typed is not None:
-            return concepts.annotate_typed(tasks, config, typed, scope)
+            if held is not None:
+                return concepts.annotate_typed(tasks, config, typed, scope, held)
+            with self.memory.reservation(self.settings.memory_wait) as own:
+                return concepts.annotate_typed(tasks, config, typed, scope, own)
         prompt = parse_context(context, config, self.settings.max_points)
         if prompt is None:
             if self.settings.auto_annotate:

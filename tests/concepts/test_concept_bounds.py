@@ -290,3 +290,46 @@ def test_background_passes_waiting_at_once_are_bounded(checkpoint_factory, dino_
     for future in pending:
         future.result(timeout=300)
     assert len(service.concepts._results) == 2  # the third task was not queued
+
+
+# -- memory: a concept pass's masks and regions count in image_memory_mb ---------------------------
+
+def test_a_typed_pass_counts_its_masks_and_regions_in_the_memory_budget(
+        checkpoint_factory, dino_dir, image_path, tmp_path):
+    """The instances' full-size masks are counted while their regions are made, the regions for
+    as long as the request's reservation lives; with no room left in image_memory_mb the pass
+    gets a 503 after memory_wait instead of growing the process past the budget."""
+    service = dino_service(checkpoint_factory, tmp_path, dino_dir, max_instances=20,
+                           concept_nms_iou=1, memory_wait=1)
+    tasks = [{"id": i, "data": {"image": str(image_path)}} for i in range(2)]
+
+    # without a reservation of the caller's, the pass's own is given back when it returns
+    (alone,) = service.predict(tasks[:1], CONFIG, text_prompt("cat, dog, car"))
+    assert sum(1 for r in alone["result"] if r["type"] == "brushlabels") >= 2, \
+        "random weights at a low threshold give instances"
+    assert service.memory.used == 0
+    assert service.memory.peak >= service.result_bytes(alone["result"]) + H * W  # + a mask
+
+    # the request's reservation keeps every task's regions counted until it is released
+    held = service.memory.hold(5)
+    answers = service.predict(tasks, CONFIG, text_prompt("cat, dog, car"), held=held)
+    assert held.held >= service.result_bytes([r for a in answers for r in a["result"]])
+    assert service.memory.used == held.held  # nothing else is left counted
+    held.release()
+    assert service.memory.used == 0
+
+    # room for the image's load but not for the masks: the pass waits memory_wait, then 503
+    masks = sum(1 for r in alone["result"] if r["type"] == "brushlabels")
+    service.memory.peak = 0
+    with service.memory.reservation(5):
+        service.images.locate(str(image_path)).load()
+    load = service.memory.peak
+    blocker = service.memory.hold(1)
+    blocker.grow(service.memory.max_bytes - load - masks * H * W // 2, "other requests")
+    try:
+        with pytest.raises(BusyError, match=r"image_memory_mb=\d+\), no room for the masks "
+                                            r"of \d+ instance\(s\) of task 0"):
+            service.predict(tasks[:1], CONFIG, text_prompt("cat, dog, car"))
+        assert service.memory.used == blocker.held  # the failed pass gave back what it held
+    finally:
+        blocker.release()

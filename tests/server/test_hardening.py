@@ -584,6 +584,38 @@ def test_a_body_not_received_within_request_timeout_is_408_and_closed(server):
     assert REQUEST_TIMEOUT - 0.1 < elapsed < REQUEST_TIMEOUT + 2, elapsed
 
 
+def test_work_whose_client_disconnected_stops(server, backend):
+    """Issue 21 (5): a /predict of 64 tasks on a 1 Mpx image kept working for its whole length
+    after its client had gone. The server notices the closed connection between tasks: the work
+    stops (one log line), its answer is never made, and the backend keeps serving."""
+    process = backend[0]
+    port = int(server.rsplit(":", 1)[1])
+    log_before = len(process.log_path.read_bytes())
+    body = json.dumps({
+        "tasks": [{"id": i, "data": {"image": "warm2.png"}} for i in range(64)],
+        "label_config": CONFIG, "project": "1.1",
+        "params": {"context": {"result": [keypoint(40, 60)]}}}).encode()
+    # the same request answered in full: how long 64 tasks take on this machine now
+    started = time.monotonic()
+    assert post(server + "/predict", body).status_code == 200
+    full = time.monotonic() - started
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        time.sleep(min(1.0, full / 4))
+    gone = time.monotonic()
+    stopped = None
+    while time.monotonic() - gone < full + 10:
+        log = process.log_path.read_bytes()[log_before:].decode(errors="replace")
+        if "the client disconnected" in log:
+            stopped = time.monotonic() - gone
+            break
+        time.sleep(0.1)
+    assert stopped is not None, log[-2000:]
+    assert stopped < max(3.0, full / 2), (stopped, full)  # between two tasks, not at the end
+    assert log.count("predict: 64 result(s)") == 1  # only the request that was read
+
+
 def test_chunked_and_sized_bodies_of_exactly_max_request_mb_are_taken(server):
     """Issue 21 (8): a chunked body of exactly 32 MiB was 413 while the same body with a
     Content-Length was 200. Both are taken; one byte more is 413 both ways, and the connection
