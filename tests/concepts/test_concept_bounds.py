@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import itertools
 import shutil
-import tempfile
 import time
 
 import cv2
-import numpy as np
 import pytest
-import torch
 
-from tests.support.random_weights import cached_random_sam3, make_random_grounding_dino, synthetic_image
+from tests.support.random_weights import cached_random_sam3, synthetic_image
 from tests.support.random_weights import write_test_tokenizer
 from sam_backend.common.deadline import ClientGone, WorkScope
 from sam_backend.concepts.phrases import Concept, PhraseLimits, parse_text_prompt
@@ -32,6 +29,7 @@ from sam_backend.images.loader import ImageLoader
 from sam_backend.labelstudio.label_config import parse_label_config
 from sam_backend.assembly import prediction_service
 from sam_backend.settings import Settings
+from tests.concepts.conftest import H, W, make_service
 from tests.support.concept_server import many_labels_config, text_prompt
 
 CONFIG = """<View>
@@ -40,7 +38,6 @@ CONFIG = """<View>
   <BrushLabels name="brush" toName="image"><Label value="cat" hint="small cat"/><Label value="dog"/><Label value="car" hint="red car"/></BrushLabels>
   <RectangleLabels name="boxes" toName="image"><Label value="cat"/><Label value="dog"/><Label value="car"/></RectangleLabels>
 </View>"""
-H, W = 300, 420
 LOW = 0.3  # random weights: a threshold low enough to give instances
 HUGE = "x_l1," * 200_000  # a 1 MB typed prompt
 
@@ -49,29 +46,6 @@ HUGE = "x_l1," * 200_000  # a 1 MB typed prompt
 def many_labels():
     """40 000 labels, each with a hint (Control.hint() is linear in the hints)."""
     return parse_label_config(many_labels_config(40_000, hints=True))
-
-
-@pytest.fixture(scope="module")
-def dino_dir(tmp_path_factory):
-    return make_random_grounding_dino(tmp_path_factory.mktemp("gd") / "grounding-dino", "tiny",
-                                      seed=7)
-
-
-@pytest.fixture(scope="module")
-def image_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("img") / "scene.png"
-    cv2.imwrite(str(path), cv2.cvtColor(synthetic_image(H, W, seed=5), cv2.COLOR_RGB2BGR))
-    return path
-
-
-def make_service(checkpoint_factory, tmp_path, **options):
-    settings = Settings.load({"model_name": "mobile_sam", "device": "cpu", "runtime": "torch",
-                              "sam_checkpoint_file": str(checkpoint_factory("mobile_sam")),
-                              "embedding_dtype": "float32", **options}, environ={})
-    images = ImageLoader(ImageAccessSettings.from_settings(
-        settings, cache_dir=str(tmp_path / "cache"),
-        local_files_document_root=tempfile.gettempdir()))
-    return prediction_service(settings, images=images)
 
 
 def dino_service(checkpoint_factory, tmp_path, dino_dir, **options):

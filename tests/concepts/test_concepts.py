@@ -5,7 +5,6 @@ Random weights of the real architectures: Grounding DINO in a reduced configurat
 classes with a small word-level tokenizer (no download), MobileSAM for the masks."""
 from __future__ import annotations
 
-import tempfile
 
 import cv2
 import numpy as np
@@ -16,15 +15,12 @@ import torch
 from sam_backend.concepts.base import Selection
 from sam_backend.concepts.phrases import Concept, concepts_of, parse_text_prompt
 from sam_backend.errors import ConfigError, RequestError
-from tests.support.random_weights import make_random_grounding_dino
-from sam_backend.concepts.grounding_dino import GroundingDinoEngine, query_text
-from sam_backend.images.config import ImageAccessSettings
-from sam_backend.images.loader import ImageLoader
+from sam_backend.concepts.grounding_dino import query_text
 from sam_backend.labelstudio.label_config import parse_label_config
 from tests.support.random_weights import synthetic_image
 from sam_backend.models.registry import get_variant
-from sam_backend.assembly import prediction_service
 from sam_backend.settings import Settings
+from tests.concepts.conftest import H, W, make_service
 from tests.support.server_utils import BackendProcess, free_port
 
 CONFIG = """<View>
@@ -34,7 +30,6 @@ CONFIG = """<View>
   <BrushLabels name="brush" toName="image"><Label value="cat" hint="small cat"/><Label value="dog"/><Label value="car" hint="red car"/></BrushLabels>
   <RectangleLabels name="boxes" toName="image"><Label value="cat"/><Label value="dog"/><Label value="car"/></RectangleLabels>
 </View>"""
-H, W = 300, 420
 LOW = 0.3  # random weights: a threshold low enough to give instances
 
 
@@ -79,29 +74,6 @@ def test_selection_suppresses_overlapping_duplicates_and_caps_the_count():
 
 
 # -- the engine and the service in-process --------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def dino_dir(tmp_path_factory):
-    return make_random_grounding_dino(tmp_path_factory.mktemp("gd") / "grounding-dino", "tiny",
-                                      seed=7)
-
-
-@pytest.fixture(scope="module")
-def image_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("img") / "scene.png"
-    cv2.imwrite(str(path), cv2.cvtColor(synthetic_image(H, W, seed=5), cv2.COLOR_RGB2BGR))
-    return path
-
-
-def make_service(checkpoint_factory, tmp_path, **options):
-    settings = Settings.load({"model_name": "mobile_sam", "device": "cpu", "runtime": "torch",
-                              "sam_checkpoint_file": str(checkpoint_factory("mobile_sam")),
-                              "embedding_dtype": "float32", **options}, environ={})
-    images = ImageLoader(ImageAccessSettings.from_settings(
-        settings, cache_dir=str(tmp_path / "cache"),
-        local_files_document_root=tempfile.gettempdir()))
-    return prediction_service(settings, images=images)
-
 
 def test_instances_equal_the_libraries_own_pipeline(checkpoint_factory, dino_dir, image_path,
                                                     tmp_path):

@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Dict, List
 
 import cv2
@@ -25,7 +24,8 @@ import numpy as np
 import pytest
 import requests
 
-from tests.support.hardening import RawServer, RssWatch, process_tree_rss, read_request
+from tests.support.hardening import (RawServer, RssWatch, process_tree_rss, read_request,
+                                     trickle_until_answered)
 from tests.support.server_utils import BackendProcess, free_port
 
 pytestmark = pytest.mark.process  # a real backend process
@@ -555,23 +555,10 @@ def test_a_hundred_slow_clients_do_not_lock_out_health_or_clicks(server):
 def test_a_body_not_received_within_request_timeout_is_408_and_closed(server):
     port = int(server.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=REQUEST_TIMEOUT + 10) as s:
-        started = time.monotonic()
         s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 1000\r\n\r\n{")
-        s.setblocking(False)
-        data = b""
-        while b"\r\n\r\n" not in data and time.monotonic() - started < REQUEST_TIMEOUT + 5:
-            try:
-                s.send(b" ")  # a byte a second does not extend the deadline
-            except OSError:
-                break
-            time.sleep(1.0)
-            try:
-                data += s.recv(65536)
-            except BlockingIOError:
-                pass
-        elapsed = time.monotonic() - started
-        s.setblocking(True)
+        # a byte a second does not extend the deadline
+        data, elapsed = trickle_until_answered(s, b" ", 1.0, REQUEST_TIMEOUT + 5)
         s.settimeout(10)
         while b"\r\n\r\n" not in data:
             data += s.recv(65536)

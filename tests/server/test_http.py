@@ -17,6 +17,7 @@ from flask import Flask, Response, request
 from sam_backend.common.deadline import WorkScope
 from sam_backend.server import http
 from sam_backend.settings import Settings
+from tests.support.hardening import trickle_until_answered
 
 MIB = 2 ** 20
 LIMIT = MIB  # max_request_mb=1
@@ -161,22 +162,9 @@ def test_a_request_not_received_within_request_timeout_is_408_even_when_tricklin
              "body": b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{"}[stall]
     with served() as (url, port, _):
         with connect(port) as s:
-            started = time.monotonic()
             s.sendall(start)
-            s.setblocking(False)
-            answer = b""
-            while b"\r\n\r\n" not in answer and time.monotonic() - started < TIMEOUT + 5:
-                try:
-                    s.send(b"x" if stall != "headers" else b"X-")  # 4 bytes a second
-                except OSError:
-                    break
-                time.sleep(0.25)
-                try:
-                    answer += s.recv(65536)
-                except BlockingIOError:
-                    pass
-            elapsed = time.monotonic() - started
-            s.setblocking(True)
+            answer, elapsed = trickle_until_answered(  # 4 bytes a second
+                s, b"x" if stall != "headers" else b"X-", 0.25, TIMEOUT + 5)
             head, body = read_answer_from(s, answer)
         assert TIMEOUT - 0.1 <= elapsed < TIMEOUT + 1.5, elapsed
         assert head.startswith(b"HTTP/1.1 408 408 Request Timeout: the request was not "

@@ -7,7 +7,8 @@ import os
 import socket
 import socketserver
 import threading
-from typing import Callable
+import time
+from typing import Callable, Tuple
 
 
 def process_tree_rss(pid: int) -> int:
@@ -85,3 +86,27 @@ def read_request(conn: socket.socket) -> bytes:
             break
         data += chunk
     return data
+
+
+def trickle_until_answered(sock: socket.socket, chunk: bytes, interval: float,
+                           limit: float) -> Tuple[bytes, float]:
+    """Send ``chunk`` every ``interval`` seconds until the server answers (an HTTP head has
+    arrived), the connection is closed, or ``limit`` seconds pass: a client that keeps sending
+    and never finishes its request. Returns what arrived and the seconds it took; the socket is
+    left blocking."""
+    started = time.monotonic()
+    sock.setblocking(False)
+    data = b""
+    while b"\r\n\r\n" not in data and time.monotonic() - started < limit:
+        try:
+            sock.send(chunk)
+        except OSError:
+            break
+        time.sleep(interval)
+        try:
+            data += sock.recv(65536)
+        except BlockingIOError:
+            pass
+    elapsed = time.monotonic() - started
+    sock.setblocking(True)
+    return data, elapsed
