@@ -26,7 +26,8 @@ index as tasks are added. An object whose label is not among them is skipped and
 
 **Problems never stop the build; they are counted by task id** (:class:`DatasetReport`): a region
 that cannot be read (corrupt or empty brush RLE, degenerate polygon, missing image size, a size
-that differs from the task's other regions) is skipped; a task whose image URL cannot be told, or
+that differs from the task's other regions) is skipped; a task without an id (``#position`` in the
+report), a task whose image URL cannot be told, or
 whose regions were all skipped, is left out (an object missing from a sample would teach the model
 that it is background). A task annotated with no region at all is a sample without objects (a
 negative image; ``width``/``height`` are then None: no region gives them).
@@ -307,6 +308,10 @@ def build_dataset(tasks: Sequence[dict], label_config: str, *,
     for position, task in enumerate(tasks):
         if not isinstance(task, dict):
             report.skipped_tasks[f"#{position}"] = f"not a task object ({type(task).__name__})"
+            continue
+        if task.get("id") is None:
+            report.skipped_tasks[f"#{position}"] = ("has no id (samples are split and reported "
+                                                    "by task id)")
             continue
         annotation = latest_annotation(task)
         if annotation is None:

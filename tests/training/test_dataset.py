@@ -160,7 +160,8 @@ def test_corrupt_and_empty_masks_are_skipped_and_counted_by_task():
                                          "image")["value"]["rle"]
     tasks = [task(1, [annotation(1, object_regions(cat_mask(), "cat") + [corrupt])]),
              task(2, [annotation(2, [empty])]),
-             task(3, [annotation(3, [])])]  # submitted with no region: a negative image
+             task(3, [annotation(3, [])]),  # submitted with no region: a negative image
+             task(None, [annotation(4, object_regions(cat_mask(), "cat"))])]
     ts = build(tasks)
     assert [s.task_id for s in ts.samples] == [1, 3]
     assert labels_of(ts.samples[0], ts.classes) == ["cat"]
@@ -168,7 +169,7 @@ def test_corrupt_and_empty_masks_are_skipped_and_counted_by_task():
     assert set(ts.report.skipped_regions) == {1, 2}
     assert "cannot be read" in ts.report.skipped_regions[1][0]
     assert "empty" in ts.report.skipped_regions[2][0]
-    assert 2 in ts.report.skipped_tasks
+    assert set(ts.report.skipped_tasks) == {2, "#3"}  # #3: the fourth task has no id
     report = ts.report.as_dict()
     assert [p["task"] for p in report["skipped_regions"]] == [1, 2]
     assert report["objects"] == 1
