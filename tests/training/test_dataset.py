@@ -9,7 +9,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from sam_backend.export.convert import convert
-from sam_backend.labelstudio.regions import brush_region, polygon_region, rectangle_region
+from sam_backend.labelstudio.regions import brush_region, rectangle_region
 from sam_backend.training.dataset import (NotEnoughData, build_dataset, classes_from_config,
                                           latest_annotation)
 from tests.support.training_data import (CONFIG, H, W, annotation, box_prompt, cat_mask,
