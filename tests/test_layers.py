@@ -30,6 +30,7 @@ LAYERS: List[str] = [
     "settings",     # every option, read once, validated with each layer's own parser
     "assembly",     # builds everything from Settings
     "export",       # offline exporters (commands)
+    "training",     # training set from annotations, held-out split, evaluation
     "server",       # the HTTP layer and `serve`
     "commands",     # the other commands: worker, precompute, annotate, weights
     "cli",          # `sam-backend`
