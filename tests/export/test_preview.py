@@ -180,3 +180,14 @@ def test_bad_inputs_are_clear(coco_dir, tmp_path, caplog, capsys):
     printed = capsys.readouterr().out
     assert "0 images drawn" in printed and "2 skipped" in printed and "a.png: cannot be read" \
         in printed
+
+
+def test_a_task_whose_image_is_missing_is_skipped_by_task_id(tmp_path, monkeypatch, capsys):
+    export = ls_project(tmp_path, monkeypatch)
+    (tmp_path / "docroot" / "img2.png").unlink()
+    out = tmp_path / "preview"
+    assert cli.main(["preview", "--json_file_path", str(export), "--out_dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Label Studio export" in printed and "1 image drawn" in printed
+    assert "1 skipped" in printed and "skipped task 2: image cannot be fetched" in printed
+    assert sorted(p.name for p in out.iterdir()) == [CONTACT_SHEET, "img1.png"]
