@@ -7,19 +7,24 @@ export-yolo`` (:mod:`.yolo`), with the options they share::
                             [--mmdet-config mask-rcnn_r50_fpn|rtmdet-ins_s]
     sam-backend export-yolo --json_file_path project.json --out_dir yolo [same options]
                             [--boxes-as-polygons]
+    sam-backend export-coco --project 3 [--url http://localhost:8080] --out_dir dataset
+
+``--project ID`` reads the project from Label Studio's API instead of an export file (address and
+token as ``sam-backend annotate`` takes them); the objects are the same as from its JSON export.
 
 Both print what to paste into a training config (the categories / class indices) on stdout.
 Exit code: 0 when anything was exported (even with problems, which are listed), 1 when no image
-could be exported, 2 when the export cannot be read or the options are wrong. A new output format
-is a module of this folder plus one :func:`_add_command` call here.
+could be exported, 2 when the export (or the project) cannot be read or the options are wrong. A
+new output format is a module of this folder plus one :func:`_add_command` call here.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from sam_backend.export.report import ExportReport
+from sam_backend.export.source import ProjectSource, TaskSource
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +36,7 @@ def _add_command(subparsers, name: str, summary: str, description: str, outputs:
     directory, the classes, Label Studio's upload directory, ``--keep-all-regions``, the
     train/val split) around the command's ``own_options``."""
     parser = subparsers.add_parser(name, help=summary, description=description)
-    parser.add_argument("--json_file_path", "--json-file-path", dest="json_file_path",
-                        required=True, metavar="EXPORT.json",
-                        help="the project exported from Label Studio in the 'JSON' format")
+    add_source_arguments(parser, required=True)
     parser.add_argument("--out_dir", "--out-dir", dest="out_dir", required=True, metavar="DIR",
                         help=f"output directory ({outputs})")
     parser.add_argument("--classes", default=None, metavar="a,b,c",
@@ -57,9 +60,36 @@ def _add_command(subparsers, name: str, summary: str, description: str, outputs:
     parser.set_defaults(func=run)
 
 
+def add_source_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
+    """Where the tasks come from: ``--json_file_path EXPORT.json`` or ``--project ID`` (Label
+    Studio's API, its address and token as ``sam-backend annotate`` takes them: ``--url`` /
+    ``--token`` over ``LABEL_STUDIO_URL`` / ``LABEL_STUDIO_API_KEY``)."""
+    group = parser.add_mutually_exclusive_group(required=required)
+    group.add_argument("--json_file_path", "--json-file-path", dest="json_file_path",
+                       default=None, metavar="EXPORT.json",
+                       help="the project exported from Label Studio in the 'JSON' format")
+    group.add_argument("--project", type=int, default=None, metavar="ID",
+                       help="read the project's tasks and annotations from Label Studio's API "
+                            "instead of an export file")
+    parser.add_argument("--url", dest="label_studio_url", default=None,
+                        help="with --project: Label Studio's address (default: LABEL_STUDIO_URL)")
+    parser.add_argument("--token", dest="label_studio_api_key", default=None,
+                        help="with --project: a legacy or personal access token (default: "
+                             "LABEL_STUDIO_API_KEY; prefer the variable: a flag shows in the "
+                             "process list)")
+
+
+def task_source(args: argparse.Namespace) -> Optional[TaskSource]:
+    """The export file, or the :class:`~.source.ProjectSource` ``--project`` names (None when
+    neither was given)."""
+    if args.project is not None:
+        return ProjectSource(args.project, args.label_studio_url, args.label_studio_api_key)
+    return args.json_file_path
+
+
 def _export(export: Callable[..., Any], args: argparse.Namespace, **own: Any) -> Any:
     """``export(...)`` (export_coco or export_yolo) with the shared options of ``args``."""
-    return export(args.json_file_path, args.out_dir, classes=args.classes,
+    return export(task_source(args), args.out_dir, classes=args.classes,
                   upload_dir=args.upload_dir, keep_all_regions=args.keep_all_regions,
                   val_fraction=args.val_fraction, seed=args.seed, **own)
 
@@ -134,4 +164,4 @@ def register_cli(subparsers) -> None:
         run=_run_yolo, own_options=_yolo_options)
 
 
-__all__ = ["register_cli"]
+__all__ = ["add_source_arguments", "register_cli", "task_source"]

@@ -53,7 +53,8 @@ def export_coco(json_file_path: str, out_dir: str, classes: Optional[Sequence[st
                 progress: bool = True, keep_all_regions: bool = False,
                 val_fraction: float = 0.0, seed: int = 0,
                 mmdet_config: Optional[str] = None) -> ExportReport:
-    """Convert the export ``json_file_path`` into ``out_dir/annotations/ann.json`` and, with
+    """Convert the export ``json_file_path`` (or a :class:`~.source.ProjectSource`: the project
+    read from Label Studio's API) into ``out_dir/annotations/ann.json`` and, with
     ``copy_images``, ``out_dir/images/<file_name>``. ``image_loader``: an
     :class:`~sam_backend.images.loader.ImageLoader` (default: one configured from the environment).
     ``classes``: a list of names or ``"a,b,c"``. ``keep_all_regions``: one annotation per region

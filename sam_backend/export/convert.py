@@ -42,9 +42,9 @@ from sam_backend.export.geometry import (IGNORED_TYPES, SUPPORTED_TYPES, RegionE
                                          convert_region, image_size, region_labels)
 from sam_backend.export.objects import Shape, group_objects, one_object_per_shape, summarize
 from sam_backend.export.report import ExportError, ExportReport, Problem, id_list, plural
-from sam_backend.export.source import (ImageFetcher, check_upload_dir, header_size, image_fetcher,
-                                       load_export, task_image_url, unique_name,
-                                       used_annotations)
+from sam_backend.export.source import (ImageFetcher, TaskSource, check_upload_dir, header_size,
+                                       make_image_fetcher, open_source, task_image_url,
+                                       unique_name, used_annotations)
 
 logger = logging.getLogger(__name__)
 
@@ -341,24 +341,25 @@ def prepare_output(out_dir: str, subdirs: Sequence[str]) -> Path:
     return out
 
 
-def convert_export(json_file_path: str, images_dir: Optional[Path],
+def convert_export(source: TaskSource, images_dir: Optional[Path],
                    classes: Optional[Sequence[str]] = None, image_loader=None,
                    upload_dir: Optional[str] = None, progress: bool = True,
                    keep_all_regions: bool = False) -> Tuple[dict, ExportReport]:
-    """Read the export file and :func:`convert` it, storing the images in ``images_dir``
-    (None: images are not fetched). ``image_loader``: an :class:`~sam_backend.images.loader.ImageLoader`
-    (default: one configured from the environment). Shared by export-coco and export-yolo."""
-    tasks = load_export(json_file_path)
+    """Read the tasks of ``source`` (an export file's path or a
+    :class:`~.source.ProjectSource`) and :func:`convert` them, storing the images in
+    ``images_dir`` (None: images are not fetched). ``image_loader``: an
+    :class:`~sam_backend.images.loader.ImageLoader` (default: one configured from the
+    environment). Shared by export-coco and export-yolo."""
     class_list = None
     if classes is not None:
         class_list = parse_classes(classes) if isinstance(classes, str) else _check_classes(classes)
     check_upload_dir(upload_dir)
-    logger.info("exporting %d tasks of %s", len(tasks), json_file_path)
-    if images_dir is None:
-        return convert(tasks, class_list, None, progress=progress,
-                       keep_all_regions=keep_all_regions)
-    with image_fetcher(image_loader, upload_dir) as fetch:
-        return convert(tasks, class_list, fetch,
+    with open_source(source, image_loader, images=images_dir is not None) as (tasks, loader):
+        logger.info("exporting %d tasks of %s", len(tasks), source)
+        if images_dir is None:
+            return convert(tasks, class_list, None, progress=progress,
+                           keep_all_regions=keep_all_regions)
+        return convert(tasks, class_list, make_image_fetcher(loader, upload_dir),
                        on_image=lambda name, data: write_file(images_dir / name, data),
                        progress=progress, keep_all_regions=keep_all_regions)
 

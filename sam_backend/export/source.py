@@ -1,7 +1,13 @@
-"""Reading a Label Studio JSON export and resolving its images.
+"""Reading a Label Studio JSON export, or a project through Label Studio's API, and resolving
+its images.
 
 The export must be Label Studio's "JSON" format: a list of tasks with ``data`` and
-``annotations[].result[]`` (:func:`load_export`). Every annotation that is not cancelled
+``annotations[].result[]`` (:func:`load_export`). A :class:`ProjectSource` (``--project ID``)
+reads the same tasks from Label Studio's API instead, through the one client
+:class:`~sam_backend.labelstudio.api.LabelStudioAPI` (annotations included, data as stored), with
+Label Studio's address and token taken as ``sam-backend annotate`` takes them (``--url`` /
+``--token`` over ``LABEL_STUDIO_URL`` / ``LABEL_STUDIO_API_KEY``): what follows is the same for
+both, so a project and its JSON export give the same objects (:func:`open_source`). Every annotation that is not cancelled
 (``was_cancelled``) is used (:func:`used_annotations`); predictions and drafts are ignored. A
 task's image URL is ``data["image"]``, else the key named by the regions' ``to_name``, else the
 task's only string value (:func:`task_image_url`).
@@ -22,7 +28,8 @@ import json
 import logging
 import os
 import posixpath
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple, Union
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from sam_backend.errors import ImageError
@@ -33,6 +40,70 @@ logger = logging.getLogger(__name__)
 
 # (url, task id) -> the image file's bytes; raises ImageError
 ImageFetcher = Callable[[str, Optional[int]], bytes]
+
+
+@dataclass(frozen=True)
+class ProjectSource:
+    """A Label Studio project read through its API (``--project ID``). ``url`` / ``token``:
+    Label Studio's address and token (None: ``LABEL_STUDIO_URL`` / ``LABEL_STUDIO_API_KEY``)."""
+
+    project_id: int
+    url: Optional[str] = None
+    token: Optional[str] = None
+
+    def __str__(self) -> str:
+        return f"Label Studio project {self.project_id}"
+
+
+#: where an export's tasks come from: a JSON export file's path, or a project
+TaskSource = Union[str, "os.PathLike[str]", ProjectSource]
+
+
+def _own_image_loader(url: Optional[str] = None, token: Optional[str] = None):
+    """An ImageLoader configured from the environment (the backend's Settings: LABEL_STUDIO_URL,
+    LABEL_STUDIO_API_KEY, ...; ``url`` / ``token`` first). An operator's own tool: the export's
+    local paths are read wherever they are."""
+    from sam_backend import assembly
+    from sam_backend.settings import Settings
+
+    options = {name: value for name, value in (("label_studio_url", url),
+                                               ("label_studio_api_key", token)) if value}
+    return assembly.image_loader(Settings.load(options), local_paths_anywhere=True)
+
+
+def project_tasks(image_loader, project_id: int) -> list:
+    """Every task of the project with its annotations, as its JSON export holds them."""
+    from sam_backend.labelstudio.api import LabelStudioAPI
+
+    api = LabelStudioAPI(image_loader)
+    try:
+        return api.tasks(project_id, annotations=True)
+    finally:
+        api.close()
+
+
+@contextlib.contextmanager
+def open_source(source: TaskSource, image_loader=None, images: bool = True
+                ) -> Iterator[Tuple[list, Any]]:
+    """``(tasks, loader)``: the tasks of ``source`` (an export file or a :class:`ProjectSource`)
+    and the ImageLoader their images are fetched with: ``image_loader``, else one configured from
+    the environment (and the project's ``url`` / ``token``), closed on exit. ``loader`` is None
+    when ``images`` is false and ``source`` is a file (nothing to fetch, nothing to configure)."""
+    own = None
+    try:
+        loader = image_loader
+        if isinstance(source, ProjectSource):
+            if loader is None:
+                loader = own = _own_image_loader(source.url, source.token)
+            tasks = project_tasks(loader, source.project_id)
+        else:
+            tasks = load_export(os.fspath(source))
+            if images and loader is None:
+                loader = own = _own_image_loader()
+        yield tasks, loader
+    finally:
+        if own is not None:
+            own.close()
 
 
 def load_export(json_file_path: str) -> list:
@@ -227,15 +298,13 @@ def image_fetcher(image_loader=None, upload_dir: Optional[str] = None) -> Iterat
     if image_loader is not None:
         yield make_image_fetcher(image_loader, upload_dir)
         return
-    from sam_backend import assembly
-    from sam_backend.settings import Settings
-
-    own = assembly.image_loader(Settings.load(), local_paths_anywhere=True)
+    own = _own_image_loader()
     try:
         yield make_image_fetcher(own, upload_dir)
     finally:
         own.close()
 
 
-__all__ = ["ImageFetcher", "check_upload_dir", "header_size", "image_fetcher", "load_export",
-           "make_image_fetcher", "task_image_url", "unique_name", "used_annotations"]
+__all__ = ["ImageFetcher", "ProjectSource", "TaskSource", "check_upload_dir", "header_size",
+           "image_fetcher", "load_export", "make_image_fetcher", "open_source", "project_tasks",
+           "task_image_url", "unique_name", "used_annotations"]

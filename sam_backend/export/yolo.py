@@ -132,7 +132,8 @@ def export_yolo(json_file_path: str, out_dir: str, classes: Optional[Sequence[st
                 image_loader=None, upload_dir: Optional[str] = None, progress: bool = True,
                 keep_all_regions: bool = False, boxes_as_polygons: bool = False,
                 val_fraction: float = 0.0, seed: int = 0) -> YoloReport:
-    """Write the YOLO dataset (see the module docstring); returns the report (also logged)."""
+    """Write the YOLO dataset (see the module docstring) from the export ``json_file_path`` (or
+    a :class:`~.source.ProjectSource`); returns the report (also logged)."""
     import yaml
 
     val_fraction = check_val_fraction(val_fraction)

@@ -1,5 +1,6 @@
 """The one client of Label Studio's REST API, used by every command that reads a project
-(``sam-backend precompute --project``, ``sam-backend annotate``).
+(``sam-backend precompute --project``, ``sam-backend annotate``, the exporters' and
+``sam-backend preview``'s ``--project``).
 
 Reads go through the image loader's :meth:`~sam_backend.images.loader.ImageLoader.api_get` (the
 same address, token, personal-access-token refresh, network policy, deadline and error messages
@@ -70,13 +71,18 @@ class LabelStudioAPI:
         """The project's labeling config (XML text; empty when it has none)."""
         return self.project(project_id).get("label_config") or ""
 
-    def tasks(self, project_id: int, page_size: int = PAGE_SIZE) -> List[Dict[str, Any]]:
-        """Every task of the project, in Label Studio's order, each page read once."""
+    def tasks(self, project_id: int, page_size: int = PAGE_SIZE,
+              annotations: bool = False) -> List[Dict[str, Any]]:
+        """Every task of the project, in Label Studio's order, each page read once.
+        ``annotations``: each task as Label Studio's JSON export holds it, with its annotations
+        (``fields=all``: annotations, drafts and predictions, left out by default) and its data
+        as stored (``resolve_uri=false``: cloud URLs not turned into presign links)."""
         tasks: List[Dict[str, Any]] = []
+        extra = {"fields": "all", "resolve_uri": "false"} if annotations else {}
         page = 1
         while True:
             body = self.get("/api/tasks", {"project": project_id, "page": page,
-                                           "page_size": page_size})
+                                           "page_size": page_size, **extra})
             batch = body.get("tasks", []) if isinstance(body, dict) else body
             if not isinstance(batch, list):
                 raise SamBackendError(f"Label Studio's /api/tasks answered {type(body).__name__}, "

@@ -90,7 +90,8 @@ class WorkerProcess:
 class FakeLabelStudioAPI:
     """The API calls `sam-backend precompute` and `sam-backend annotate` make, on a loopback
     port: ``GET /api/projects/<id>``, ``GET /api/tasks?project=&page=&page_size=`` (Label
-    Studio's shapes: ``{"tasks": [...], "total": n}``; 404 past the last page), and
+    Studio's shapes: ``{"tasks": [...], "total": n}``; 404 past the last page; a task's
+    annotations, drafts and predictions only with ``fields=all``), and
     ``GET``/``POST /api/predictions`` (kept in ``predictions``), legacy token auth."""
 
     def __init__(self, label_config: str, tasks: List[dict], project: int = 1):
@@ -129,6 +130,10 @@ class FakeLabelStudioAPI:
                 if parts.path == "/api/tasks" and query.get("project") == str(state.project):
                     page, size = int(query.get("page", 1)), int(query.get("page_size", 30))
                     chunk = state.tasks[(page - 1) * size:page * size]
+                    if query.get("fields") != "all":  # as Label Studio: no annotations unasked
+                        chunk = [{k: v for k, v in t.items()
+                                  if k not in ("annotations", "drafts", "predictions")}
+                                 for t in chunk]
                     if not chunk and page > 1:
                         return self.reply(404, {"detail": "Invalid page."})
                     return self.reply(200, {"tasks": chunk, "total": len(state.tasks)})
