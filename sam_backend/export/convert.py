@@ -39,7 +39,7 @@ from sam_backend.common.files import atomic_write
 from sam_backend.common.text import redact_url
 from sam_backend.errors import ImageError
 from sam_backend.export.geometry import (IGNORED_TYPES, SUPPORTED_TYPES, RegionError,
-                                         convert_region, image_size, region_labels)
+                                         convert_region, region_labels, task_image_size)
 from sam_backend.export.objects import Shape, group_objects, one_object_per_shape, summarize
 from sam_backend.export.report import ExportError, ExportReport, Problem, id_list, plural
 from sam_backend.export.source import (ImageFetcher, TaskSource, check_upload_dir, header_size,
@@ -183,13 +183,7 @@ def _convert_task(task: Any, position: int, class_set: Optional[set],
             labels = region_labels(region, rtype)
             for label in labels:
                 seen_labels.setdefault(label)
-            region_size = image_size(region)
-            if size is None:
-                size = region_size
-            elif region_size != size:
-                raise RegionError(
-                    f"image size {region_size[0]}x{region_size[1]} differs from the task's other "
-                    f"regions ({size[0]}x{size[1]})")
+            size = task_image_size(region, size)
             kind, fields = convert_region(region, *size)
         except RegionError as exc:
             problem(f"{exc}; region skipped", ann_id, region_id)

@@ -24,7 +24,7 @@ orientation, as browsers show the image).
 from __future__ import annotations
 
 import math
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
@@ -59,6 +59,16 @@ def image_size(region: dict) -> Tuple[int, int]:
             raise RegionError(f"has an invalid {key} {value!r}")
         size.append(int(value))
     return size[0], size[1]
+
+
+def task_image_size(region: dict, size: Optional[Tuple[int, int]]) -> Tuple[int, int]:
+    """The region's (width, height), which must equal ``size``, the size the task's other
+    regions gave (None for its first region); raises RegionError otherwise."""
+    region_size = image_size(region)
+    if size is not None and region_size != size:
+        raise RegionError(f"image size {region_size[0]}x{region_size[1]} differs from the task's "
+                          f"other regions ({size[0]}x{size[1]})")
+    return region_size
 
 
 def region_labels(region: dict, rtype: str) -> List[str]:

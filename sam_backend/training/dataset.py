@@ -47,7 +47,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from sam_backend.export.geometry import (IGNORED_TYPES, SUPPORTED_TYPES, RegionError,
-                                         convert_region, image_size, region_labels)
+                                         convert_region, region_labels, task_image_size)
 from sam_backend.export.objects import ExportObject, Shape, group_objects
 from sam_backend.export.source import task_image_url
 from sam_backend.labelstudio.label_config import OUTPUT_TYPES, parse_label_config
@@ -251,13 +251,7 @@ def _task_sample(task: dict, annotation: dict, index: Dict[str, int],
             continue
         try:
             labels = region_labels(region, rtype)
-            region_size = image_size(region)
-            if size is None:
-                size = region_size
-            elif region_size != size:
-                raise RegionError(
-                    f"image size {region_size[0]}x{region_size[1]} differs from the task's other "
-                    f"regions ({size[0]}x{size[1]})")
+            size = task_image_size(region, size)
             kind, fields = convert_region(region, *size)
         except RegionError as exc:
             region_problem(str(exc), region)
