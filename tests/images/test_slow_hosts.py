@@ -15,6 +15,7 @@ import pytest
 
 from sam_backend.errors import ImageError
 
+from tests.support.hardening import read_request
 from tests.support.loopback_hosts import rgb_png
 
 TIMEOUT = 2.0
@@ -59,12 +60,8 @@ class RawHost:
                 if self._tls is not None:
                     conn.settimeout(5)
                     conn = self._tls.wrap_socket(conn, server_side=True)
-                request = b""
-                while b"\r\n\r\n" not in request:
-                    chunk = conn.recv(4096)
-                    if not chunk:
-                        return
-                    request += chunk
+                if b"\r\n\r\n" not in read_request(conn):
+                    return  # closed before its request was complete
                 self._answer(conn, self.stopped)
             except OSError:
                 pass  # the client went away (as it should at its deadline)

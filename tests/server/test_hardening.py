@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 import requests
 
-from tests.support.hardening import (RawServer, RssWatch, process_tree_rss, read_request,
-                                     trickle_until_answered)
+from tests.support.hardening import (RawServer, RssWatch, assert_closed, process_tree_rss,
+                                     read_answer, read_request, trickle_until_answered)
 from tests.support.server_utils import BackendProcess, free_port
 
 pytestmark = pytest.mark.process  # a real backend process
@@ -410,33 +410,6 @@ def test_health_answers_while_clients_stall_and_image_hosts_hang(server):
         for s in stalled:
             s.close()
     assert max(health_times) < HEALTH_BOUND
-
-
-def read_answer(sock: socket.socket) -> tuple:
-    """(status line + headers, body) of one HTTP answer with a Content-Length."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"closed before an answer: {data[:200]!r}"
-        data += chunk
-    head, body = data.split(b"\r\n\r\n", 1)
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length:")))
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        assert chunk, "closed in the middle of the answer"
-        body += chunk
-    return head, body
-
-
-def assert_closed(sock: socket.socket, within: float = 5.0) -> None:
-    """The server closed the connection (EOF or reset) within ``within`` s."""
-    sock.settimeout(within)
-    try:
-        while sock.recv(65536):
-            pass
-    except ConnectionResetError:
-        pass
 
 
 class SlowClients:

@@ -17,7 +17,7 @@ from flask import Flask, Response, request
 from sam_backend.common.deadline import WorkScope
 from sam_backend.server import http
 from sam_backend.settings import Settings
-from tests.support.hardening import trickle_until_answered
+from tests.support.hardening import assert_closed, read_answer, trickle_until_answered
 
 MIB = 2 ** 20
 LIMIT = MIB  # max_request_mb=1
@@ -71,34 +71,6 @@ def served(threads: int = 4, **options) -> Iterator[Tuple[str, int, dict]]:
 
 def connect(port: int, timeout: float = 10) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=timeout)
-
-
-def read_answer(sock: socket.socket) -> Tuple[bytes, bytes]:
-    """(status line + headers, body) of one answer with a Content-Length."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"closed before an answer: {data!r}"
-        data += chunk
-    head, body = data.split(b"\r\n\r\n", 1)
-    length = int([line.split(b":")[1] for line in head.split(b"\r\n")
-                  if line.lower().startswith(b"content-length:")][0])
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        assert chunk, "closed in the middle of the answer"
-        body += chunk
-    return head, body
-
-
-def assert_closed(sock: socket.socket, within: float = 5.0) -> None:
-    """The server closed the connection: EOF (or a reset) within ``within`` seconds, whatever
-    the client still sends."""
-    sock.settimeout(within)
-    try:
-        while sock.recv(65536):
-            pass
-    except ConnectionResetError:
-        pass
 
 
 def chunked(size: int, piece: int = 65536) -> bytes:

@@ -88,6 +88,34 @@ def read_request(conn: socket.socket) -> bytes:
     return data
 
 
+def read_answer(sock: socket.socket) -> Tuple[bytes, bytes]:
+    """(status line + headers, body) of one answer with a Content-Length."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before an answer: {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int([line.split(b":")[1] for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:")][0])
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "closed in the middle of the answer"
+        body += chunk
+    return head, body
+
+
+def assert_closed(sock: socket.socket, within: float = 5.0) -> None:
+    """The server closed the connection: EOF (or a reset) within ``within`` seconds, whatever
+    the client still sends."""
+    sock.settimeout(within)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+
+
 def trickle_until_answered(sock: socket.socket, chunk: bytes, interval: float,
                            limit: float) -> Tuple[bytes, float]:
     """Send ``chunk`` every ``interval`` seconds until the server answers (an HTTP head has
