@@ -53,12 +53,5 @@ class WorkScope:
             raise BusyError(f"{doing} did not finish within {self.seconds:g} s ({self.what}): "
                             f"retry, or ask for less at once")
 
-    def narrowed(self, seconds: float, what: str) -> "WorkScope":
-        """A scope ending at the earlier of this deadline and ``seconds`` from now."""
-        inner = WorkScope(seconds, self.cancelled, what)
-        if self.deadline < inner.deadline:
-            inner.deadline, inner.seconds, inner.what = self.deadline, self.seconds, self.what
-        return inner
-
 
 UNBOUNDED = WorkScope()

@@ -115,12 +115,6 @@ class LabelIndex:
             f"{labels}{more}")
 
 
-def resolve_phrase(text: str, config: LabelConfig, to_name: str) -> Concept:
-    """One typed phrase -> (label, phrase) on the image ``to_name`` (see
-    :meth:`LabelIndex.resolve`; to resolve several, build the index once)."""
-    return LabelIndex(concepts_of(config), to_name).resolve(text)
-
-
 def text_prompt_region(context: Any, max_regions: int = 512) -> Optional[Tuple[int, dict]]:
     """``(index, region)`` of the last ``textarea`` region of ``context`` (``params.context`` of
     /predict), or None when it holds none (then it is a click, or no prompt). Cheap: nothing of

@@ -136,6 +136,9 @@ class PredictionService:
         check it between units of work. ``held``: a reservation of :attr:`memory` that counts
         the results until the caller has sent them (and then releases it); without one, they
         are counted while they are made only."""
+        if held is None:
+            with self.memory.reservation(self.settings.memory_wait) as own:
+                return self.predict(tasks, label_config, context, project, scope, own)
         if not isinstance(tasks, list) or not tasks:
             raise RequestError("the request has no tasks: /predict expects {\"tasks\": [{...}], "
                                "\"label_config\": \"<View>...</View>\", \"params\": {\"context\": "
@@ -154,10 +157,7 @@ class PredictionService:
         concepts = self.concept_annotator() if typed is not None else None
         config = self.label_config_for(project, label_config)
         if typed is not None:
-            if held is not None:
-                return concepts.annotate_typed(tasks, config, typed, scope, held)
-            with self.memory.reservation(self.settings.memory_wait) as own:
-                return concepts.annotate_typed(tasks, config, typed, scope, own)
+            return concepts.annotate_typed(tasks, config, typed, scope, held)
         prompt = parse_context(context, config, self.settings.max_points)
         if prompt is None:
             if self.settings.auto_annotate:
@@ -167,10 +167,7 @@ class PredictionService:
                     scope.check("precomputing the tasks' images")
                     self.precompute(task, config)
             return []
-        if held is not None:
-            return [self.predict_task(task, config, prompt, scope, held) for task in tasks]
-        with self.memory.reservation(self.settings.memory_wait) as own:
-            return [self.predict_task(task, config, prompt, scope, own) for task in tasks]
+        return [self.predict_task(task, config, prompt, scope, held) for task in tasks]
 
     def concept_annotator(self) -> ConceptAnnotator:
         """The concept side; a clear error when the backend runs without one."""
