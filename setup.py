@@ -50,6 +50,9 @@ setup(
         "transformers==5.23.0",
         "huggingface_hub",
         "defusedxml",
+        # training (sam-backend train): RF-DETR's Hungarian matcher; the reports' charts
+        "scipy",
+        "matplotlib",
     ],
     # mmengine-lite: mmengine's Config without opencv-python (which would clash with the pinned
     # opencv-python-headless); the tests load the MMDetection configs export-coco writes with it

@@ -201,6 +201,42 @@ class Settings:
         100, "labels one concept pass asks for (auto-annotation: the config's labels, or "
         "concept_labels); more is refused with 400")
 
+    # learning from the labels (README "Learn from your labels")
+    trainer: str = option(
+        "rf_detr", "what a training run fine-tunes: rf_detr (a closed-set real-time detector + "
+        "segmenter of the project's labels) or grounding_dino (the concept detector, kept "
+        "open-vocabulary)")
+    trained_dir: Optional[str] = option(
+        None, "where trained versions live (a shared volume for a team); default "
+        "<weights directory>/trained")
+    train_every: int = option(
+        0, "start a training run after every N new or updated annotations of a project "
+        "(Label Studio's annotation webhooks); 0 = off")
+    train_epochs: int = option(30, "epochs of one training run")
+    train_batch_size: int = option(4, "images per training step")
+    train_learning_rate: float = option(1e-4, "the optimiser's learning rate")
+    train_image_size: int = option(
+        0, "the side images are resized to for training (0: the trainer's default; rf_detr "
+        "needs a multiple of its patch grid, e.g. 448, 504, 560)")
+    train_seed: int = option(0, "the seed of a run (split, initialisation, augmentation, order)")
+    train_min_tasks: int = option(10, "a run needs at least this many usable annotated tasks")
+    train_held_out: float = option(
+        0.2, "the fraction of tasks held out to evaluate a candidate (at least 2 tasks)")
+    train_start: Optional[str] = option(
+        None, "the starting weights of a project's first run: a directory in the trainer's "
+        "format (default: the pretrained model, downloaded once into the weights directory)")
+    train_random_init: bool = option(
+        False, "start a project's first run from random weights of a reduced configuration "
+        "(tests and smoke runs only: no download)")
+    train_device: Optional[str] = option(
+        None, "the device a run trains on (default: the backend's device)")
+    promote: str = option(
+        "if_better", "which candidates are served: if_better (held-out mAP not worse than the "
+        "served version's, or the zero-shot engine's) or always")
+    serve_trained: bool = option(
+        True, "a project with a promoted version gets its task-open / Retrieve predictions / "
+        "annotate predictions from it (false: from the concept model)")
+
     @classmethod
     def option_names(cls):
         return [f.name for f in fields(cls)]
@@ -271,6 +307,18 @@ class Settings:
         for name in ("max_phrases", "max_phrase_chars", "max_concept_labels"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be a positive number")
+        if self.trainer not in ("rf_detr", "grounding_dino"):
+            raise ConfigError(f"trainer={self.trainer!r}: use rf_detr or grounding_dino")
+        if self.promote not in ("if_better", "always"):
+            raise ConfigError(f"promote={self.promote!r}: use if_better or always")
+        if self.train_every < 0:
+            raise ConfigError("train_every must not be negative (0 = off)")
+        for name in ("train_epochs", "train_batch_size", "train_learning_rate", "train_min_tasks"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be a positive number")
+        if not 0 < self.train_held_out < 1 or self.train_image_size < 0:
+            raise ConfigError("train_held_out must be between 0 and 1 (exclusive), "
+                              "train_image_size must not be negative")
         if self.auto_annotate and self.concept_model == "none":
             raise ConfigError("auto_annotate=true needs a concept model: add "
                               "concept_model=grounding_dino (or sam3)")
