@@ -126,3 +126,284 @@ def test_the_training_set_read_through_label_studio_is_what_was_annotated(label_
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# the backend, started by the project's own command
+
+
+def recipe_options() -> List[str]:
+    """The reduced RF-DETR recipe the trainer's learning test measured (tests/support), as the
+    backend's training options."""
+    from tests.support.recipes import RF_DETR_RECIPE as recipe
+
+    return [f"train_epochs={recipe.epochs}", f"train_batch_size={recipe.batch_size}",
+            f"train_learning_rate={recipe.learning_rate}",
+            f"train_image_size={recipe.image_size}", f"train_seed={recipe.seed}",
+            "train_random_init=true"]
+
+
+@pytest.fixture(scope="module")
+def zero_shot_dino(tmp_path_factory) -> Path:
+    """The zero-shot concept engine a project has before it is trained (random weights, the
+    reduced configuration): the baseline of the first run."""
+    from tests.support.random_weights import make_random_grounding_dino
+
+    return make_random_grounding_dino(tmp_path_factory.mktemp("gd") / "grounding-dino", "tiny",
+                                      seed=7)
+
+
+def model_options(checkpoint, trained_dir: Path, dino: Path, *extra: str) -> List[str]:
+    return ["model_name=mobile_sam", f"sam_checkpoint_file={checkpoint}", "device=cpu",
+            "concept_model=grounding_dino", f"concept_checkpoint={dino}",
+            "concept_threshold=0.3", "trainer=rf_detr", f"trained_dir={trained_dir}", *extra]
+
+
+def serve(start, label_studio, options: List[str], tmp_path_factory, name: str):
+    """``sam-backend serve --with <options>``, told Label Studio's address and token (as for
+    images; a training run reads the project with them)."""
+    port = free_port()
+    env = {**os.environ, "LABEL_STUDIO_URL": label_studio.url,
+           "LABEL_STUDIO_API_KEY": label_studio.token, "PYTHONUNBUFFERED": "1",
+           "SAM_BACKEND_IMAGE_CACHE_DIR": str(tmp_path_factory.mktemp(f"{name}-images")),
+           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
+    return start(CLI + ["serve", "--host", "127.0.0.1", "--port", str(port), "--with", *options],
+                 port, env=env, cwd=REPO, name=name, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("trained")
+
+
+@pytest.fixture(scope="module")
+def backend(session_backend_process, checkpoint_factory, label_studio, trained_dir,
+            zero_shot_dino, tmp_path_factory):
+    """The backend that learns the shapes project (train_every off: only Start Training and
+    ``sam-backend train`` start runs)."""
+    options = model_options(checkpoint_factory("mobile_sam"), trained_dir, zero_shot_dino,
+                            *recipe_options())
+    return serve(session_backend_process, label_studio, options, tmp_path_factory, "learner")
+
+
+def status(backend, project_id: int) -> dict:
+    answer = requests.get(f"{backend.url}/train/status", params={"project": project_id},
+                          timeout=30)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def metrics(backend) -> dict:
+    return requests.get(f"{backend.url}/metrics", timeout=30).json()
+
+
+ACTIVE = ("running", "queued")
+
+
+def wait_idle(backend, project_id: int, timeout: float, seen: list = None) -> dict:
+    """/train/status polled until no run is active or queued; every answer is appended to
+    ``seen``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = status(backend, project_id)
+        if seen is not None:
+            seen.append(now)
+        if now["state"] not in ACTIVE and not now.get("follow_up"):
+            return now
+        assert time.monotonic() < deadline, f"still training after {timeout:.0f} s: {now}"
+        time.sleep(1.0)
+
+
+def map50(figures: dict, metric: str):
+    """The mAP50 of a report's candidate/baseline figures ({"bbox": {...}, "segm": {...}})."""
+    return (figures.get(metric) or {}).get("mAP50")
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+@pytest.fixture(scope="module")
+def first_version(label_studio, shapes, backend):
+    """*Start Training* pressed once in Label Studio; the run's final status."""
+    api = label_studio.api
+    project, _ = shapes
+    ml = api.add_ml_backend(project["id"], backend.url, is_interactive=True)
+    before = status(backend, project["id"])
+    assert before["state"] == "idle" and before["served"] is None and before["versions"] == []
+    started = metrics(backend)["runs_started"]
+    api.post(f"/api/ml/{ml['id']}/train")  # the model menu's Start Training
+    # Label Studio took the answer as a started training (an error would set state "ER")
+    assert api.get_ml_backend(ml["id"])["state"] == "TR"
+    seen: list = []
+    final = wait_idle(backend, project["id"], 600, seen)
+    return {"project": project, "ml": ml, "status": final, "seen": seen,
+            "runs_started": metrics(backend)["runs_started"] - started}
+
+
+def test_start_training_trains_evaluates_and_promotes_one_version(first_version, backend):
+    project_id = first_version["project"]["id"]
+    final = first_version["status"]
+    assert first_version["runs_started"] == 1  # one press, one run
+    assert final["state"] == "succeeded", final
+    assert final["served"] == f"p{project_id}-v1"
+    assert [v["name"] for v in final["versions"]] == [f"p{project_id}-v1"]
+    report = final["last_report"]
+    assert report["kind"] == "rf_detr" and report["metric"] == "segm"
+    assert report["promoted"] is True and report["parent"] is None
+    assert report["dataset"]["classes"] == list(LABELS)
+    assert report["dataset"]["train_tasks"] + report["dataset"]["held_out_tasks"] == N_IMAGES
+    assert report["dataset"]["held_out_tasks"] >= 2
+    assert not report["dataset"].get("missing_images")
+    assert len(report["epochs"]) == report["options"]["epochs"]
+    trained, untrained = map50(report["candidate"], "segm"), map50(report["baseline"], "segm")
+    print(f"held-out segm mAP50: trained {trained:.3f}, zero-shot baseline "
+          f"({report['baseline']['source']}) {untrained}")
+    from tests.support.recipes import RF_DETR_MIN_SEGM_MAP50
+
+    assert trained >= RF_DETR_MIN_SEGM_MAP50
+    assert report["baseline"]["source"].startswith("zero-shot")
+    assert (untrained or 0.0) < 0.1  # random weights: far below
+    # progress was visible while it ran
+    running = [s for s in first_version["seen"] if s["state"] == "running"]
+    assert running and all(s["progress"]["epochs"] == report["options"]["epochs"]
+                           for s in running)
+
+
+def retrieve_predictions(api, project_id: int, task_ids: List[int]) -> dict:
+    """The data manager's *Retrieve predictions* on ``task_ids``."""
+    return api.post(f"/api/dm/actions?id=retrieve_tasks_predictions&project={project_id}",
+                    {"selectedItems": {"all": False, "included": task_ids}})
+
+
+def check_prediction(prediction: dict, version: str) -> int:
+    """A stored prediction of the trained version: its regions under the project's labels;
+    returns the number of objects (brush masks)."""
+    assert prediction["model_version"].endswith(version), prediction["model_version"]
+    for region in prediction["result"]:
+        assert region["value"][region["type"]][0] in LABELS
+    return sum(1 for r in prediction["result"] if r["type"] == "brushlabels")
+
+
+def test_the_promoted_version_answers_retrieve_predictions_and_annotate(
+        label_studio, shapes, first_version, backend, checkpoint_factory, trained_dir,
+        zero_shot_dino, monkeypatch, tmp_path, capsys):
+    from sam_backend import cli
+
+    api = label_studio.api
+    project, made = shapes
+    version = f"+rf_detr@p{project['id']}-v1"
+    # Label Studio learns the project's model_version from /setup
+    picked = [task_id for task_id, _ in made[:6]]
+    retrieve_predictions(api, project["id"], picked)
+    stored = api.get("/api/predictions", params={"project": project["id"]})
+    assert sorted(p["task"] for p in stored) == sorted(picked)
+    objects = [check_prediction(p, version) for p in stored]
+    assert sum(objects) > 0, stored  # the trained model finds shapes
+    assert api.get_ml_backend(first_version["ml"]["id"])["model_version"].endswith(version)
+
+    # `sam-backend annotate --project` predicts the rest with the same version
+    monkeypatch.setenv("LABEL_STUDIO_URL", label_studio.url)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", label_studio.token)
+    monkeypatch.setenv("SAM_BACKEND_IMAGE_CACHE_DIR", str(tmp_path / "image-cache"))
+    options = model_options(checkpoint_factory("mobile_sam"), trained_dir, zero_shot_dino)
+    assert cli.main(["annotate", "--project", str(project["id"]), "--no-progress",
+                     "--with", *options]) == 0
+    out = capsys.readouterr().out
+    assert f"{N_IMAGES - len(picked)} task(s) annotated" in out, out
+    stored = api.get("/api/predictions", params={"project": project["id"]})
+    assert len(stored) == N_IMAGES
+    versions = {p["model_version"] for p in stored}
+    assert len(versions) == 1 and versions.pop().endswith(version)
+    assert sum(check_prediction(p, version) for p in stored) >= N_IMAGES // 2
+
+
+def test_a_worse_candidate_is_kept_but_not_promoted(label_studio, shapes, first_version,
+                                                    backend, checkpoint_factory, trained_dir,
+                                                    zero_shot_dino, monkeypatch, capsys):
+    """``sam-backend train`` with a learning rate that wrecks the weights in one epoch: the
+    candidate is published as v2 with its report, v1 stays served (here and in the server)."""
+    from sam_backend import cli
+
+    project_id = first_version["project"]["id"]
+    monkeypatch.setenv("LABEL_STUDIO_URL", label_studio.url)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", label_studio.token)
+    options = model_options(checkpoint_factory("mobile_sam"), trained_dir, zero_shot_dino,
+                            *recipe_options(), "train_epochs=1", "train_learning_rate=5.0")
+    code = cli.main(["train", "--project", str(project_id), "--no-progress", "--with", *options])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    now = status(backend, project_id)
+    assert now["served"] == f"p{project_id}-v1"
+    names = {v["name"]: v for v in now["versions"]}
+    assert set(names) == {f"p{project_id}-v1", f"p{project_id}-v2"}
+    assert names[f"p{project_id}-v2"]["promoted"] is False
+    report = now["last_report"]
+    assert report["version"] in (2, f"p{project_id}-v2") and report["promoted"] is False
+    assert report["baseline"]["source"] == f"p{project_id}-v1"
+    assert map50(report["candidate"], "segm") < map50(report["baseline"], "segm")
+    # the server keeps answering with v1
+    api = label_studio.api
+    task_id = shapes[1][-1][0]
+    retrieve_predictions(api, project_id, [task_id])
+    stored = [p for p in api.get("/api/predictions", params={"project": project_id})
+              if p["task"] == task_id]
+    assert {p["model_version"].rsplit("+", 1)[-1] for p in stored} == {f"rf_detr@p{project_id}-v1"}
+
+
+# ---------------------------------------------------------------------------------------------
+# train_every
+
+
+EVERY = 2
+
+
+@pytest.fixture(scope="module")
+def counting_backend(session_backend_process, checkpoint_factory, label_studio, zero_shot_dino,
+                     tmp_path_factory):
+    """A backend that trains after every EVERY annotations (one quick epoch per run)."""
+    options = model_options(checkpoint_factory("mobile_sam"), tmp_path_factory.mktemp("trained"),
+                            zero_shot_dino, *recipe_options(), f"train_every={EVERY}",
+                            "train_epochs=2", "concept_model=none")
+    return serve(session_backend_process, label_studio, options, tmp_path_factory, "counter")
+
+
+def test_train_every_n_annotations_starts_one_run_and_queues_one_follow_up(
+        label_studio, counting_backend, tmp_path_factory):
+    api = label_studio.api
+    first, more = 10, 3 * EVERY
+    project, made = make_project(api, tmp_path_factory.mktemp("every"), "train every",
+                                 first + more, seed=9, annotated=first)
+    # connected now: Label Studio creates the webhook, later annotations are posted to it
+    api.add_ml_backend(project["id"], counting_backend.url, is_interactive=True)
+    pid = project["id"]
+    assert status(counting_backend, pid)["state"] == "idle"
+    extra = made[first:]
+    for task_id, result in extra[:EVERY - 1]:
+        api.create_annotation(task_id, result)
+    assert status(counting_backend, pid)["state"] == "idle"  # N-1 annotations: no run
+    api.create_annotation(*extra[EVERY - 1])
+    running = status(counting_backend, pid)
+    assert running["state"] == "running" and not running["follow_up"], running
+    # 2N more annotations during the run: one follow-up, however many triggers
+    for task_id, result in extra[EVERY:]:
+        api.create_annotation(task_id, result)
+    queued = status(counting_backend, pid)
+    assert queued["state"] == "running" and queued["follow_up"] is True, queued
+    final = wait_idle(counting_backend, pid, 300)
+    counters = metrics(counting_backend)
+    assert counters["runs_started"] == 2, counters
+    assert counters["annotation_events"] >= 3 * EVERY
+    assert len(final["versions"]) == 2, final
+    reports = [v.get("report") or {} for v in final["versions"]]
+    # never in parallel: the follow-up started after the first run finished
+    from sam_backend.settings import Settings
+    from sam_backend.training.versions import VersionStore
+
+    store = VersionStore(Path(next(o.split("=", 1)[1] for o in counting_backend.cmd
+                                   if o.startswith("trained_dir="))))
+    v1, v2 = store.versions(pid)
+    assert v1.report["finished"] <= v2.report["started"]
+    # the follow-up learnt from every annotation made by then
+    assert v2.report["dataset"]["train_tasks"] + v2.report["dataset"]["held_out_tasks"] \
+        == first + more
