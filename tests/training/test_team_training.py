@@ -125,28 +125,42 @@ def test_a_train_worker_trains_replicas_switch_and_a_killed_run_keeps_the_served
                      f"{replica.url} to serve v2")
             assert replica.running  # the same processes all along
 
-        # a long run, killed mid-run with its worker: v2 stays served, RQ keeps the job
+        # a long run, killed mid-run with its worker: v2 stays served; RQ re-queues the job once
+        # its heartbeat lapses and the next worker runs it (a quick run again): v3
         worker.kill()
-        long_options = [o for o in options if not o.startswith("train_epochs=")] + \
-            ["train_epochs=500"]
-        doomed = train_worker(long_options, env, tmp_path / "doomed.log", redis_server.client(),
+        long_run = [o for o in options if not o.startswith("train_epochs=")] + ["train_epochs=500"]
+        doomed = train_worker(long_run, env, tmp_path / "doomed.log", redis_server.client(),
                               "trainer-2")
         processes.append(doomed.start())
-        start_training(replicas[0])
-        wait_for(lambda: (train_status(replicas[1])["state"] == "running"
-                          and train_status(replicas[1])["progress"].get("epoch", 0) >= 1), 240,
+        job = start_training(replicas[0])["job"]
+        wait_for(lambda: train_status(replicas[1])["progress"].get("epoch", 0) >= 1, 240,
                  "the long run to be training")
         doomed.kill()
-        from rq import Queue
-
-        queue = Queue("train", connection=redis_server.client())
-        started = queue.started_job_registry.get_job_ids()
-        assert len(started) == 1  # the killed run's job, waiting to be retried
         assert (trained / f"project-{PROJECT}" / "current").read_text().strip() == "v2"
         for replica in replicas:
             assert served_by(replica, task, f"rf_detr@p{PROJECT}-v2")
         assert [v["name"] for v in train_status(replicas[0])["versions"]] == \
             [f"p{PROJECT}-v1", f"p{PROJECT}-v2"]  # nothing half-written is listed
+        from rq import Queue
+        from rq.job import Job
+        from rq.serializers import JSONSerializer
+
+        from sam_backend.training.jobs import RETRIES, TRAIN_QUEUE
+
+        queue = Queue(TRAIN_QUEUE, connection=redis_server.client(), serializer=JSONSerializer)
+        assert queue.started_job_registry.get_job_ids() == [job]  # held for a retry
+        rescuer = train_worker(options, env, tmp_path / "rescuer.log", redis_server.client(),
+                               "trainer-3", maintenance_interval=2)
+        processes.append(rescuer.start())
+        wait_for(lambda: train_status(replicas[1])["served"] == f"p{PROJECT}-v3", 240,
+                 "the killed run's job to be retried and promoted")
+        for replica in replicas:
+            wait_for(lambda: served_by(replica, task, f"rf_detr@p{PROJECT}-v3"), 30,
+                     f"{replica.url} to serve v3")
+        retried = Job.fetch(job, connection=redis_server.client(), serializer=JSONSerializer)
+        assert retried.retries_left == RETRIES - 1
+        assert [v["name"] for v in train_status(replicas[0])["versions"]] == \
+            [f"p{PROJECT}-v{n}" for n in (1, 2, 3)]
     finally:
         for process in processes:
             process.stop()
