@@ -104,6 +104,12 @@ def draw_report_png(path: Path, report: Dict[str, Any], examples: Sequence[Examp
         loss_ax.legend(fontsize=7)
     else:
         loss_ax.text(0.5, 0.5, "no epoch finished", ha="center", va="center")
+    per_epoch = [(e.get("epoch"), e.get("mAP50")) for e in epochs if e.get("mAP50") is not None]
+    if per_epoch:  # the trainer measured the held-out mAP50 after each epoch
+        twin = loss_ax.twinx()
+        twin.plot(*zip(*per_epoch), "s-", color="tab:blue", label="held-out mAP50")
+        twin.set_ylim(0, 1.05)
+        twin.legend(fontsize=7, loc="lower left")
     loss_ax.set_xlabel("epoch")
     loss_ax.set_title("training loss per epoch", fontsize=9)
 
@@ -122,12 +128,6 @@ def draw_report_png(path: Path, report: Dict[str, Any], examples: Sequence[Examp
         map_ax.text(x + 0.2, value + 0.01, f"{value:.2f}", ha="center", fontsize=7)
     map_ax.set_xticks(positions, names)
     map_ax.set_ylim(0, 1.05)
-    per_epoch = [(e.get("epoch"), e.get("mAP50")) for e in epochs if e.get("mAP50") is not None]
-    if per_epoch:
-        inset = map_ax.inset_axes([0.62, 0.55, 0.35, 0.35])
-        inset.plot(*zip(*per_epoch), "o-", color="tab:blue")
-        inset.set_title("mAP50 per epoch", fontsize=6)
-        inset.tick_params(labelsize=6)
     map_ax.legend(fontsize=7, loc="upper left")
     map_ax.set_title(f"held-out {metric} ({(report.get('dataset') or {}).get('held_out_tasks', '?')}"
                      f" tasks)", fontsize=9)
