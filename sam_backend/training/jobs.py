@@ -242,7 +242,10 @@ class TrainingJobs:
         process.join()
         code = process.exitcode
         status = self.versions.status(project)
-        if code != 0 and (status.get("state") == "running" or status.get("pid") != process.pid):
+        ours = status.get("pid") == process.pid
+        other_running = not ours and status.get("state") == "running" and \
+            _alive(status.get("pid"))
+        if code != 0 and not other_running and (not ours or status.get("state") == "running"):
             # died without saying so (killed, crashed on start): the served version stays
             served = self.versions.current(project)
             how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
