@@ -184,38 +184,42 @@ def _predict_all(predict: Callable[[ImageSample], Prediction], held_out: Sequenc
     return out
 
 
-def _zero_shot_predictor(settings, images, phrases: Sequence[str]
+def _zero_shot_predictor(settings, images, phrases: Sequence[str], masks: bool
                          ) -> Tuple[Callable[[ImageSample], Prediction], str]:
     """The zero-shot concept engine as a held-out predictor: each class's phrase asked on the
-    image, instances with the click model's masks."""
+    image (score above :data:`EVAL_THRESHOLD`, duplicates suppressed, at most
+    ``max_instances`` per label, as it serves), with the click model's masks when ``masks``
+    (a segm comparison; a bbox one decodes none)."""
     from sam_backend.concepts.base import Selection
 
     segmenter = assembly.segmenter_for(settings)
     engine = assembly.create_concept_engine(settings, segmenter)
-    selection = Selection(settings.concept_nms_iou, 100)
+    selection = Selection(settings.concept_nms_iou, settings.max_instances)
 
     def predict(item: ImageSample) -> Prediction:
         try:
             key = images.source_key(item.sample.image, item.sample.task_id)
         except SamBackendError:
             key = f"training:{item.path}"
-        found = engine.detect(key, item.load, [[p] for p in phrases], EVAL_THRESHOLD, selection)
-        boxes, scores, labels, masks = [], [], [], []
-        for index, instances in enumerate(found):
+        state, (height, width) = engine.image_state(key, item.load)
+        boxes, scores, labels, found_masks = [], [], [], []
+        for index, phrase in enumerate(phrases):
+            instances = engine.find(state, phrase, EVAL_THRESHOLD)
+            instances = instances.take(selection.keep(instances.boxes, instances.scores))
+            if masks:
+                instances = engine.with_masks(state, instances)
+                found_masks.append(np.asarray(instances.masks, bool).reshape(-1, height, width))
             boxes.append(np.asarray(instances.boxes, np.float32).reshape(-1, 4))
             scores.append(np.asarray(instances.scores, np.float32).reshape(-1))
             labels.append(np.full(len(instances), index, np.int64))
-            if instances.masks is not None:
-                masks.append(np.asarray(instances.masks, bool))
-        height, width = item.sample.height, item.sample.width
         return Prediction(np.concatenate(boxes), np.concatenate(scores), np.concatenate(labels),
-                          np.concatenate(masks) if masks else np.zeros((0, height, width), bool))
+                          np.concatenate(found_masks) if masks else None)
 
     return predict, f"zero-shot {settings.concept_model}"
 
 
 def _baseline(settings, versions: VersionStore, served: Optional[Version], images,
-              classes: Sequence[str], phrases: Sequence[str], device: str
+              classes: Sequence[str], phrases: Sequence[str], device: str, metric: str
               ) -> Tuple[Optional[Callable[[ImageSample], Prediction]], str, Optional[str]]:
     """(predictor or None, its source's name, why it is missing)."""
     if served is not None:
@@ -233,7 +237,8 @@ def _baseline(settings, versions: VersionStore, served: Optional[Version], image
         return predict, served.name, None
     if settings.concept_model != "none":
         try:
-            predict, source = _zero_shot_predictor(settings, images, phrases)
+            predict, source = _zero_shot_predictor(settings, images, phrases,
+                                                   masks=metric == "segm")
         except Exception as exc:  # noqa: BLE001 - the run goes on, compared with nothing
             log.warning("the zero-shot baseline cannot be built: %s", exc)
             return None, f"zero-shot {settings.concept_model}", f"{type(exc).__name__}: {exc}"
@@ -400,15 +405,15 @@ def _run(settings, project: int, label_studio_url, token, progress: Progress, ch
                                held_out, check, progress, "candidate")
     held_samples = [item.sample for item in held_out]
     candidate_result = evaluate(held_samples, predictions, classes)
+    metric = trainer.metric
     baseline_predict, source, baseline_error = _baseline(settings, versions, served, images,
-                                                         classes, phrases, device)
+                                                         classes, phrases, device, metric)
     if baseline_predict is not None:
         baseline_result = _figures_only(evaluate(
             held_samples, _predict_all(baseline_predict, held_out, check, progress, "baseline"),
             classes))
     else:
         baseline_result = {}
-    metric = trainer.metric
     baseline_figure = promotion_figure(baseline_result, metric) if baseline_predict else None
     if baseline_predict is None and source == "none":
         baseline_figure = 0.0
