@@ -11,7 +11,7 @@
 4. the held-out split by task (:mod:`.split`: ``train_held_out``, at least 2 tasks, seeded by
    ``train_seed``);
 5. the trainer (``trainer``), starting from the served version's model when it is of the same
-   kind and classes, else ``train_start``, else the trainer's default (the pretrained model;
+   kind and (rf_detr, a closed-set class head) the same classes, else ``train_start``, else the trainer's default (the pretrained model;
    random weights of a reduced configuration with ``train_random_init``);
 6. the candidate and the **baseline** evaluated on the same held-out tasks (COCO mAP,
    :mod:`.evaluate`): the baseline is the served version, else the zero-shot concept engine
@@ -364,7 +364,10 @@ def _run(settings, project: int, label_studio_url, token, progress: Progress, ch
     start, parent = None, None
     if served is not None and served.kind == settings.trainer:
         try:
-            if list(read_model_file(served.model_dir).get("classes") or []) == classes:
+            # a closed-set model continues only with the same classes (its class head); the
+            # open-vocabulary one reads labels as text, so a new label changes nothing
+            if settings.trainer == "grounding_dino" or \
+                    list(read_model_file(served.model_dir).get("classes") or []) == classes:
                 versions.verify(served)
                 start, parent = served.model_dir, served.name
         except (ValueError, OSError) as exc:
