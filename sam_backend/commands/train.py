@@ -80,8 +80,15 @@ def run(args) -> int:
     if args.status:
         from sam_backend.training.jobs import TrainingJobs
 
-        jobs = TrainingJobs(dataclasses.replace(settings, embedding_store=None), versions)
-        status = jobs.status(args.project)
+        try:  # a team's status includes the queue (Redis); the files say the rest
+            jobs = TrainingJobs(settings, versions)
+            status = jobs.status(args.project)
+        except Exception as exc:  # noqa: BLE001 - Redis unreachable: the files alone
+            log.warning("the training queue cannot be read (%s): status from %s only", exc,
+                        versions.root)
+            jobs = TrainingJobs(dataclasses.replace(settings, embedding_store=None), versions)
+            status = jobs.status(args.project)
+        jobs.close()
         status.pop("last_report", None)
         out.write(json.dumps(status, indent=2, default=str) + "\n")
         return 0
