@@ -9,18 +9,21 @@ open-vocabulary.
 the delimiters ``[CLS]``, ``[SEP]``, ``.``, ``?`` (BERT ids 101, 102, 1012, 1029, hard-coded in
 ``transformers``) and ``[PAD]``; ``class_labels`` k means "the k-th group", i.e. the k-th phrase of
 *that* prompt, and a matched query is taught to light up all of its tokens (focal loss), every
-other token of the prompt being a negative. Each training step gets its own prompt (one for the
-whole batch): the phrases of a random subset of the classes (all of them half of the time), shuffled, within the
-model's text length; its objects whose class is not in the prompt are background for it. So a
-phrase works alone (as the concept engine asks, one phrase at a time) and next to others, and a
-phrase learns not to fire on the other classes' objects.
+other token of the prompt being a negative. Each training step gets its own prompt (one for
+the whole batch): the phrases of a random subset of the classes (all of them half of the time),
+shuffled, within the model's text length; an object whose class is not in the prompt is
+background for it. So a phrase works alone (as the concept engine asks, one phrase at a time)
+and next to others, and a phrase learns not to fire on the other classes' objects.
 
 **What is frozen.** The text encoder (BERT) is frozen: a label without annotations keeps the
 text features it had, so it stays as open-vocabulary as the starting checkpoint (the fusion
 layers still adapt). The image backbone learns at a tenth of the learning rate when starting
 from trained weights (pretrained or a parent version), at the full rate from random weights
 (``options.reduced``). Everything else (feature enhancer, decoder, heads) learns at the
-options' rate (AdamW, weight decay 1e-4, gradient norm clipped to 0.1, as DETR-family recipes).
+options' rate (AdamW, weight decay 1e-4, gradient norm clipped to 0.1, as DETR-family recipes;
+a short linear warm-up, then a cosine decay to 5 % of the rate). Every decoder layer is
+supervised during training (``auxiliary_loss``), as in pre-training; the saved config keeps the
+starting point's setting.
 
 **Images.** Every image is resized to a square ``image_size`` (aspect not kept, no padding): the
 normalised boxes the loss takes are then exactly the objects' boxes divided by the image size,
@@ -69,6 +72,9 @@ REDUCED_IMAGE_SIZE = 160
 BACKBONE_LR_FACTOR = 0.1
 WEIGHT_DECAY = 1e-4
 MAX_GRAD_NORM = 0.1
+#: the learning-rate schedule: warm-up share of the steps, the final rate's share
+WARMUP_SHARE = 0.05
+FINAL_LR_SHARE = 0.05
 #: the share of training prompts holding every class (the others hold a random subset)
 FULL_PROMPT_SHARE = 0.5
 #: most detections per image (COCO's maxDets)
@@ -275,12 +281,26 @@ def _load_directory(directory: Path, device: str = "cpu"):
         raise ValueError(f"{directory} holds no Grounding DINO (no config.json)")
     try:
         processor = GroundingDinoProcessor.from_pretrained(str(directory), local_files_only=True)
-        model = GroundingDinoForObjectDetection.from_pretrained(str(directory),
-                                                                local_files_only=True)
+        model, loading = GroundingDinoForObjectDetection.from_pretrained(
+            str(directory), local_files_only=True, output_loading_info=True)
     except Exception as exc:  # transformers raises many kinds for a damaged file
         raise ValueError(f"cannot load Grounding DINO from {directory}: "
                          f"{type(exc).__name__}: {exc}") from None
+    missing = list(loading.get("missing_keys") or []) + list(loading.get("mismatched_keys") or [])
+    if missing:  # transformers would fill them with random weights
+        raise ValueError(f"cannot load Grounding DINO from {directory}: its weights lack "
+                         f"{len(missing)} tensors ({', '.join(map(str, missing[:3]))}, ...)")
     return model.to(device), processor
+
+
+def _lr_factor(step: int, total: int) -> float:
+    """The learning rate's factor at ``step`` of ``total``: a linear warm-up over the first
+    :data:`WARMUP_SHARE` of the steps, then a cosine decay to :data:`FINAL_LR_SHARE`."""
+    warmup = max(1, int(total * WARMUP_SHARE))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return FINAL_LR_SHARE + (1 - FINAL_LR_SHARE) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class GroundingDinoTrainer(Trainer):
@@ -392,6 +412,9 @@ class GroundingDinoTrainer(Trainer):
         scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
         rng = np.random.default_rng(options.seed)
         batch = max(1, options.batch_size)
+        total_steps = options.epochs * math.ceil(len(train) / batch)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimiser, lambda step: _lr_factor(step, total_steps))
         logs: List[EpochLog] = []
         log.info("grounding_dino: %d images, classes %s, from %s, %d epochs at %dpx on %s",
                  len(train), classes, source, options.epochs, image_size, device)
@@ -438,12 +461,14 @@ class GroundingDinoTrainer(Trainer):
                 torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
                 scaler.step(optimiser)
                 scaler.update()
+                schedule.step()
                 steps += 1
                 seen += len(images)
                 totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
-                for name in ("loss_ce", "loss_bbox", "loss_giou"):
+                for name in ("loss_ce", "loss_bbox", "loss_giou"):  # the last decoder layer's
                     if name in outputs.loss_dict:
-                        totals[name] = totals.get(name, 0.0) + float(outputs.loss_dict[name].detach())
+                        value = float(outputs.loss_dict[name].detach())
+                        totals[name] = totals.get(name, 0.0) + value
             entry = EpochLog(epoch=epoch, epochs=options.epochs, loss=totals["loss"] / steps,
                              seconds=time.perf_counter() - started, images=seen,
                              parts={k: v / steps for k, v in totals.items() if k != "loss"})

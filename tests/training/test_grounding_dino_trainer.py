@@ -57,7 +57,7 @@ def held_out_map50(detector, held) -> float:
 
 
 def quick(seed: int, **options) -> GroundingDinoTrainer:
-    recipe = dict(REDUCED_RECIPE, epochs=2, batch_size=4)
+    recipe = dict(REDUCED_RECIPE, epochs=2)
     recipe.update(options)
     return GroundingDinoTrainer(TrainOptions(seed=seed, **recipe))
 
@@ -131,7 +131,6 @@ def test_the_concept_engine_serves_the_directory(shapes, trained, checkpoint_fac
     from sam_backend.assembly import segmenter_for
     from sam_backend.concepts.grounding_dino import GroundingDinoEngine
     from sam_backend.settings import Settings
-    from sam_backend.training.evaluate import _gt  # noqa: F401  (ground truth is the sample's)
 
     train, _, classes = shapes
     _, out, _ = trained
@@ -164,7 +163,7 @@ def test_same_seed_same_losses_other_seed_other_losses(shapes, tmp_path):
     train, _, classes = shapes
     runs = {}
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
-        logs = quick(seed).train(train[:8], classes, classes, tmp_path / name)
+        logs = quick(seed, batch_size=2).train(train[:4], classes, classes, tmp_path / name)
         runs[name] = [(log.loss, sorted(log.parts.items())) for log in logs]
     assert runs["a"] == runs["b"]
     assert runs["a"] != runs["c"]
