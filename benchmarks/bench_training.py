@@ -236,7 +236,8 @@ def clicks_phase(kind: str, args, work: Path) -> Dict[str, Any]:
     try:
         client.click(emb, [(50.0, 50.0, True)])  # encodes the image
         progress(f"clicks: {args.clicks} idle")
-        idle = [client.click(emb, [(x, y, True)]) for x, y in bench_http.points_for(rng, args.clicks)]
+        idle = [client.click(emb, [(x, y, True)])
+                for x, y in bench_http.points_for(rng, args.clicks)]
         answer = requests.post(server.url + "/webhook", timeout=60,
                                json={"action": "START_TRAINING", "project": {"id": 1}}).json()
         status_url = f"{server.url}/train/status"
@@ -251,7 +252,8 @@ def clicks_phase(kind: str, args, work: Path) -> Dict[str, Any]:
         if now["state"] != "running":
             raise RuntimeError(f"the run is not running: {now}")
         progress(f"clicks: {args.clicks} while {kind} trains")
-        share = bench_http.CpuShare([server.process.pid] + bench_http.child_pids(server.process.pid))
+        pids = [server.process.pid] + bench_http.child_pids(server.process.pid)
+        share = bench_http.CpuShare(pids)
         busy, states = [], []
         for x, y in bench_http.points_for(rng, args.clicks):
             busy.append(client.click(emb, [(x, y, True)]))
