@@ -1,9 +1,9 @@
 """Learn from the labels through a real Label Studio 1.23.2: the loop a team runs.
 
-A synthetic project (``tests/support/shapes.py``: 36 images of 160x120 with one to three circles and
-squares on a noisy background, masks known) is uploaded to Label Studio and annotated through
-its API (``POST /api/tasks/<id>/annotations/`` with the brush + polygon + box regions this
-backend's clicks leave). Then, as a user does it:
+A synthetic project (``tests/support/shapes.py``: 48 images of 160x120 with one to three
+circles and squares on a noisy background, masks known) is uploaded to Label Studio and
+annotated through its API (``POST /api/tasks/<id>/annotations/`` with the brush + polygon + box
+regions this backend's clicks leave). Then, as a user does it:
 
 1. the training set read back through Label Studio's API is exactly what was annotated;
 2. the backend (``sam-backend serve``, trainer ``rf_detr`` from random weights, the reduced
@@ -38,9 +38,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.process,
               # pycocotools 2.0.x calls np.array(copy=False) when decoding; harmless here
               pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
 
-#: the project the loop learns from: 36 images of 160x120, of which the split holds out about
-#: one in five: about the 28 training images the recipe was measured with
-N_IMAGES = 36
+#: the project the loop learns from: 48 images of 160x120, of which the split holds out about
+#: one in five: about the 40 training images the recipe was measured with
+N_IMAGES = 48
 W, H = 160, 120
 CLI = [sys.executable, "-m", "sam_backend.cli"]
 
