@@ -289,7 +289,8 @@ def markdown(report: Dict[str, Any]) -> str:
                          f"{fmt(row['build_and_save_seconds'], ' s')} |")
         lines.append("")
     if report.get("inference"):
-        lines += ["| auto-annotation of one 1080p image | median | instances | masks |",
+        size = report.get("inference_image", "1920x1080")
+        lines += [f"| auto-annotation of one {size} image | median | instances | masks |",
                   "|---|---:|---:|---|"]
         for row in report["inference"]:
             lines.append(f"| {row['engine']} | {fmt(row['median_ms'], ' ms', 0)} | "
@@ -350,6 +351,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from tests.support.shapes import shapes_image
 
         picture, _ = shapes_image(77, width, height)
+        report["inference_image"] = f"{width}x{height}"
         image_path = work / "inference.png"
         cv2.imwrite(str(image_path), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
         for kind in trainers:

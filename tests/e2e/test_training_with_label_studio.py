@@ -41,6 +41,14 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.process,
 #: the project the loop learns from: 48 images of 160x120, of which the split holds out about
 #: one in five: about the 40 training images the recipe was measured with
 N_IMAGES = 48
+#: the recipe's rate and size, twice its epochs: which tasks are held out depends on the ids
+#: Label Studio gives them (other tests of the session create tasks first), and 30 epochs
+#: left one split at 0.26. Held-out segm mAP50 measured with the trainer alone on these images
+#: and splits like Label Studio's: 30 epochs 0.36 and 0.26, 60 epochs 0.44, 0.43 and 0.60
+#: (untrained 0.0); ~1 s per epoch on one core of this CPU
+EPOCHS = 60
+#: the bar the trained version must clear (the zero-shot baseline, random weights, scores 0.0)
+MIN_SEGM_MAP50 = 0.3
 W, H = 160, 120
 CLI = [sys.executable, "-m", "sam_backend.cli"]
 
@@ -87,7 +95,7 @@ def shapes(label_studio, tmp_path_factory):
     """The learning project: N_IMAGES images, all annotated (before any backend is connected,
     so no annotation webhook reaches a backend)."""
     return make_project(label_studio.api, tmp_path_factory.mktemp("shapes"), "learn from labels",
-                        N_IMAGES, seed=5)
+                        N_IMAGES, seed=0)
 
 
 def test_the_training_set_read_through_label_studio_is_what_was_annotated(label_studio, shapes,
@@ -113,7 +121,7 @@ def test_the_training_set_read_through_label_studio_is_what_was_annotated(label_
     by_task = {s.task_id: s for s in dataset.samples}
     assert sorted(by_task) == sorted(task_id for task_id, _ in made)
     for i, (task_id, _) in enumerate(made):
-        _, objects = shapes_image(5 * 100_003 + i, W, H)  # what shapes_project drew
+        _, objects = shapes_image(i, W, H)  # what shapes_project(seed=0) drew
         sample = by_task[task_id]
         assert (sample.width, sample.height) == (W, H)
         assert sorted(LABELS[o.label] for o in sample.objects) == sorted(l for l, _ in objects)
@@ -188,7 +196,7 @@ def backend(session_backend_process, checkpoint_factory, label_studio, trained_d
     """The backend that learns the shapes project (train_every off: only Start Training and
     ``sam-backend train`` start runs)."""
     options = model_options(checkpoint_factory("mobile_sam"), trained_dir, zero_shot_dino,
-                            *recipe_options())
+                            *recipe_options(train_epochs=EPOCHS))
     return serve(session_backend_process, label_studio, options, tmp_path_factory, "learner")
 
 
@@ -264,9 +272,7 @@ def test_start_training_trains_evaluates_and_promotes_one_version(first_version,
     trained, untrained = map50(report["candidate"], "segm"), map50(report["baseline"], "segm")
     print(f"held-out segm mAP50: trained {trained:.3f}, zero-shot baseline "
           f"({report['baseline']['source']}) {untrained}")
-    from tests.support.rf_detr_recipe import RF_DETR_SHAPES_MAP50
-
-    assert trained >= RF_DETR_SHAPES_MAP50
+    assert trained >= MIN_SEGM_MAP50
     assert report["baseline"]["source"].startswith("zero-shot")
     assert (untrained or 0.0) < 0.1  # random weights: far below
     # progress was visible while it ran
@@ -350,7 +356,9 @@ def test_a_worse_candidate_is_kept_but_not_promoted(label_studio, shapes, first_
     assert report["version"] in (2, f"p{project_id}-v2") and report["promoted"] is False
     assert report["baseline"]["source"] == f"p{project_id}-v1"
     # the decision is on the held-out mAP (IoU .50:.95) of the trainer's metric
-    assert report["candidate"]["segm"]["mAP"] < report["baseline"]["segm"]["mAP"]
+    worse, served = report["candidate"]["segm"]["mAP"], report["baseline"]["segm"]["mAP"]
+    print(f"held-out segm mAP: wrecked candidate {worse:.3f}, served v1 {served:.3f}")
+    assert worse < served
     # the server keeps answering with v1
     api = label_studio.api
     task_id = shapes[1][-1][0]
