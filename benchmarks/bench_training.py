@@ -88,13 +88,39 @@ def full_start(kind: str) -> Path:
         RfDetrForInstanceSegmentation(RfDetrConfig()).save_pretrained(tmp)
         RfDetrImageProcessor().save_pretrained(tmp)
     elif kind == "grounding_dino":
-        from tests.support.random_weights import make_random_grounding_dino
-
-        make_random_grounding_dino(tmp, "full", seed=0)
+        full_grounding_dino(tmp)
     else:
         raise SystemExit(f"unknown trainer {kind!r}")
     os.replace(tmp, directory)
     return directory
+
+
+def full_grounding_dino(directory: Path) -> None:
+    """The ``grounding-dino-tiny`` architecture (Swin-T, BERT-base text encoder, 6+6 layers,
+    900 queries) with seeded random weights and a word-level tokenizer laid out like BERT's
+    where Grounding DINO finds its delimiters (the trainer's :func:`reduced_vocabulary`: the
+    token-aware loss splits phrases at the ids of ``.``); its vocabulary of ~1030 words instead
+    of BERT's 30522 makes the embedding table smaller, not a step slower."""
+    import torch
+    from transformers import (BertConfig, BertTokenizerFast, GroundingDinoConfig,
+                              GroundingDinoForObjectDetection, GroundingDinoImageProcessor,
+                              GroundingDinoProcessor, SwinConfig)
+
+    from sam_backend.models.random_init import seeded_random_model
+    from sam_backend.training.grounding_dino import reduced_vocabulary
+
+    vocab = reduced_vocabulary(["circle", "square"])
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab=str(directory / "vocab.txt"), do_lower_case=True)
+    config = GroundingDinoConfig(
+        backbone_config=SwinConfig(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
+                                   window_size=7, out_features=["stage2", "stage3", "stage4"]),
+        text_config=BertConfig(vocab_size=len(vocab)))
+    with torch.no_grad():
+        model = seeded_random_model(lambda: GroundingDinoForObjectDetection(config).eval(), 0)
+    model.save_pretrained(str(directory))
+    GroundingDinoProcessor(GroundingDinoImageProcessor(), tokenizer).save_pretrained(
+        str(directory))
 
 
 # -- the training set --------------------------------------------------------------------------
