@@ -108,7 +108,9 @@ class PredictionService:
         self.settings = settings
         self.segmenter = segmenter
         self.images = images
-        self.model_version = f"sam_backend-{__version__}:{segmenter.model.variant.key}"
+        #: the click model's name; the concept engine's or a trained version's follows it
+        self.click_model_version = f"sam_backend-{__version__}:{segmenter.model.variant.key}"
+        self.model_version = self.click_model_version
         self.concepts: Optional[ConceptAnnotator] = None
         if concept_engine is not None:
             self.model_version += f"+{settings.concept_model}"

@@ -13,7 +13,7 @@ and ``sam-backend annotate`` come from it (README "Learn from your labels").
 
 Either runs through :class:`~sam_backend.concepts.base.ConceptAnnotator` (background passes,
 ``concept_timeout``, the memory budget, regions as clicks make them), under the model_version
-``<service model_version>+<kind>@p<project>-v<N>``. Clicks and typed prompts are unchanged.
+``<click model's version>+<kind>@p<project>-v<N>``. Clicks and typed prompts are unchanged.
 
 Replicas switch without a restart: each asks :meth:`VersionStore.pointer_stamp` at most once a
 second per project; a changed pointer loads the new version (checksums verified first). A version
@@ -206,8 +206,10 @@ class TrainedModels:
         return None if served is None else served.model_version
 
     def model_version_of(self, version: Version) -> str:
-        """``<service model_version>+<kind>@p<project>-v<N>``."""
-        return f"{self.service.model_version}+{version.kind}@{version.name}"
+        """``<click model's version>+<kind>@p<project>-v<N>``, e.g.
+        ``sam_backend-1.2.0:mobile_sam/vit_t+rf_detr@p7-v3`` (the zero-shot concept engine,
+        which does not answer these, is not named)."""
+        return f"{self.service.click_model_version}+{version.kind}@{version.name}"
 
     # -- for /metrics --------------------------------------------------------------------------
     def serving(self) -> Dict[str, str]:

@@ -133,7 +133,7 @@ def test_a_promoted_version_answers_task_open_under_its_model_version(service, s
     assert service.model_version_for(f"{PROJECT}.1") == service.model_version
     v1 = publish(store, PROJECT, rf_detr_model, "rf_detr")
     clock.now += 1.0
-    expected = f"{service.model_version}+rf_detr@p{PROJECT}-v1"
+    expected = f"{service.click_model_version}+rf_detr@p{PROJECT}-v1"
     assert service.model_version_for(f"{PROJECT}.1700000000") == expected  # what /setup answers
     [answer] = open_task(service, shapes[0])
     assert answer["model_version"] == expected
@@ -173,7 +173,7 @@ def test_a_newly_promoted_version_serves_from_the_next_look(service, served, sha
     assert open_task(service, shapes[1])[0]["model_version"] == before
     clock.now += 1.0
     [answer] = open_task(service, shapes[1])
-    assert answer["model_version"] == f"{service.model_version}+rf_detr@{v2.name}"
+    assert answer["model_version"] == f"{service.click_model_version}+rf_detr@{v2.name}"
     assert answer["result"]
     assert trained.serving()[str(PROJECT)] == v2.name
 
@@ -216,7 +216,7 @@ def test_a_grounding_dino_version_stays_open_vocabulary(service, served, shapes,
     version = publish(trained.versions, 9, model, "grounding_dino")
     clock.now += 1.0
     annotator, model_version = trained.annotator(9)
-    assert model_version == f"{service.model_version}+grounding_dino@{version.name}"
+    assert model_version == f"{service.click_model_version}+grounding_dino@{version.name}"
     engine = annotator.engine
     from sam_backend.concepts.grounding_dino import GroundingDinoEngine
     assert isinstance(engine, GroundingDinoEngine)
@@ -224,3 +224,38 @@ def test_a_grounding_dino_version_stays_open_vocabulary(service, served, shapes,
     found = engine.detect("k", lambda: np.zeros((64, 80, 3), np.uint8), ["anything at all"], 0.0,
                           Selection(0.7, 2))
     assert len(found) == 1 and found[0].masks.shape == (2, 64, 80)
+
+
+def test_annotate_posts_the_promoted_versions_predictions(rf_detr_model, checkpoint_factory,
+                                                          tmp_path, monkeypatch, capsys):
+    """``sam-backend annotate --project`` of a project with a promoted version: its predictions,
+    under its model_version; no concept model is loaded (its checkpoint does not exist)."""
+    from sam_backend import cli
+    from tests.support.team_utils import API_TOKEN, FakeLabelStudioAPI
+
+    docs = tmp_path / "docs"
+    tasks = [{"id": t["id"], "data": t["data"]} for t in shapes_project(docs, 2, seed=2)]
+    api = FakeLabelStudioAPI(SHAPES_CONFIG, tasks, project=21)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", API_TOKEN)
+    monkeypatch.setenv("SAM_BACKEND_IMAGE_CACHE_DIR", str(tmp_path / "image-cache"))
+    for name in ("LOCAL_FILES_DOCUMENT_ROOT", "CONCEPT_MODEL", "MODEL_NAME", "LABEL_STUDIO_URL"):
+        monkeypatch.delenv(name, raising=False)
+    store = VersionStore(tmp_path / "trained")
+    version = publish(store, 21, rf_detr_model, "rf_detr")
+    try:
+        code = cli.main(["annotate", "--project", "21", "--url", api.url, "--no-progress",
+                         "--with", "model_name=mobile_sam",
+                         f"sam_checkpoint_file={checkpoint_factory('mobile_sam')}", "device=cpu",
+                         f"concept_checkpoint={tmp_path / 'no-such-model'}",
+                         f"trained_dir={tmp_path / 'trained'}", "trained_threshold=0",
+                         "--local_files_document_root", str(docs)])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        assert "2 task(s) annotated" in out and f"+rf_detr@{version.name}" in out
+        assert sorted(p["task"] for p in api.predictions) == [1, 2]
+        # the click model's name, then the version's (the zero-shot engine takes no part)
+        assert {p["model_version"].split(":", 1)[1] for p in api.predictions} == {
+            f"mobile_sam/vit_t+rf_detr@{version.name}"}
+        assert all(p["result"] for p in api.predictions)
+    finally:
+        api.stop()
