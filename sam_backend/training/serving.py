@@ -245,7 +245,9 @@ class TrainedModels:
                         "was served before", project, exc)
             return watch
         with self._lock:
-            watch.stamp, watch.wanted = stamp, wanted
+            # a new pointer is tried once, even if it names a version refused before (its
+            # files may have been repaired and it promoted again)
+            watch.stamp, watch.wanted, watch.refused = stamp, wanted, None
         if wanted is not None and wanted.name != watch.serving:
             log.info("project %s: trained version %s promoted", project, wanted.name)
         return watch
@@ -291,11 +293,10 @@ class TrainedModels:
                       version.name, exc)
             return None
         model_version = self.model_version_of(version)
-        served = _Served(version, ConceptAnnotator(self.service, lambda: engine,
-                                                   model_version=model_version,
-                                                   worker=self._worker,
-                                                   threshold=self.service.settings.trained_threshold),
-                         model_version)
+        annotator = ConceptAnnotator(self.service, lambda: engine, model_version=model_version,
+                                     worker=self._worker,
+                                     threshold=self.service.settings.trained_threshold)
+        served = _Served(version, annotator, model_version)
         with self._lock:
             self._loaded[version.name] = served
             while len(self._loaded) > self.max_loaded:

@@ -54,7 +54,8 @@ def shapes(tmp_path_factory):
     tasks = shapes_project(directory, 4, seed=11, url_for=lambda p: str(p))
     for task in tasks:  # what the service reads: Label Studio's local-files URL
         task["local"] = task["data"]["image"]
-        task["data"] = {"image": "/data/local-files/?d=" + str(Path(task["local"]).relative_to(root))}
+        relative = Path(task["local"]).relative_to(root)
+        task["data"] = {"image": f"/data/local-files/?d={relative}"}
     return tasks
 
 
