@@ -142,6 +142,16 @@ def test_start_training_starts_one_run_and_queues_exactly_one_follow_up(make_app
     assert counters["runs_started"] == 2 and counters["runs_failed"] == 2
 
 
+def test_a_run_without_label_studios_address_fails_and_says_so(make_app):
+    client, app = make_app()  # no label_studio_url, and no /setup has given one
+    assert ok(client.post("/webhook", json={"action": "START_TRAINING",
+                                            "project": {"id": 4}}))["run"] == "started"
+    assert jobs_of(app).wait(300)
+    status = ok(client.get("/train/status?project=4"))
+    assert status["state"] == "failed" and "LABEL_STUDIO_URL" in status["message"]
+    assert status["served"] is None
+
+
 def test_annotation_events_count_toward_train_every(make_app, silent):
     client, app = make_app(label_studio_url=silent.url, label_studio_api_key=TOKEN,
                            train_every="3")
