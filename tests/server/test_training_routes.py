@@ -116,6 +116,7 @@ def error_of(response):
     return body["errors"][0]
 
 
+@pytest.mark.process  # a run is a process
 def test_start_training_starts_one_run_and_queues_exactly_one_follow_up(make_app, silent):
     client, app = make_app(label_studio_url=silent.url, label_studio_api_key=TOKEN)
     # Label Studio 1.23.2: {"action": "START_TRAINING", "project": <the project, serialized>}
@@ -142,6 +143,7 @@ def test_start_training_starts_one_run_and_queues_exactly_one_follow_up(make_app
     assert counters["runs_started"] == 2 and counters["runs_failed"] == 2
 
 
+@pytest.mark.process  # a run is a process
 def test_a_run_without_label_studios_address_fails_and_says_so(make_app):
     client, app = make_app()  # no label_studio_url, and no /setup has given one
     assert ok(client.post("/webhook", json={"action": "START_TRAINING",
@@ -152,6 +154,7 @@ def test_a_run_without_label_studios_address_fails_and_says_so(make_app):
     assert status["served"] is None
 
 
+@pytest.mark.process  # a run is a process
 def test_annotation_events_count_toward_train_every(make_app, silent):
     client, app = make_app(label_studio_url=silent.url, label_studio_api_key=TOKEN,
                            train_every="3")
