@@ -217,14 +217,17 @@ class Settings:
     train_learning_rate: float = option(1e-4, "the optimiser's learning rate")
     train_image_size: int = option(
         0, "the side images are resized to for training (0: the trainer's default; rf_detr "
-        "needs a multiple of its patch grid, e.g. 448, 504, 560)")
+        "rounds it to a multiple of its patch grid: 24 px for the rf-detr-seg models, whose "
+        "default is 384 for rf-detr-seg-small)")
     train_seed: int = option(0, "the seed of a run (split, initialisation, augmentation, order)")
     train_min_tasks: int = option(10, "a run needs at least this many usable annotated tasks")
     train_held_out: float = option(
         0.2, "the fraction of tasks held out to evaluate a candidate (at least 2 tasks)")
     train_start: Optional[str] = option(
         None, "the starting weights of a project's first run: a directory in the trainer's "
-        "format (default: the pretrained model, downloaded once into the weights directory)")
+        "format, or (rf_detr) a hub repository such as Roboflow/rf-detr-seg-medium (default: "
+        "the pretrained model, Roboflow/rf-detr-seg-small for rf_detr, downloaded once into the "
+        "weights directory)")
     train_random_init: bool = option(
         False, "start a project's first run from random weights of a reduced configuration "
         "(tests and smoke runs only: no download)")

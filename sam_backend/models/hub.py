@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 from urllib.parse import urlsplit
 
 from sam_backend.common.files import atomic_path
@@ -92,17 +92,31 @@ def _refusal(exc: BaseException) -> Optional[str]:
 def download(variant: Variant, dest_dir: Union[str, Path], force: bool = False,
              progress: bool = True) -> Path:
     """Fetch ``variant``'s hub repository into ``dest_dir/<checkpoint_name>/``, verified."""
+    return download_repo(hub_repo(variant), Path(dest_dir).expanduser() / variant.checkpoint_name,
+                         lambda directory: verify(variant, directory), what=variant.key,
+                         refused=lambda reason: access_message(variant, reason), force=force,
+                         progress=progress)
+
+
+def download_repo(repo: str, dest: Path, check: Callable[[Path], None], *, what: str,
+                  refused: Optional[Callable[[str], str]] = None, force: bool = False,
+                  progress: bool = True) -> Path:
+    """Fetch the hub repository ``repo`` (``owner/name``) into the directory ``dest`` as the
+    module docstring says (token, mirror, progress, only what loading reads, nothing left behind
+    on failure). ``check(directory)`` verifies the download before it is moved into place (it
+    raises CheckpointError when the files do not load); ``what`` names the model in messages;
+    ``refused(reason)`` is the message when the hub refuses access (default: a generic one). An
+    existing ``dest`` with a ``config.json`` is kept unless ``force``."""
     from huggingface_hub import snapshot_download
 
-    repo = hub_repo(variant)
-    dest = Path(dest_dir).expanduser() / variant.checkpoint_name
+    dest = Path(dest).expanduser()
     if is_checkpoint_dir(dest) and not force:
-        log.info("%s is already present at %s (force to download again)", variant.key, dest)
+        log.info("%s is already present at %s (force to download again)", what, dest)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(dest) as tmp:  # removed on any failure: nothing is left behind
         tmp.mkdir()
-        log.info("downloading %s from %s/%s", variant.key, endpoint(), repo)
+        log.info("downloading %s from %s/%s", what, endpoint(), repo)
         from huggingface_hub.utils import (are_progress_bars_disabled, disable_progress_bars,
                                            enable_progress_bars)
 
@@ -114,11 +128,13 @@ def download(variant: Variant, dest_dir: Union[str, Path], force: bool = False,
                 repo, local_dir=str(tmp), cache_dir=str(tmp / ".hub-cache"),
                 allow_patterns=ALLOW_PATTERNS, endpoint=os.environ.get(ENDPOINT_ENV) or None)
         except Exception as exc:  # huggingface_hub raises many kinds; sort them for the user
-            refused = _refusal(exc)
-            if refused:
-                raise CheckpointError(access_message(variant, refused)) from None
+            reason = _refusal(exc)
+            if reason:
+                raise CheckpointError(
+                    refused(reason) if refused else
+                    f"access to {repo} was refused ({reason}). Nothing was downloaded") from None
             raise CheckpointError(
-                f"cannot download {variant.key} from {endpoint()}/{repo}: {type(exc).__name__}: "
+                f"cannot download {what} from {endpoint()}/{repo}: {type(exc).__name__}: "
                 f"{exc}. Nothing was kept. Offline, copy a hub-format directory of {repo} "
                 f"(config.json + model.safetensors) to {dest}; or set {ENDPOINT_ENV} to a hub "
                 f"mirror") from None
@@ -127,10 +143,10 @@ def download(variant: Variant, dest_dir: Union[str, Path], force: bool = False,
                 enable_progress_bars()
         for leftover in (tmp / ".hub-cache", tmp / ".cache"):
             shutil.rmtree(leftover, ignore_errors=True)
-        verify(variant, tmp)
+        check(tmp)
         if dest.exists():  # force: the old directory goes only once the new one is verified
             shutil.rmtree(dest)
-    log.info("%s: verified and saved to %s", variant.key, dest)
+    log.info("%s: verified and saved to %s", what, dest)
     return dest
 
 

@@ -54,7 +54,7 @@ def augment(image: np.ndarray, masks: np.ndarray, labels: np.ndarray,
     contrast = rng.uniform(0.8, 1.2)
     brightness = rng.uniform(-0.2, 0.2) * 255
     image = np.clip(image.astype(np.float32) * contrast + brightness, 0, 255).astype(np.uint8)
-    keep = masks.reshape(len(masks), -1).any(axis=1)
+    keep = masks.any(axis=(1, 2))  # (N,) also for N = 0
     masks, labels = masks[keep], np.asarray(labels)[keep]
     return image, masks, mask_boxes(masks), labels
 

@@ -85,6 +85,8 @@ def make_random_grounding_dino(directory: Union[str, Path], size: str = "tiny",
                               GroundingDinoForObjectDetection, GroundingDinoImageProcessor,
                               GroundingDinoProcessor, SwinConfig)
 
+    from sam_backend.training.grounding_dino import reduced_config
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     vocab = directory / "vocab.txt"
@@ -93,15 +95,7 @@ def make_random_grounding_dino(directory: Union[str, Path], size: str = "tiny",
     tokenizer = BertTokenizerFast(vocab=str(vocab), do_lower_case=True)
     processor = GroundingDinoProcessor(GroundingDinoImageProcessor(), tokenizer)
     if size == "tiny":
-        config = GroundingDinoConfig(
-            backbone_config=SwinConfig(embed_dim=24, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
-                                       window_size=7, out_features=["stage2", "stage3", "stage4"]),
-            text_config=BertConfig(vocab_size=len(_WORDS), hidden_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, intermediate_size=37,
-                                   max_position_embeddings=64),
-            d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32,
-            decoder_ffn_dim=32, encoder_attention_heads=2, decoder_attention_heads=2,
-            num_queries=30, max_text_len=32)
+        config = reduced_config(len(_WORDS))  # the trainer's reduced recipe
     elif size == "full":
         config = GroundingDinoConfig(
             backbone_config=SwinConfig(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
