@@ -6,9 +6,10 @@ version is answered as before.
 
 Real components: a reduced RF-DETR trained for one epoch on a synthetic shapes project by the
 trainer itself (random init, CPU), published and promoted through the real VersionStore; a
-random-weight MobileSAM behind the service; a random reduced Grounding DINO for the
-grounding_dino kind. The poll interval runs on a clock the test advances (no sleeping).
-Runtime here: ~40 s (training ~15 s, loads, one pass per case)."""
+random-weight MobileSAM behind the service; the grounding_dino trainer's reduced random Grounding
+DINO for that kind and for a detector without masks. The poll interval runs on a clock the test
+advances (no sleeping). Runtime here: ~60 s (training ~10 s, the reduced Grounding DINO ~10 s,
+loads, one pass per case)."""
 from __future__ import annotations
 
 import dataclasses
@@ -29,7 +30,6 @@ from sam_backend.training.base import ImageSample, TrainOptions, trainer_for
 from sam_backend.training.dataset import build_dataset
 from sam_backend.training.serving import DetectorEngine, TrainedModels
 from sam_backend.training.versions import VersionStore
-from tests.support.random_weights import make_random_grounding_dino
 from tests.support.shapes import LABELS, SHAPES_CONFIG, shapes_project
 
 PROJECT = 7
@@ -210,19 +210,31 @@ def test_a_project_without_a_version_is_answered_as_before(service, served, shap
     assert service.trained_annotator("no project") is None
 
 
-def test_a_grounding_dino_version_stays_open_vocabulary(service, served, shapes,
-                                                        tmp_path_factory):
+@pytest.fixture(scope="module")
+def reduced_dino(tmp_path_factory):
+    """A reduced random Grounding DINO of the grounding_dino trainer (its words: the shapes'
+    labels) as ``(model, processor, directory in transformers' format)``."""
+    from sam_backend.training.grounding_dino import build_reduced
+
+    model, processor = build_reduced(LABELS, seed=0)
+    directory = tmp_path_factory.mktemp("gd") / "model"
+    model.save_pretrained(str(directory))
+    processor.save_pretrained(str(directory))
+    return model, processor, directory
+
+
+def test_a_grounding_dino_version_stays_open_vocabulary(service, served, reduced_dino):
     trained, clock = served
-    model = make_random_grounding_dino(tmp_path_factory.mktemp("gd") / "gd", "tiny", seed=3)
-    version = publish(trained.versions, 9, model, "grounding_dino")
+    version = publish(trained.versions, 9, reduced_dino[2], "grounding_dino")
     clock.now += 1.0
     annotator, model_version = trained.annotator(9)
     assert model_version == f"{service.click_model_version}+grounding_dino@{version.name}"
     engine = annotator.engine
     from sam_backend.concepts.grounding_dino import GroundingDinoEngine
-    assert isinstance(engine, GroundingDinoEngine)
-    # any phrase is asked (open vocabulary), masks by the click model
-    found = engine.detect("k", lambda: np.zeros((64, 80, 3), np.uint8), ["anything at all"], 0.0,
+    assert isinstance(engine, GroundingDinoEngine) and engine.name.endswith(version.name)
+    # the concept engine's own path: any phrase is asked (open vocabulary), masks by the click
+    # model
+    found = engine.detect("k", lambda: np.zeros((64, 80, 3), np.uint8), ["a new thing"], 0.0,
                           Selection(0.7, 2))
     assert len(found) == 1 and found[0].masks.shape == (2, 64, 80)
 
@@ -260,3 +272,26 @@ def test_annotate_posts_the_promoted_versions_predictions(rf_detr_model, checkpo
         assert all(p["result"] for p in api.predictions)
     finally:
         api.stop()
+
+
+def test_a_boxes_only_detector_gets_its_masks_from_the_click_model(service, shapes,
+                                                                    reduced_dino):
+    """DetectorEngine over a detector without masks (the grounding_dino trainer's detector,
+    reduced random weights): each kept box's mask is the click model's decode of that box; a
+    phrase the detector has no class for finds nothing."""
+    from sam_backend.models.base import Prompt
+    from sam_backend.training.grounding_dino import GroundingDinoDetector
+
+    detector = GroundingDinoDetector(reduced_dino[0], reduced_dino[1], list(LABELS),
+                                     list(LABELS))
+    assert detector.segments is False
+    engine = DetectorEngine(detector, service.segmenter, "grounding_dino@test")
+    image = service.images.load(shapes[3]["data"]["image"], shapes[3]["id"])
+    key = "boxes-only-test"
+    circles, unknown = engine.detect(key, lambda: image, ["Circle.", "triangle"], 0.0,
+                                     Selection(0.7, 2))
+    assert len(unknown) == 0
+    assert len(circles) == 2 and circles.masks.shape == (2,) + image.shape[:2]
+    embedding = service.segmenter.embedding(key, lambda: image)
+    for box, mask in zip(circles.boxes, circles.masks):
+        assert np.array_equal(mask, service.segmenter.decode(key, embedding, Prompt(box=box)).mask)
