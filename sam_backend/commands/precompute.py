@@ -2,7 +2,8 @@
 setup (see :mod:`sam_backend.embeddings.precompute` for the queue and the job).
 
 - ``worker`` loads the model once (through :mod:`sam_backend.assembly`) and runs an RQ
-  :class:`~rq.worker.SimpleWorker` on the queue of its model identity.
+  :class:`~rq.worker.SimpleWorker` on the queue of its model identity; ``worker --queue train``
+  trains the queued training runs instead (:func:`sam_backend.training.jobs.run_train_worker`).
 - ``precompute --project ID`` lists the project's tasks through Label Studio's API
   (:class:`~sam_backend.labelstudio.api.LabelStudioAPI`; ``LABEL_STUDIO_URL``,
   ``LABEL_STUDIO_API_KEY``), newest first, and queues each image once (deduplicated by image key;
@@ -33,6 +34,13 @@ def run_worker(args) -> int:
     from rq.serializers import JSONSerializer
 
     settings = settings_from_args(args)
+    if getattr(args, "queue", "encode") == "train":
+        from sam_backend.training.jobs import run_train_worker
+
+        run_train_worker(settings, name=args.name, burst=args.burst,
+                         maintenance_interval=args.maintenance_interval,
+                         logging_level=str(getattr(args, "log_level", "INFO")).upper())
+        return 0
     # the worker writes to the store and rarely reads an image twice: a small memory tier
     settings = replace(settings, embedding_cache_mb=min(settings.embedding_cache_mb, 256))
     if not settings.embedding_store:
@@ -121,7 +129,11 @@ def run_precompute(args) -> int:
 
 def register_cli(subparsers) -> None:
     worker = subparsers.add_parser(
-        "worker", help="encode queued images into the shared embedding store (RQ worker)")
+        "worker", help="encode queued images into the shared embedding store, or train "
+                       "queued training runs (--queue train) (RQ worker)")
+    worker.add_argument("--queue", choices=("encode", "train"), default="encode",
+                        help="encode: images into the shared embedding store (default); train: "
+                             "training runs (sam-backend train's work, queued by the replicas)")
     worker.add_argument("--burst", action="store_true", help="quit when the queue is empty")
     worker.add_argument("--name", default=None, help="worker name (default: RQ's)")
     worker.add_argument("--maintenance-interval", type=int, default=30,

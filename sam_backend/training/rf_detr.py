@@ -492,8 +492,10 @@ class RfDetrDetector(Detector):
             result = self.processor.post_process_instance_segmentation(
                 output, threshold=threshold, target_sizes=[(height, width)],
                 return_binary_maps=True)[0]
-        masks = result["segmentation"].cpu().numpy().astype(bool).reshape(-1, height, width)
         info = result["segments_info"]
+        # with no detection the post-processing answers one empty (H, W) map, not (0, H, W)
+        masks = result["segmentation"].cpu().numpy().astype(bool).reshape(-1, height, width) \
+            if info else np.zeros((0, height, width), bool)
         scores = np.array([s["score"] for s in info], np.float32)
         labels = np.array([s["label_id"] for s in info], np.int64)
         return Prediction(boxes=mask_boxes(masks), scores=scores, labels=labels, masks=masks)

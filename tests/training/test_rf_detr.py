@@ -114,6 +114,14 @@ def test_saved_model_loads_to_the_same_predictions(shapes, tmp_path):
     same(first, loaded.predict(image, threshold=0.0))
 
 
+def test_no_detection_is_an_empty_prediction(shapes):
+    _, _, held = shapes
+    image = held[0].load()
+    found = untrained(tiny()).predict(image, threshold=1.0)  # no score is above 1
+    assert found.boxes.shape == (0, 4) and found.scores.shape == (0,)
+    assert found.labels.shape == (0,) and found.masks.shape == (0,) + image.shape[:2]
+
+
 def test_a_corrupt_or_incomplete_model_is_refused_with_its_directory(shapes, tmp_path):
     _, train, _ = shapes
     RfDetrTrainer(tiny(epochs=0)).train(train[:2], CLASSES, CLASSES, tmp_path / "m")
