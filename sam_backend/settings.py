@@ -233,6 +233,9 @@ class Settings:
         "(tests and smoke runs only: no download)")
     train_device: Optional[str] = option(
         None, "the device a run trains on (default: the backend's device)")
+    train_threads: int = option(
+        0, "CPU threads a run started by the server uses (0: all cores but one, so clicks keep "
+        "a core; sam-backend train and a train worker use all)")
     promote: str = option(
         "if_better", "which candidates are served: if_better (held-out mAP not worse than the "
         "served version's, or the zero-shot engine's) or always")
@@ -324,9 +327,9 @@ class Settings:
         for name in ("train_epochs", "train_batch_size", "train_learning_rate", "train_min_tasks"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be a positive number")
-        if not 0 < self.train_held_out < 1 or self.train_image_size < 0:
+        if not 0 < self.train_held_out < 1 or self.train_image_size < 0 or self.train_threads < 0:
             raise ConfigError("train_held_out must be between 0 and 1 (exclusive), "
-                              "train_image_size must not be negative")
+                              "train_image_size and train_threads must not be negative")
         if self.auto_annotate and self.concept_model == "none":
             raise ConfigError("auto_annotate=true needs a concept model: add "
                               "concept_model=grounding_dino (or sam3)")

@@ -116,6 +116,11 @@ def _child_main(settings, root: str, project: int, reason: str, label_studio_url
         os.nice(10)
     except (AttributeError, OSError):
         pass
+    import torch
+
+    # beside the server: one core stays free for clicks (nice alone does not stop the run's
+    # threads from taking every core's cache and memory bandwidth)
+    torch.set_num_threads(settings.train_threads or max(1, (os.cpu_count() or 2) - 1))
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -2,7 +2,7 @@
 configuration (random seeded weights, no download) trained on the synthetic shapes project
 (tests/support/shapes.py), and a helper that writes that project and splits it.
 
-Measured on this 2-core CPU (shared with other work): see tests/training/test_rf_detr.py."""
+Measured on this 2-core CPU (shared with other work): see the constants."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,13 +13,15 @@ from sam_backend.training.dataset import TrainingSet, build_dataset
 from tests.support.shapes import SHAPES_CONFIG, shapes_project
 
 #: training images and held-out images of the learning test (160x120 shapes)
-SHAPES_TRAIN, SHAPES_HELD_OUT = 28, 8
-#: the reduced RF-DETR trained on the shapes project: reaches the held-out segm mAP50 of
-#: :data:`RF_DETR_SHAPES_MAP50` (the untrained model scores ~0)
-RF_DETR_SHAPES = TrainOptions(epochs=60, batch_size=4, learning_rate=1e-3, image_size=128,
+SHAPES_TRAIN, SHAPES_HELD_OUT = 40, 8
+#: the reduced RF-DETR trained on the shapes project (images resized to 128x128): the held-out
+#: segm mAP50 rises from 0.0 (untrained) to ~0.5 by epoch 20 and stays there (measured 0.54,
+#: 0.50, 0.50, 0.49 at epochs 20, 30, 40, 50; with 28 training images it levels at ~0.41). About
+#: 1.5 s per epoch (27 images/s) on one core of this CPU.
+RF_DETR_SHAPES = TrainOptions(epochs=30, batch_size=4, learning_rate=1e-3, image_size=128,
                               seed=0, reduced=True)
-#: the held-out segm mAP50 the recipe reliably exceeds (measured figures in the test module)
-RF_DETR_SHAPES_MAP50 = 0.5
+#: the held-out segm mAP50 the recipe exceeds with margin (measured ~0.50; untrained 0.0)
+RF_DETR_SHAPES_MAP50 = 0.35
 
 
 def shapes_split(directory: Path, n_train: int = SHAPES_TRAIN, n_held: int = SHAPES_HELD_OUT,
