@@ -16,8 +16,9 @@ Routes (what Label Studio 1.23 calls, and how long it waits):
   carries its ``label_config``.
 - ``POST /webhook``: Label Studio 1.23's *Start Training* (``START_TRAINING``) starts a training
   run of the project (answered at once with the run's ``job``); ``ANNOTATION_CREATED`` /
-  ``ANNOTATION_UPDATED`` / ``ANNOTATIONS_CREATED`` count toward ``train_every``; every other
-  event is acknowledged. ``POST /train``: *Start Training* of older Label Studio.
+  ``ANNOTATION_UPDATED`` / ``ANNOTATIONS_CREATED`` count toward ``train_every`` (when it is
+  on; an event without a project is acknowledged uncounted); every other event is
+  acknowledged. ``POST /train``: *Start Training* of older Label Studio.
   ``GET /train/status?project=ID``: the project's run state, progress, last report, versions.
 - ``GET|POST /versions``, ``GET /metrics`` (memory hits/misses, encoder runs, with a shared store
   its hits, misses, writes, corrupt entries, lock waits and the precompute queue's length; the
@@ -322,8 +323,14 @@ def create_app(service: PredictionService, jobs: Optional["TrainingJobs"] = None
         action = printable(action, 100) if isinstance(action, str) else None
         if action == START_TRAINING:
             return start_training(body, "START_TRAINING", "Start Training in Label Studio")
-        if action in ANNOTATION_EVENTS:
-            project = _project_of(body, action)
+        if action in ANNOTATION_EVENTS and service.settings.train_every:
+            try:
+                project = _project_of(body, action)
+            except RequestError as exc:
+                # a webhook without its payload (Label Studio lets one be switched off): the
+                # event cannot count, and failing it would help nobody
+                log.warning("webhook %s not counted toward train_every: %s", action, exc)
+                return jsonify({"status": "ok", "action": action, "counted": False})
             count = _annotations_in(action, body)
             url, token = run_credentials()
             answer = training_jobs().annotation_event(project, count, url, token)

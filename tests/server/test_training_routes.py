@@ -177,6 +177,10 @@ def test_annotation_events_count_toward_train_every(make_app, silent):
     assert more["annotations"] == 5 and more["run"] == "queued"
     counters = jobs_of(app).counters()
     assert counters["annotation_events"] == 8 and counters["runs_started"] == 1
+    # an event without its payload cannot count; it is acknowledged all the same
+    assert ok(client.post("/webhook", json={"action": "ANNOTATION_CREATED"})) \
+        == {"status": "ok", "action": "ANNOTATION_CREATED", "counted": False}
+    assert jobs_of(app).counters()["annotation_events"] == 8
     # deletions and other events are acknowledged, never counted
     assert ok(client.post("/webhook", json={"action": "ANNOTATIONS_DELETED",
                                             "annotations": [{"id": 1}], "project": {"id": 6}})) \
@@ -196,8 +200,10 @@ def test_bad_training_requests_are_clear_400s_and_other_events_are_acknowledged(
     assert "names no project" in error_of(client.post("/train", json={"project": "x.17"}))
     assert "not valid JSON" in error_of(client.post("/train", data=b"{",
                                                     content_type="application/json"))
-    assert "names no project" in error_of(client.post(
-        "/webhook", json={"action": "ANNOTATION_CREATED", "annotation": {"id": 1}}))
+    # train_every=0: annotation events are acknowledged, nothing is counted
+    assert ok(client.post("/webhook", json={"action": "ANNOTATION_CREATED",
+                                            "annotation": {"id": 1}})) \
+        == {"status": "ok", "action": "ANNOTATION_CREATED"}
     assert "?project=" in error_of(client.get("/train/status"))
     assert "?project=" in error_of(client.get("/train/status?project=abc"))
     # never fail Label Studio's delivery of an event this backend does not act on
