@@ -91,7 +91,7 @@ _BASE_WORDS = ("a", "an", "the", "of", "and", "with", ",", "red", "blue", "green
 #: the recipe the learning test, the end-to-end loop and the benchmark share: the reduced model
 #: on tests/support/shapes.py's 160x120 images (measured: see tests/training/
 #: test_grounding_dino_trainer.py)
-REDUCED_RECIPE: Dict[str, Any] = {"epochs": 30, "batch_size": 4, "learning_rate": 5e-4,
+REDUCED_RECIPE: Dict[str, Any] = {"epochs": 60, "batch_size": 2, "learning_rate": 1e-3,
                                   "image_size": REDUCED_IMAGE_SIZE, "reduced": True}
 
 
