@@ -2,9 +2,13 @@
 synthetic shapes project, is reproducible, round-trips through its directory (which the concept
 engine serves), refuses a damaged directory and stops cleanly.
 
-Runtime on this machine (2 cores, shared): the module trains once with the shared recipe
-(``REDUCED_RECIPE``, ~1-2 min, the ``slow`` learning test uses it) plus a few one- and
-two-epoch runs on 8 images (seconds each)."""
+Measured here (2 cores shared with other work, load 5-8): the recipe (``REDUCED_RECIPE``: 60
+epochs, batch 2, lr 1e-3, 160 px, 28 images) trains in ~190-370 s (~1 s an epoch on an idle
+machine) and reaches a held-out bbox mAP50 of 0.15 (1 torch thread) to 0.26 (2 threads), the
+untrained model 0.000; through the concept engine the trained model finds 11 of 17 training
+objects, the untrained 0. The threshold (0.1) is below both figures: the reduced DETR-family
+model trained from random weights for ~840 steps does not reach 0.5. The two ``slow`` tests
+share that one training (~6.5 min under load); the others (~90 s) use a two-epoch model."""
 from __future__ import annotations
 
 import shutil
@@ -24,7 +28,8 @@ from tests.support.shapes import LABELS, SHAPES_CONFIG, shapes_project
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 N_TRAIN, N_HELD = 28, 8
-#: the held-out bbox mAP50 the recipe must reach, and what the untrained model stays under
+#: the held-out bbox mAP50 the recipe must reach (measured 0.15-0.26), and what the untrained
+#: model stays under (measured 0.000)
 TRAINED_MAP50 = 0.1
 UNTRAINED_MAP50 = 0.05
 #: the share of the training images' objects the concept engine finds with the trained model
