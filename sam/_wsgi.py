@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sam_backend.errors import SamBackendError  # noqa: E402
 from sam_backend.server import http  # noqa: E402
-from sam_backend.server.app import build_app  # noqa: E402
+from sam_backend.server.app import build_app, close_app  # noqa: E402
 from sam_backend.settings import add_listen_arguments, from_environment, settings_from_args  # noqa: E402
 
 
@@ -41,14 +41,16 @@ def main() -> int:
     except SamBackendError as exc:
         log.error("%s", exc)
         return 2
-    if args.check:
-        log.info("model loaded; --check given, not serving")
-        return 0
     try:
+        if args.check:
+            log.info("model loaded; --check given, not serving")
+            return 0
         http.run(app, settings, args.host, args.port)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
         return 2
+    finally:
+        close_app(app)  # a training run going on is asked to stop (the served version stays)
     return 0
 
 

@@ -239,6 +239,9 @@ class Settings:
     promote: str = option(
         "if_better", "which candidates are served: if_better (held-out mAP not worse than the "
         "served version's, or the zero-shot engine's) or always")
+    trained_threshold: float = option(
+        0.3, "keep a trained version's instances whose score is above this (0..1; the "
+        "zero-shot engine's is concept_threshold)")
     serve_trained: bool = option(
         True, "a project with a promoted version gets its task-open / Retrieve predictions / "
         "annotate predictions from it (false: from the concept model)")
@@ -306,8 +309,10 @@ class Settings:
         if self.concept_model not in ("none", "grounding_dino", "sam3"):
             raise ConfigError(f"concept_model={self.concept_model!r}: use none, grounding_dino "
                               f"or sam3")
-        if not 0 <= self.concept_threshold <= 1 or not 0 <= self.concept_nms_iou <= 1:
-            raise ConfigError("concept_threshold and concept_nms_iou must be between 0 and 1")
+        if not 0 <= self.concept_threshold <= 1 or not 0 <= self.concept_nms_iou <= 1 or \
+                not 0 <= self.trained_threshold <= 1:
+            raise ConfigError("concept_threshold, trained_threshold and concept_nms_iou must be "
+                              "between 0 and 1")
         if self.max_instances <= 0 or self.concept_timeout <= 0:
             raise ConfigError("max_instances and concept_timeout must be positive")
         for name in ("max_phrases", "max_phrase_chars", "max_concept_labels"):

@@ -24,6 +24,7 @@ from sam_backend.errors import ConfigError, SamBackendError
 from sam_backend.labelstudio.api import LabelStudioAPI
 from sam_backend.labelstudio.label_config import parse_label_config
 from sam_backend.settings import add_option_arguments, settings_from_args
+from sam_backend.training import serving
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +36,21 @@ class Report:
     failed: List[Tuple[int, str]] = field(default_factory=list)
     instances: int = 0
     seconds: float = 0.0
+    model_version: str = ""
 
 
 def annotate_project(service, api: LabelStudioAPI, project_id: int,
                      task_ids: Optional[Iterable[int]] = None, limit: Optional[int] = None,
                      progress: bool = True) -> Report:
     """Pre-annotate the project's tasks (those in ``task_ids`` if given, at most ``limit`` new
-    ones) as predictions of ``service.model_version``."""
+    ones) as predictions of the project's promoted trained version when the service serves one
+    (``service.trained``), else of the concept engine (``service.model_version``)."""
     from tqdm import tqdm
 
     started = time.perf_counter()
-    annotator = service.concept_annotator()
+    trained = service.trained_annotator(project_id)
+    annotator, model_version = trained if trained is not None else \
+        (service.concept_annotator(), service.model_version)
     project = api.project(project_id)
     config = parse_label_config(project.get("label_config") or "")
     concepts = annotator.configured_concepts(config)
@@ -57,11 +62,12 @@ def annotate_project(service, api: LabelStudioAPI, project_id: int,
     if task_ids is not None:
         wanted = set(task_ids)
         tasks = [t for t in tasks if t["id"] in wanted]
-    done_before = api.predicted_tasks(project_id, service.model_version)
-    report = Report(skipped=[t["id"] for t in tasks if t["id"] in done_before])
+    done_before = api.predicted_tasks(project_id, model_version)
+    report = Report(skipped=[t["id"] for t in tasks if t["id"] in done_before],
+                    model_version=model_version)
     todo = [t for t in tasks if t["id"] not in done_before][:limit]
     log.info("project %s: %d task(s) to annotate, %d already have %s; labels: %s", project_id,
-             len(todo), len(report.skipped), service.model_version,
+             len(todo), len(report.skipped), model_version,
              ", ".join(f"{c.label} ({c.phrase!r})" for c in concepts))
     for task in tqdm(todo, desc=f"project {project_id}", unit="task", disable=not progress):
         try:
@@ -88,12 +94,17 @@ def run(args) -> int:
     # Label Studio's address and token are the backend's label_studio_url / label_studio_api_key
     # (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY); --url / --token are those options' flags
     service = assembly.prediction_service(settings)
+    trained = serving.attach(service)  # a project's promoted trained version, when it has one
     api = LabelStudioAPI(service.images)
     task_ids = [int(t) for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-    report = annotate_project(service, api, args.project, task_ids, args.limit,
-                              progress=not args.no_progress)
+    try:
+        report = annotate_project(service, api, args.project, task_ids, args.limit,
+                                  progress=not args.no_progress)
+    finally:
+        if trained is not None:
+            trained.close()
     out = sys.stdout
-    out.write(f"project {args.project} ({service.model_version}): {len(report.done)} task(s) "
+    out.write(f"project {args.project} ({report.model_version}): {len(report.done)} task(s) "
               f"annotated, {report.instances} instance(s), {len(report.skipped)} skipped (already "
               f"predicted), {len(report.failed)} failed, {report.seconds:.1f} s\n")
     for task_id, message in report.failed:

@@ -198,19 +198,33 @@ class ConceptAnnotator:
     passes, and one worker that runs them (a pass already uses every core)."""
 
     def __init__(self, service, engine_factory: Callable[[], ConceptEngine],
-                 max_results: int = 256):
+                 max_results: int = 256, model_version: Optional[str] = None,
+                 worker: Optional[concurrent.futures.Executor] = None,
+                 threshold: Optional[float] = None):
+        """``model_version``: what its predictions are named (default: the service's);
+        ``worker``: the executor its background passes run on (default: one thread of its
+        own; annotators that should not run at once share one); ``threshold``: the score an
+        instance must pass (default: ``concept_threshold``)."""
         self.service = service
         self.settings = service.settings
+        self._model_version = model_version
+        self.threshold = self.settings.concept_threshold if threshold is None else threshold
         self._engine_factory = engine_factory
         self._engine: Optional[ConceptEngine] = None
         self._engine_lock = threading.Lock()
         self._results: "OrderedDict[Hashable, Dict[str, Any]]" = OrderedDict()
         self._pending: Dict[Hashable, concurrent.futures.Future] = {}
         self._lock = threading.Lock()
-        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="concepts")
+        self._worker = worker or concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="concepts")
         self.max_results = max_results
         # background passes waiting or running at once; more tasks are answered [] at once
         self.max_pending = self.settings.max_tasks
+
+    @property
+    def model_version(self) -> str:
+        """The ``model_version`` its predictions carry."""
+        return self._model_version or self.service.model_version
 
     @property
     def engine(self) -> ConceptEngine:
@@ -298,7 +312,7 @@ class ConceptAnnotator:
             url, task_id = config.image_url(task, to_name), task.get("id")
             image = self.service.images.locate(url, task_id)  # resolved once
             found = engine.detect(image.key, image.load, [list(p) for p in labels.values()],
-                                  self.settings.concept_threshold, self.selection, scope)
+                                  self.threshold, self.selection, scope)
             masks_bytes = sum(int(m.nbytes) for instances in found for m in instances.masks)
             held.grow(masks_bytes, f"the masks of {sum(len(i) for i in found)} instance(s) of "
                       f"task {shown(task_id)}", wait=self.settings.memory_wait,
@@ -319,7 +333,7 @@ class ConceptAnnotator:
             del found
             held.shrink(masks_bytes)  # the masks are gone; their regions stay counted
         return {"result": regions, "score": float(np.mean(scores)) if scores else 0.0,
-                "model_version": self.service.model_version}
+                "model_version": self.model_version}
 
     # -- task open / Retrieve predictions ------------------------------------------------------
     def _key(self, task: Dict[str, Any], config: LabelConfig,
@@ -328,7 +342,7 @@ class ConceptAnnotator:
         for to_name in sorted({c.to_name for c in concepts}):
             url, task_id = config.image_url(task, to_name), task.get("id")
             images.append(self.service.images.source_key(url, task_id))
-        return (tuple(images), tuple(concepts), self.settings.concept_threshold,
+        return (tuple(images), tuple(concepts), self.threshold,
                 self.selection, self.settings.out_mask, self.settings.out_poly,
                 self.settings.out_bbox, tuple(config.controls))
 

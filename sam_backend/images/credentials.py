@@ -213,6 +213,14 @@ class LabelStudioAccess:
             return self._setup_token, "sent by Label Studio in /setup"
         return None, "none configured"
 
+    def credentials(self) -> Tuple[Optional[str], Optional[str]]:
+        """Label Studio's address and the token to call its API with (a process of the backend's
+        own, e.g. a training run, calls it), each None when there is none. The token goes only
+        where :meth:`auth_header` would send it: an ImageError says why not otherwise."""
+        with self._lock:
+            token, _ = self._token()
+            return self.url, token
+
     def trusted_bases(self) -> Tuple[Optional[str], ...]:
         """Label Studio's addresses that the network policy's allowlist always lets through."""
         return self.env_url, self.setup_url if self.setup_trusted else None

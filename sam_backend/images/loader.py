@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, TypeVar
+from typing import Callable, Dict, Optional, Tuple, TypeVar
 
 import numpy as np
 import requests
@@ -104,6 +104,11 @@ class ImageLoader:
     @property
     def label_studio_url(self) -> Optional[str]:
         return self.access.url
+
+    def label_studio_credentials(self) -> Tuple[Optional[str], Optional[str]]:
+        """(Label Studio's address, the token for its API), from the settings or else from
+        /setup (:meth:`LabelStudioAccess.credentials`)."""
+        return self.access.credentials()
 
     def label_studio_headers(self, force_refresh: bool = False) -> Dict[str, str]:
         """``Authorization`` for Label Studio's API (empty when no token is configured)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 import numpy as np
 
@@ -49,6 +49,36 @@ POINT_BYTES = 56 + 16 + 2 * 24 + 2 * 20
 REGION_BYTES = 2048
 
 
+def project_id(value: Any) -> Optional[int]:
+    """A Label Studio project id from what its requests carry: ``7``, ``"7"``, the
+    ``"<id>.<created timestamp>"`` of /setup, /predict and /train (``"7.1700000000"``), or a
+    project object (``{"id": 7, ...}``, webhooks). None when ``value`` names no project."""
+    if isinstance(value, dict):
+        value = value.get("id")
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if 0 < value < 2 ** 63 else None
+    if isinstance(value, str):
+        head = value.strip().split(".", 1)[0]
+        if head.isdigit() and len(head) <= 18:
+            return int(head) or None
+    return None
+
+
+class TrainedModels(Protocol):
+    """What serves a project's promoted trained version (the training layer implements it:
+    :class:`sam_backend.training.serving.TrainedModels`; this layer only calls it)."""
+
+    def annotator(self, project: int) -> Optional[Tuple[ConceptAnnotator, str]]:
+        """The project's trained version as a concept annotator and the ``model_version`` its
+        predictions carry; None when the project has none (may load it: seconds, once)."""
+
+    def model_version(self, project: int) -> Optional[str]:
+        """The ``model_version`` :meth:`annotator` would answer with, without loading
+        anything (for /setup, which Label Studio gives 3 s)."""
+
+
 def result_bytes(regions: List[Dict[str, Any]]) -> int:
     """An upper estimate of the memory ``regions`` (Label Studio regions) take as Python objects
     plus their JSON text: what a /predict's answer holds until it is sent."""
@@ -78,7 +108,9 @@ class PredictionService:
         self.settings = settings
         self.segmenter = segmenter
         self.images = images
-        self.model_version = f"sam_backend-{__version__}:{segmenter.model.variant.key}"
+        #: the click model's name; the concept engine's or a trained version's follows it
+        self.click_model_version = f"sam_backend-{__version__}:{segmenter.model.variant.key}"
+        self.model_version = self.click_model_version
         self.concepts: Optional[ConceptAnnotator] = None
         if concept_engine is not None:
             self.model_version += f"+{settings.concept_model}"
@@ -95,6 +127,9 @@ class PredictionService:
         self.loads = LoadGate(settings.max_concurrent_loads, "max_concurrent_loads",
                               "decoding and encoding {held} new images")
         self.memory = images.budget or MemoryBudget(settings.image_memory_mb * MIB)
+        # a project's promoted trained version (set by the server and `annotate` when
+        # serve_trained is on): its task-open / Retrieve predictions answers come from it
+        self.trained: Optional[TrainedModels] = None
 
     # -- /setup --------------------------------------------------------------------------------
     def setup(self, project: Optional[str], schema: Optional[str], hostname: Optional[str],
@@ -160,14 +195,41 @@ class PredictionService:
             return concepts.annotate_typed(tasks, config, typed, scope, held)
         prompt = parse_context(context, config, self.settings.max_points)
         if prompt is None:
+            trained = self.trained_annotator(project)
+            if trained is not None:
+                answers = trained[0].auto_annotate(tasks, config, scope)
+                self._precompute_all(tasks, config, scope)  # for the clicks that correct it
+                return answers
             if self.settings.auto_annotate:
                 return self.concept_annotator().auto_annotate(tasks, config, scope)
-            if self.settings.precompute:
-                for task in tasks:
-                    scope.check("precomputing the tasks' images")
-                    self.precompute(task, config)
+            self._precompute_all(tasks, config, scope)
             return []
         return [self.predict_task(task, config, prompt, scope, held) for task in tasks]
+
+    def _precompute_all(self, tasks: List[Dict[str, Any]], config: LabelConfig,
+                        scope: WorkScope) -> None:
+        if self.settings.precompute:
+            for task in tasks:
+                scope.check("precomputing the tasks' images")
+                self.precompute(task, config)
+
+    # -- a project's trained version -----------------------------------------------------------
+    def trained_annotator(self, project: Any) -> Optional[Tuple[ConceptAnnotator, str]]:
+        """The annotator of ``project``'s promoted trained version and its model_version, or
+        None (no provider, no project id, no version)."""
+        number = project_id(project)
+        if self.trained is None or number is None:
+            return None
+        return self.trained.annotator(number)
+
+    def model_version_for(self, project: Any) -> str:
+        """What ``project``'s auto-annotations are named: its trained version's model_version
+        when it has one (never loads it), else :attr:`model_version`. Clicks always carry
+        :attr:`model_version`."""
+        number = project_id(project)
+        if self.trained is not None and number is not None:
+            return self.trained.model_version(number) or self.model_version
+        return self.model_version
 
     def concept_annotator(self) -> ConceptAnnotator:
         """The concept side; a clear error when the backend runs without one."""

@@ -9,12 +9,20 @@ Routes (what Label Studio 1.23 calls, and how long it waits):
   and device.
 - ``POST /setup`` (3 s): remembers the project's label config and Label Studio's address and
   token; loads nothing.
-- ``POST /predict``: one smart-tool click (or a task opened: no context -> empty answer, and the
-  image starts encoding in the background). Needs no prior /setup: the request carries its
-  ``label_config``.
-- ``GET|POST /versions``, ``POST /webhook`` (acknowledged; this backend does not train),
-  ``GET /metrics`` (memory hits/misses, encoder runs, and with a shared store its hits, misses,
-  writes, corrupt entries, lock waits and the precompute queue's length).
+  Answers the project's trained version as its ``model_version`` when it has one.
+- ``POST /predict``: one smart-tool click (or a task opened: no context -> the project's promoted
+  trained version's instances, or with ``auto_annotate`` the concept engine's, else an empty
+  answer; the image starts encoding in the background). Needs no prior /setup: the request
+  carries its ``label_config``.
+- ``POST /webhook``: Label Studio 1.23's *Start Training* (``START_TRAINING``) starts a training
+  run of the project (answered at once with the run's ``job``); ``ANNOTATION_CREATED`` /
+  ``ANNOTATION_UPDATED`` / ``ANNOTATIONS_CREATED`` count toward ``train_every`` (when it is
+  on; an event without a project is acknowledged uncounted); every other event is
+  acknowledged. ``POST /train``: *Start Training* of older Label Studio.
+  ``GET /train/status?project=ID``: the project's run state, progress, last report, versions.
+- ``GET|POST /versions``, ``GET /metrics`` (memory hits/misses, encoder runs, with a shared store
+  its hits, misses, writes, corrupt entries, lock waits and the precompute queue's length; the
+  training runs' counters and the trained versions served).
 
 Errors are JSON ``{"status": "error", "errors": [message]}``: 400 for a request that cannot be
 answered as sent, 500 (with a generic message; the trace goes to the log) for a bug. The server
@@ -26,17 +34,20 @@ import gc
 import json
 import logging
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import ujson
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, RequestTimeout
 
 from sam_backend.common.deadline import ClientGone, WorkScope
-from sam_backend.common.limits import MIB, printable, release_memory_if_due
+from sam_backend.common.limits import MIB, printable, release_memory_if_due, shown
 from sam_backend import assembly
-from sam_backend.errors import BusyError, RequestError, SamBackendError
-from sam_backend.labelstudio.service import PredictionService
+from sam_backend.errors import BusyError, ConfigError, RequestError, SamBackendError
+from sam_backend.labelstudio.service import PredictionService, project_id
+from sam_backend.training import serving
+from sam_backend.training.jobs import TrainingJobs
+from sam_backend.training.versions import VersionStore
 from sam_backend.server import auth as basic_auth
 from sam_backend.settings import Settings, add_listen_arguments, add_option_arguments, \
     settings_from_args
@@ -125,8 +136,46 @@ def _optional(body: Dict[str, Any], name: str, types, what: str):
     return value
 
 
-def create_app(service: PredictionService) -> Flask:
-    """The Flask app around a ready service (its model is already loaded)."""
+# Label Studio's training triggers (PROTOCOL.md "Training"): Start Training (1.23.2: to /webhook;
+# older: to /train), and the annotation events its auto-created webhook sends
+START_TRAINING = "START_TRAINING"
+ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
+
+
+def _project_of(body: Dict[str, Any], where: str) -> int:
+    """The project id a training trigger names (``project``: an object with ``id``, an id, or
+    ``"<id>.<timestamp>"``; an annotation event's task or annotation may carry it instead); a
+    400 naming ``where`` when there is none."""
+    candidates = [body.get("project")]
+    for key in ("task", "annotation"):
+        value = body.get(key)
+        if isinstance(value, list) and value:
+            value = value[0]
+        if isinstance(value, dict):
+            candidates.append(value.get("project"))
+    for value in candidates:
+        number = project_id(value)
+        if number is not None:
+            return number
+    raise RequestError(f"{where} names no project: send \"project\": {{\"id\": <id>}} (or the "
+                       f"project id)")
+
+
+def _annotations_in(action: str, body: Dict[str, Any]) -> int:
+    """How many annotations an annotation event carries: one, or for ANNOTATIONS_CREATED the
+    annotations (or ids) it lists (one when it lists none: the event still says some came)."""
+    if action != "ANNOTATIONS_CREATED":
+        return 1
+    for key in ("annotation", "annotations"):
+        value = body.get(key)
+        if isinstance(value, list):
+            return len(value)
+    return 1
+
+
+def create_app(service: PredictionService, jobs: Optional["TrainingJobs"] = None) -> Flask:
+    """The Flask app around a ready service (its model is already loaded). ``jobs``: what starts
+    training runs (None: this app does not train; the training routes say so)."""
     app = Flask("sam_backend")
     # Keep the order the routes build. Flask >= 2.2 reads app.json (constraints.txt pins 3.x);
     # the config key is what a venv still on label-studio-ml's Flask 1.1.2 reads.
@@ -198,12 +247,14 @@ def create_app(service: PredictionService) -> Flask:
     @app.route("/setup", methods=["POST"])
     def setup():
         body = _json_body(body_limit)
-        service.setup(_optional(body, "project", (str, int), "a string or an integer"),
+        project = _optional(body, "project", (str, int), "a string or an integer")
+        service.setup(project,
                       _optional(body, "schema", str, "the labeling config XML (a string)"),
                       _optional(body, "hostname", str, "a URL string"),
                       _optional(body, "access_token", str, "a string"),
                       authenticated=auth.enabled and g.authenticated)
-        return jsonify({"model_version": service.model_version})
+        # a project with a promoted trained version: Label Studio shows that version
+        return jsonify({"model_version": service.model_version_for(project)})
 
     @app.route("/predict", methods=["POST"])
     def predict():
@@ -224,7 +275,9 @@ def create_app(service: PredictionService) -> Flask:
                 held=held)
             log.info("predict: %d result(s) in %.0f ms", len(results),
                      (time.perf_counter() - started) * 1000)
-            response = _json_response({"results": results, "model_version": service.model_version})
+            first = results[0] if results and isinstance(results[0], dict) else {}
+            response = _json_response({"results": results, "model_version": first.get(
+                "model_version", service.model_version)})
         except BaseException:
             held.release()
             raise
@@ -235,6 +288,31 @@ def create_app(service: PredictionService) -> Flask:
     def versions():
         return jsonify({"versions": [service.model_version], "model_version": service.model_version})
 
+    def training_jobs() -> "TrainingJobs":
+        if jobs is None:
+            raise ConfigError("this backend does not train (it was started without training "
+                              "jobs): start it with `sam-backend serve`")
+        return jobs
+
+    def run_credentials():
+        """Label Studio's address and token for a run: the settings', else what /setup sent.
+        Without them the run fails and its status says why."""
+        try:
+            return service.images.label_studio_credentials()
+        except SamBackendError as exc:
+            log.warning("a training run gets no Label Studio token: %s", exc)
+            return service.images.label_studio_url, None
+
+    def start_training(body: Dict[str, Any], where: str, reason: str):
+        project = _project_of(body, where)
+        url, token = run_credentials()
+        answer = training_jobs().request(project, reason, url, token)
+        log.info("training of project %s requested (%s): %s", project, reason,
+                 answer.get("status"))
+        # Label Studio keeps a train-job record only when the answer has "job"
+        return jsonify({"status": "ok", "project": project, "run": answer.get("status"),
+                        "job": answer.get("job")})
+
     @app.route("/webhook", methods=["POST"])
     def webhook():
         try:
@@ -243,25 +321,70 @@ def create_app(service: PredictionService) -> Flask:
             body = {}
         action = body.get("action")
         action = printable(action, 100) if isinstance(action, str) else None
-        log.debug("webhook %s acknowledged (this backend does not train)", action)
-        return jsonify({"status": "ok", "action": action, "trained": False})
+        if action == START_TRAINING:
+            return start_training(body, "START_TRAINING", "Start Training in Label Studio")
+        if action in ANNOTATION_EVENTS and service.settings.train_every:
+            try:
+                project = _project_of(body, action)
+            except RequestError as exc:
+                # a webhook without its payload (Label Studio lets one be switched off): the
+                # event cannot count, and failing it would help nobody
+                log.warning("webhook %s not counted toward train_every: %s", action, exc)
+                return jsonify({"status": "ok", "action": action, "counted": False})
+            count = _annotations_in(action, body)
+            url, token = run_credentials()
+            answer = training_jobs().annotation_event(project, count, url, token)
+            reply = {"status": "ok", "action": action, "project": project, "annotations": count}
+            if answer:  # train_every reached: a run started or queued
+                reply.update(run=answer.get("status"), job=answer.get("job"))
+            return jsonify(reply)
+        # every other event is acknowledged: a webhook answer never fails Label Studio's delivery
+        log.debug("webhook %s acknowledged", action)
+        return jsonify({"status": "ok", "action": action})
+
+    @app.route("/train", methods=["POST"])
+    def train():
+        # older Label Studio posts Start Training here: {"annotations", "project": "<id>.<ts>",
+        # "label_config", "params"}; the run reads the project from Label Studio's API itself
+        return start_training(_json_body(body_limit), "/train", "Start Training (/train)")
+
+    @app.route("/train/status", methods=["GET"])
+    def train_status():
+        raw = request.args.get("project")
+        project = project_id(raw)
+        if project is None:
+            raise RequestError(f"/train/status needs ?project=<project id>, got "
+                               f"{shown(raw) if raw is not None else 'none'}")
+        status = dict(training_jobs().status(project))
+        if service.trained is not None:
+            status["served_here"] = service.trained.serving().get(str(project))
+        return jsonify(status)
 
     @app.route("/metrics", methods=["GET"])
     def metrics():
         cache = service.segmenter.cache
+        training = {f"training_{k}": v for k, v in jobs.counters().items()} if jobs else {}
         return jsonify({"embedding_cache_hits": cache.hits, "embedding_cache_misses": cache.misses,
                         "embedding_cache_images": len(cache), "embedding_cache_bytes": cache.nbytes,
                         "encodes": service.segmenter.encodes,
                         "click_embeddings": service.segmenter.interactive_requests,
                         "click_embeddings_waited": service.segmenter.interactive_waits,
-                        **service.store_metrics()})
+                        **service.store_metrics(), **training,
+                        **(service.trained.metrics() if service.trained is not None else {})})
 
     return app
 
 
 def build_app(settings: Settings) -> Flask:
-    """Load the model (and download its checkpoint if allowed), then return the app."""
-    app = create_app(assembly.prediction_service(settings))
+    """Load the model (and download its checkpoint if allowed), then return the app: it serves
+    promoted trained versions (``serve_trained``) and starts training runs (in a background
+    process, or on the ``train`` queue with a shared store); ``app.extensions["sam_backend"]``
+    holds the ``jobs`` and ``trained`` to close when done."""
+    service = assembly.prediction_service(settings)
+    trained = serving.attach(service)
+    jobs = TrainingJobs(settings, VersionStore.from_settings(settings))
+    app = create_app(service, jobs)
+    app.extensions["sam_backend"] = {"jobs": jobs, "trained": trained}
     # After loading, the process tracks a few hundred thousand long-lived objects (torch, timm,
     # segment_anything); a full collection over them is slow (README "Speed") and lands in the
     # middle of a click. Freezing moves them out of the collector's generations for good.
@@ -292,7 +415,17 @@ def serve(args) -> int:
                  access=args.access_log)
     except OSError as exc:
         raise SamBackendError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
+    finally:
+        close_app(app)
     return 0
+
+
+def close_app(app: Flask) -> None:
+    """Stop what :func:`build_app` started beside the routes (training jobs, trained models)."""
+    parts = app.extensions.get("sam_backend") or {}
+    for name in ("jobs", "trained"):
+        if parts.get(name) is not None:
+            parts[name].close()
 
 
 def register_cli(subparsers) -> None:

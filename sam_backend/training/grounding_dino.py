@@ -89,9 +89,10 @@ _BASE_WORDS = ("a", "an", "the", "of", "and", "with", ",", "red", "blue", "green
                "small", "object", "thing", "person", "car", "cat", "dog", "circle", "square")
 
 #: the recipe the learning test, the end-to-end loop and the benchmark share: the reduced model
-#: on tests/support/shapes.py's 160x120 images (measured: see tests/training/
+#: on tests/support/shapes.py's 160x120 images (28 of them: held-out bbox mAP50 0.15-0.26
+#: against 0.000 untrained, ~1 s an epoch on 2 idle cores; see tests/training/
 #: test_grounding_dino_trainer.py)
-REDUCED_RECIPE: Dict[str, Any] = {"epochs": 30, "batch_size": 4, "learning_rate": 5e-4,
+REDUCED_RECIPE: Dict[str, Any] = {"epochs": 60, "batch_size": 2, "learning_rate": 1e-3,
                                   "image_size": REDUCED_IMAGE_SIZE, "reduced": True}
 
 

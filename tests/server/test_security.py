@@ -84,7 +84,8 @@ def no_prompt():
 ROUTES = [
     ("POST", "/predict", no_prompt),
     ("POST", "/setup", lambda: setup_body(None)),
-    ("POST", "/webhook", lambda: {"action": "ANNOTATION_CREATED"}),
+    ("POST", "/webhook", lambda: {"action": "ANNOTATION_CREATED", "project": {"id": 1}}),
+    ("GET", "/train/status?project=1", None),
     ("GET", "/versions", None),
     ("POST", "/versions", lambda: {"project": "1"}),
     ("GET", "/metrics", None),

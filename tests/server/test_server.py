@@ -228,8 +228,11 @@ def test_setup_is_fast_and_versions_answer_get_and_post(backend):
     assert requests.get(backend.url + "/versions", timeout=5).json()["versions"] == [version]
     assert requests.post(backend.url + "/versions", json={"project": "1"}, timeout=5).json()[
         "versions"] == [version]
-    hook = requests.post(backend.url + "/webhook", json={"action": "ANNOTATION_CREATED"}, timeout=5)
-    assert hook.status_code == 200 and hook.json()["trained"] is False
+    hook = requests.post(backend.url + "/webhook", json={"action": "ANNOTATION_CREATED",
+                                                         "project": {"id": 1}}, timeout=5)
+    assert hook.status_code == 200 and hook.json() == {"status": "ok",
+                                                       "action": "ANNOTATION_CREATED"}
+    assert "job" not in hook.json()
     assert requests.post(backend.url + "/setup", json=body, timeout=3).json()["model_version"] == version
 
 
