@@ -454,8 +454,9 @@ class GroundingDinoTrainer(Trainer):
                     outputs = model(**inputs, labels=targets)
                 loss = outputs.loss
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"the loss is {loss.item()} at epoch {epoch}: "
-                                             f"lower the learning rate")
+                    raise FloatingPointError(
+                        f"training diverged in epoch {epoch}: the loss is {loss.item()}; lower "
+                        f"train_learning_rate (it is {options.learning_rate:g})")
                 optimiser.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimiser)

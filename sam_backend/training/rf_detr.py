@@ -362,10 +362,19 @@ class RfDetrTrainer(Trainer):
                 labels = [{k: v.to(device) for k, v in e[1].items()} for e in examples]
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    output = model(pixel_values=inputs["pixel_values"].to(device),
-                                   pixel_mask=inputs["pixel_mask"].to(device), labels=labels)
+                try:
+                    with torch.autocast(device.type, dtype=amp_dtype,
+                                        enabled=amp_dtype is not None):
+                        output = model(pixel_values=inputs["pixel_values"].to(device),
+                                       pixel_mask=inputs["pixel_mask"].to(device), labels=labels)
+                except ValueError:
+                    # diverged weights make NaN boxes, which the matcher refuses by their format
+                    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                        raise _diverged(epoch, options.learning_rate) from None
+                    raise
                 loss = _total_loss(output, model.config)
+                if not torch.isfinite(loss):
+                    raise _diverged(epoch, options.learning_rate)
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()
@@ -417,6 +426,12 @@ class RfDetrTrainer(Trainer):
 
     def load(self, directory: Path, device: str = "cpu") -> "RfDetrDetector":
         return RfDetrDetector.load(directory, device)
+
+
+def _diverged(epoch: int, learning_rate: float) -> FloatingPointError:
+    return FloatingPointError(
+        f"training diverged in epoch {epoch}: the loss or the weights are no longer finite; "
+        f"lower train_learning_rate (it is {learning_rate:g})")
 
 
 def _total_loss(output, config):

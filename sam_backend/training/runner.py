@@ -318,7 +318,8 @@ def run_training(settings, project: int, label_studio_url: Optional[str] = None,
         return report
     except BaseException as exc:
         message = str(exc) if isinstance(exc, (SamBackendError, NotEnoughData, TrainingStopped,
-                                               ValueError)) else f"{type(exc).__name__}: {exc}"
+                                               ValueError, FloatingPointError)) \
+            else f"{type(exc).__name__}: {exc}"
         if isinstance(exc, KeyboardInterrupt):
             message = "interrupted"
         served = versions.current(project)

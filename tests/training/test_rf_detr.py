@@ -237,3 +237,13 @@ def test_images_without_objects_are_negatives(shapes, tmp_path):
                                                              CLASSES, tmp_path / "m")
     assert logs[0].images == 3 and np.isfinite(logs[0].loss)
     assert (tmp_path / "m" / MODEL_FILE).is_file()
+
+
+def test_a_diverging_run_says_so_and_writes_nothing(shapes, tmp_path):
+    """A learning rate far too high makes the weights non-finite within a few steps; the run
+    names that (not the matcher's complaint about NaN boxes) and writes nothing."""
+    _, train, _ = shapes
+    out = tmp_path / "out"
+    with pytest.raises(FloatingPointError, match="diverged.*lower train_learning_rate"):
+        RfDetrTrainer(tiny(epochs=5, learning_rate=1e3)).train(train[:4], CLASSES, CLASSES, out)
+    assert not out.exists() or not any(out.iterdir())
