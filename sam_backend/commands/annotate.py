@@ -112,10 +112,9 @@ def run(args) -> int:
     return 1 if report.failed else 0
 
 
-def register_cli(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "annotate", help="pre-annotate a Label Studio project: every instance of every label, "
-                         "as predictions")
+def add_project_arguments(parser) -> None:
+    """``--project ID`` and Label Studio's address and token (``--url`` / ``--token``, default
+    LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY), as the commands that read a project take them."""
     parser.add_argument("--project", type=int, required=True, help="Label Studio project id")
     parser.add_argument("--url", dest="label_studio_url", default=None,
                         help="Label Studio's address (the option label_studio_url; default: "
@@ -123,6 +122,13 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--token", dest="label_studio_api_key", default=None,
                         help="a legacy or personal access token (default: LABEL_STUDIO_API_KEY; "
                              "prefer the variable: a flag shows in the process list)")
+
+
+def register_cli(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "annotate", help="pre-annotate a Label Studio project: every instance of every label, "
+                         "as predictions")
+    add_project_arguments(parser)
     parser.add_argument("--tasks", default=None, help="only these task ids (comma-separated)")
     parser.add_argument("--limit", type=int, default=None,
                         help="annotate at most this many tasks (those not done yet)")

@@ -19,6 +19,7 @@ import logging
 import sys
 from typing import Dict
 
+from sam_backend.commands.annotate import add_project_arguments
 from sam_backend.errors import SamBackendError
 from sam_backend.settings import add_option_arguments, settings_from_args
 
@@ -139,13 +140,7 @@ def register_cli(subparsers) -> None:
     parser = subparsers.add_parser(
         "train", help="train a model on a Label Studio project's annotations, evaluate it on "
                       "held-out tasks and serve it if it is not worse (or roll back)")
-    parser.add_argument("--project", type=int, required=True, help="Label Studio project id")
-    parser.add_argument("--url", dest="label_studio_url", default=None,
-                        help="Label Studio's address (the option label_studio_url; default: "
-                             "LABEL_STUDIO_URL)")
-    parser.add_argument("--token", dest="label_studio_api_key", default=None,
-                        help="a legacy or personal access token (default: LABEL_STUDIO_API_KEY; "
-                             "prefer the variable: a flag shows in the process list)")
+    add_project_arguments(parser)
     parser.add_argument("--force", action="store_true",
                         help="promote the new version whatever its held-out mAP")
     parser.add_argument("--rollback", action="store_true",
