@@ -368,8 +368,12 @@ class RfDetrTrainer(Trainer):
                         output = model(pixel_values=inputs["pixel_values"].to(device),
                                        pixel_mask=inputs["pixel_mask"].to(device), labels=labels)
                 except ValueError:
-                    # diverged weights make NaN boxes, which the matcher refuses by their format
-                    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                    # diverged weights make NaN boxes, which the matcher refuses by their format:
+                    # the same forward without the loss tells that case from a real error
+                    with torch.no_grad():
+                        boxes = model(pixel_values=inputs["pixel_values"].to(device),
+                                      pixel_mask=inputs["pixel_mask"].to(device)).pred_boxes
+                    if not bool(torch.isfinite(boxes).all()):
                         raise _diverged(epoch, options.learning_rate) from None
                     raise
                 loss = _total_loss(output, model.config)
