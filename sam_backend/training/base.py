@@ -5,7 +5,7 @@ A **trainer** (:class:`Trainer`; one module per kind: :mod:`.rf_detr`, :mod:`.gr
 fine-tunes one architecture on a project's training set and writes the result into a directory
 (:meth:`Trainer.train`); :meth:`Trainer.load` reads such a directory back as a
 :class:`Detector`, which answers one image at a time with boxes, scores, label indices and (for
-a trainer that segments) masks, as :class:`~.evaluate.Prediction`. The runner evaluates
+a trainer that segments) masks, as :class:`Prediction`. The runner evaluates
 detectors on the held-out tasks; the server serves a promoted version through a concept engine
 (:mod:`.serving`).
 
@@ -20,16 +20,28 @@ import random
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from sam_backend.training.dataset import Sample
-from sam_backend.training.evaluate import Prediction
+if TYPE_CHECKING:  # a hint only: the server imports this module, never the dataset's export code
+    from sam_backend.training.dataset import Sample
 
 #: the file in a trained model's directory that says what it is (kind, classes, phrases,
 #: image size, reduced or not), written by the trainer next to its weights
 MODEL_FILE = "sam_backend_model.json"
+
+
+@dataclass
+class Prediction:
+    """One image's predictions (what :meth:`Detector.predict` answers and :mod:`.evaluate`
+    scores): ``boxes`` (N, 4) ``[x0, y0, x1, y1]`` pixels, ``scores`` (N,), ``labels`` (N,)
+    label indices (into the classes), ``masks`` (N, H, W) bool or None."""
+
+    boxes: Any
+    scores: Any
+    labels: Any
+    masks: Any = None
 
 
 @dataclass

@@ -20,25 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import io
-from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from sam_backend.training.base import Prediction  # what a Detector answers
 from sam_backend.training.dataset import Sample
 
 IOU_TYPES = ("bbox", "segm")
-
-
-@dataclass
-class Prediction:
-    """One image's predictions: ``boxes`` (N, 4) ``[x0, y0, x1, y1]`` pixels, ``scores`` (N,),
-    ``labels`` (N,) label indices (into the classes), ``masks`` (N, H, W) bool or None."""
-
-    boxes: Any
-    scores: Any
-    labels: Any
-    masks: Any = None
 
 
 def _gt(samples: Sequence[Sample], classes: Sequence[str]) -> dict:

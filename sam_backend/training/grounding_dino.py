@@ -58,9 +58,8 @@ import numpy as np
 from sam_backend.concepts.grounding_dino import DEFAULT_DIRECTORY, HUB_ID, query_text
 from sam_backend.models.registry import weights_dir
 from sam_backend.training.augment import augment, mask_boxes
-from sam_backend.training.base import (MODEL_FILE, Detector, EpochLog, ImageSample, Trainer,
-                                       TrainingStopped, read_model_file, seed_everything)
-from sam_backend.training.evaluate import Prediction
+from sam_backend.training.base import (MODEL_FILE, Detector, EpochLog, ImageSample, Prediction,
+                                       Trainer, TrainingStopped, read_model_file, seed_everything)
 
 log = logging.getLogger(__name__)
 

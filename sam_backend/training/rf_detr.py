@@ -63,10 +63,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from sam_backend.training.augment import augment, mask_boxes
-from sam_backend.training.base import (MODEL_FILE, Detector, EpochLog, ImageSample,
+from sam_backend.training.base import (MODEL_FILE, Detector, EpochLog, ImageSample, Prediction,
                                        TrainingStopped, TrainOptions, Trainer, read_model_file,
                                        seed_everything)
-from sam_backend.training.evaluate import Prediction
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,7 @@ import numpy as np
 from sam_backend.common.deadline import UNBOUNDED, WorkScope
 from sam_backend.concepts.base import ConceptAnnotator, ConceptEngine, ImageLoaderFn, Instances
 from sam_backend.models.base import Prompt
-from sam_backend.training.base import Detector
-from sam_backend.training.evaluate import Prediction
+from sam_backend.training.base import Detector, Prediction
 from sam_backend.training.versions import Version, VersionStore
 
 log = logging.getLogger(__name__)
