@@ -36,6 +36,9 @@ import uuid
 from collections import Counter
 from typing import Any, Dict, Optional
 
+from redis.exceptions import RedisError
+
+from sam_backend.errors import BusyError
 from sam_backend.training.versions import VersionStore, now_iso
 
 log = logging.getLogger(__name__)
@@ -177,7 +180,12 @@ class TrainingJobs:
         at once ``{"status": "started"|"queued"|"already_queued", "project", "job"}``."""
         project = int(project)
         if self.team:
-            return self._request_rq(project, reason, label_studio_url, token)
+            try:
+                return self._request_rq(project, reason, label_studio_url, token)
+            except RedisError as exc:
+                raise BusyError(f"the team's Redis (embedding_store) is unreachable ({exc}): the "
+                                f"training run of project {project} was not queued; ask again "
+                                f"when Redis is back") from None
         with self._lock:
             if self._closed:
                 raise RuntimeError("the training jobs are closed")
@@ -201,13 +209,18 @@ class TrainingJobs:
         project, count = int(project), max(0, int(count))
         every = int(self.settings.train_every or 0)
         if self.team:
-            self.redis.hincrby(f"{KEY_ROOT}:counters", "annotation_events", count)
-            if every <= 0 or count == 0:
+            try:
+                self.redis.hincrby(f"{KEY_ROOT}:counters", "annotation_events", count)
+                if every <= 0 or count == 0:
+                    return None
+                total = int(self.redis.incrby(_key(project, "annotations"), count))
+                if total < every:
+                    return None
+                self.redis.decrby(_key(project, "annotations"), every * (total // every))
+            except RedisError as exc:
+                log.warning("project %s: %d annotation event(s) not counted toward train_every: "
+                            "the team's Redis is unreachable (%s)", project, count, exc)
                 return None
-            total = int(self.redis.incrby(_key(project, "annotations"), count))
-            if total < every:
-                return None
-            self.redis.decrby(_key(project, "annotations"), every * (total // every))
         else:
             with self._lock:
                 self._counters["annotation_events"] += count
@@ -329,14 +342,19 @@ class TrainingJobs:
                 and not _alive(run.get("pid")):
             state, message = "failed", (f"the run's process ({run.get('pid')}) is gone: "
                                         f"{message}")
-        queued_job = False
+        queued_job = follow = False
         if self.team:
-            active = self.redis.get(_key(project, "active"))
-            if active is not None and state != "running":
-                queued_job = True
-        elif active_here and state != "running":
-            state, message = "running", "starting"
-        follow = self._follow_up(project)
+            try:
+                active = self.redis.get(_key(project, "active"))
+                queued_job = active is not None and state != "running"
+                follow = self._follow_up(project)
+            except RedisError as exc:  # the files still tell the run's state
+                message = (message + "; " if message else "") + \
+                    f"the team's Redis is unreachable ({exc}): queue and follow-up unknown"
+        else:
+            if active_here and state != "running":
+                state, message = "running", "starting"
+            follow = self._follow_up(project)
         if state != "running" and (queued_job or follow):
             state = "queued"
         served = self.versions.current(project)
@@ -364,10 +382,14 @@ class TrainingJobs:
                 "last_report": last[-1].report if last else None,
                 "where": "rq" if self.team else "process"}
 
-    def counters(self) -> Dict[str, int]:
-        """Counts for /metrics (team: shared by every replica and worker)."""
+    def counters(self) -> Dict[str, Optional[int]]:
+        """Counts for /metrics (team: shared by every replica and worker; None while Redis is
+        unreachable)."""
         if self.team:
-            raw = self.redis.hgetall(f"{KEY_ROOT}:counters")
+            try:
+                raw = self.redis.hgetall(f"{KEY_ROOT}:counters")
+            except RedisError:  # /metrics keeps answering; the store's state says why
+                return {name: None for name in COUNTER_NAMES}
             found = {k.decode(): int(v) for k, v in raw.items()}
             return {name: found.get(name, 0) for name in COUNTER_NAMES}
         with self._lock:
