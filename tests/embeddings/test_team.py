@@ -218,6 +218,8 @@ def test_redis_killed_mid_run_then_restarted(team, reference):
     assert metrics(a)["queue_length"] is None
     health = requests.get(a.url + "/health", timeout=5).json()
     assert health["status"] == "UP" and health["embedding_store"]["state"] == "down"
+    log_a = (team["logs"] / "replica0.log").read_text()
+    assert log_a.count("unreachable (") == 1  # logged once, not per request
     # training cannot be queued without Redis: a clear 503, and status and metrics still answer
     hook = requests.post(a.url + "/webhook", json={"action": "START_TRAINING",
                                                    "project": {"id": 1}}, timeout=30)
@@ -225,8 +227,6 @@ def test_redis_killed_mid_run_then_restarted(team, reference):
     assert "unreachable" in requests.get(a.url + "/train/status?project=1",
                                          timeout=30).json()["message"]
     assert metrics(a)["training_runs_started"] is None
-    log_a = (team["logs"] / "replica0.log").read_text()
-    assert log_a.count("unreachable (") == 1  # logged once, not per request
 
     team["redis"].start()
     wait_for(lambda: requests.get(a.url + "/health", timeout=5).json()["embedding_store"]["state"]
