@@ -26,6 +26,7 @@ LAYERS: List[str] = [
     "images",       # task image -> RGB array
     "embeddings",   # the segmenter, memory LRU, shared store, encode queue
     "concepts",     # concept engines and the concept pass
+    "video",        # clips, trackers, tracks
     "labelstudio",  # label config, prompts, regions, the prediction service, the API client
     "settings",     # every option, read once, validated with each layer's own parser
     "assembly",     # builds everything from Settings
