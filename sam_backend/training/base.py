@@ -151,6 +151,26 @@ class Trainer(ABC):
         weights in the architecture's own format plus :data:`MODEL_FILE`) and returns the
         epochs' logs."""
 
+    @staticmethod
+    def check_inputs(train: Sequence[ImageSample], classes: Sequence[str],
+                     phrases: Sequence[str], out: Path) -> None:
+        """A ValueError naming what is wrong with :meth:`train`'s arguments: no class, not one
+        phrase per class, no sample, an object whose label index is not a class, or an ``out``
+        directory that is not empty."""
+        if not classes or len(phrases) != len(classes):
+            raise ValueError(f"{len(classes)} classes and {len(phrases)} phrases: one phrase "
+                             f"per class, at least one class")
+        if not train:
+            raise ValueError("no training sample")
+        for item in train:
+            for obj in item.sample.objects:
+                if not 0 <= obj.label < len(classes):
+                    raise ValueError(f"task {item.sample.task_id}: label index {obj.label} is "
+                                     f"not one of the {len(classes)} classes")
+        out = Path(out)
+        if out.exists() and any(out.iterdir()):
+            raise ValueError(f"the output directory {out} is not empty")
+
     @abstractmethod
     def load(self, directory: Path, device: str = "cpu") -> Detector:
         """The model in ``directory`` (written by :meth:`train`) for inference; a ValueError

@@ -385,16 +385,7 @@ class GroundingDinoTrainer(Trainer):
 
         options = self.options
         classes, phrases = list(classes), list(phrases)
-        if len(classes) != len(phrases) or not classes:
-            raise ValueError(f"{len(classes)} classes and {len(phrases)} phrases: one phrase "
-                             f"per class, at least one class")
-        if not train:
-            raise ValueError("no training image")
-        for item in train:
-            for obj in item.sample.objects:
-                if not 0 <= obj.label < len(classes):
-                    raise ValueError(f"task {item.sample.task_id}: label index {obj.label} is "
-                                     f"not one of the {len(classes)} classes")
+        self.check_inputs(train, classes, phrases, out)
         image_size = options.image_size or (REDUCED_IMAGE_SIZE if options.reduced and
                                             options.start is None else DEFAULT_IMAGE_SIZE)
         seed_everything(options.seed)

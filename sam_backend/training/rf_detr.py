@@ -308,16 +308,8 @@ class RfDetrTrainer(Trainer):
         import torch
 
         options = self.options
-        classes, phrases = list(classes), list(phrases)
-        if not classes:
-            raise ValueError("no classes to train")
-        if len(phrases) != len(classes):
-            raise ValueError(f"{len(phrases)} phrases for {len(classes)} classes")
-        if not train:
-            raise ValueError("no training sample")
-        out = Path(out)
-        if out.exists() and any(out.iterdir()):
-            raise ValueError(f"the output directory {out} is not empty")
+        classes, phrases, out = list(classes), list(phrases), Path(out)
+        self.check_inputs(train, classes, phrases, out)
         device = torch.device(options.device)
         model, size, start = build_model(classes, options)
         model.to(device).train()
