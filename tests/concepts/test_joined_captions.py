@@ -182,6 +182,28 @@ def test_per_label_passes_ask_each_phrase_alone(checkpoint_factory, dino_bert_di
         assert_same(instances, alone, phrase)
 
 
+@pytest.mark.slow
+def test_full_size_joined_caption_equals_the_library(checkpoint_factory, image_path, tmp_path):
+    """The ``grounding-dino-tiny`` architecture (Swin-T + BERT-base, 256 text tokens) at the
+    processor's own input size: the same fidelity as the reduced model's."""
+    from tests.support.random_weights import CACHE_DIR, make_random_grounding_dino
+
+    directory = CACHE_DIR / "grounding-dino-full-bert-seed0"  # shared with the benchmark
+    if not (directory / "config.json").is_file():
+        make_random_grounding_dino(directory, "full", seed=0, bert_layout=True)
+    engine = dino(checkpoint_factory, tmp_path, directory,
+                  concept_image_size=0).concept_annotator().engine
+    assert engine.max_phrase_tokens == 256 and engine.image_kwargs == {}
+    image = load_rgb(image_path)
+    phrases = ["car", "red car", "red", "dog"]
+    state, _ = engine.image_state("full", lambda: image)
+    found = dict(engine.find_all(state, phrases, LOW))
+    expected, _ = reference(directory, image, phrases, LOW, size=0)
+    for phrase, want in zip(phrases, expected):
+        assert_same(found[phrase], want, phrase)
+    assert sum(len(f) for f in found.values()) > 0
+
+
 # -- the protocol: regions under the right labels -------------------------------------------------
 
 SUBSTRING_CONFIG = """<View>
