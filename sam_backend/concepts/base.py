@@ -179,7 +179,8 @@ class ConceptEngine(ABC):
         ``selection`` applied. An entry is a phrase, or the phrases of one label: their
         instances are pooled, so duplicate suppression and ``max_instances`` hold per label,
         across its phrases. Every distinct query (:meth:`phrase_key`) is asked once
-        (:meth:`find_all`), however many labels ask it. ``scope`` is checked before each model call (and each mask decode)."""
+        (:meth:`find_all`), however many labels ask it. ``scope`` is checked before each model
+        call (and each mask decode)."""
         state, (height, width) = self.image_state(image_key, load_image)
         entries = [(entry,) if isinstance(entry, str) else tuple(entry) for entry in phrases]
         asked: Dict[Hashable, str] = {}  # one phrase per query the model sees
