@@ -217,8 +217,8 @@ class GroundingDinoEngine(ConceptEngine):
         scores = result["scores"].float().cpu().numpy()
         # the queries the post-processing kept, in its order (a query's score is its highest
         # token probability), and their probability of each token of the caption
-        probs = torch.sigmoid(outputs.logits[0].float().cpu())  # (queries, max_text_len)
-        probs = probs[probs.max(-1).values > threshold]
+        probs = torch.sigmoid(outputs.logits[0])  # (queries, max_text_len), as it computes it
+        probs = probs[probs.max(-1).values > threshold].float().cpu()
         if len(probs) != len(scores):
             raise RuntimeError("the detector's post-processing kept other queries than expected")
         best = torch.stack([probs[:, a:b].max(-1).values if b > a
