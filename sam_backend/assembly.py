@@ -127,7 +127,9 @@ def create_concept_engine(settings: Settings, segmenter: Segmenter) -> ConceptEn
     if settings.concept_model == "grounding_dino":
         from sam_backend.concepts.grounding_dino import GroundingDinoEngine
 
-        return GroundingDinoEngine.load(settings.concept_checkpoint, segmenter)
+        return GroundingDinoEngine.load(settings.concept_checkpoint, segmenter,
+                                        image_size=settings.concept_image_size,
+                                        passes=settings.concept_passes)
     if settings.concept_model == "sam3":
         try:
             from sam_backend.concepts.sam3_engine import Sam3ConceptEngine  # type: ignore

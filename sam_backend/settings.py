@@ -183,6 +183,13 @@ class Settings:
         0.7, "of two instances of one label whose boxes overlap with IoU above this, the "
         "lower-scored one is dropped (1 = keep all)")
     max_instances: int = option(50, "at most this many instances per label, highest scores first")
+    concept_passes: str = option(
+        "joined", "how grounding_dino asks for a pass's labels: joined (all phrases in one "
+        "caption, 'cat. dog. red car.', one detector pass per caption, as many captions as its "
+        "text encoder's token limit needs) or per_label (one detector pass per phrase)")
+    concept_image_size: int = option(
+        0, "the shorter side, in pixels, of grounding_dino's detector input (0: its processor's "
+        "own, 800 with the longer side at most 1333; smaller is faster and misses small objects)")
     concept_labels: Optional[str] = option(
         None, "comma-separated labels that take part in auto-annotation (default: all)")
     auto_annotate: bool = option(
@@ -313,6 +320,11 @@ class Settings:
                 not 0 <= self.trained_threshold <= 1:
             raise ConfigError("concept_threshold, trained_threshold and concept_nms_iou must be "
                               "between 0 and 1")
+        if self.concept_passes not in ("joined", "per_label"):
+            raise ConfigError(f"concept_passes={self.concept_passes!r}: use joined or per_label")
+        if self.concept_image_size < 0:
+            raise ConfigError(f"concept_image_size={self.concept_image_size!r} must not be "
+                              f"negative (0: the detector's own input size)")
         if self.max_instances <= 0 or self.concept_timeout <= 0:
             raise ConfigError("max_instances and concept_timeout must be positive")
         for name in ("max_phrases", "max_phrase_chars", "max_concept_labels"):

@@ -29,8 +29,8 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import (TYPE_CHECKING, Any, Callable, Dict, Hashable, Iterable, List, Optional,
-                    Sequence, Tuple, Type, Union)
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Hashable, Iterable, Iterator, List,
+                    Optional, Sequence, Tuple, Type, Union)
 
 import numpy as np
 
@@ -107,7 +107,8 @@ class ConceptEngine(ABC):
     click after a concept pass (or the other way round) encodes nothing again.
 
     An engine says what it needs of an image once (:meth:`image_state`), finds one phrase's
-    instances on it (:meth:`find`) and, if it found boxes only, decodes the masks of the kept
+    instances on it (:meth:`find`), or several phrases' at once (:meth:`find_all`; by default
+    one :meth:`find` per phrase) and, if it found boxes only, decodes the masks of the kept
     ones (:meth:`with_masks`); :meth:`detect` puts these together per label. Its text encoder
     takes at most :attr:`max_phrase_tokens` tokens: :meth:`check_phrases` refuses a longer phrase
     with a 400 before any work on the image."""
@@ -129,6 +130,21 @@ class ConceptEngine(ABC):
     @abstractmethod
     def find(self, state: Any, phrase: str, threshold: float) -> Instances:
         """Every instance of ``phrase`` scoring above ``threshold`` (masks may be None)."""
+
+    def phrase_key(self, phrase: str) -> Hashable:
+        """What the model is asked for ``phrase``: phrases with the same key are one query, asked
+        once (default: the phrase itself)."""
+        return phrase
+
+    def find_all(self, state: Any, phrases: Sequence[str], threshold: float,
+                 scope: WorkScope = UNBOUNDED) -> Iterator[Tuple[str, Instances]]:
+        """``(phrase, its instances)`` for each of ``phrases`` (distinct), as :meth:`find` would
+        answer it, each phrase once, in any order; ``scope`` is checked before each model call.
+        By default one :meth:`find` per phrase, in order (an engine whose model answers several
+        phrases in one call overrides it: Grounding DINO's joined captions)."""
+        for phrase in phrases:
+            scope.check(f"the concept pass ({shown(phrase, 40)})")
+            yield phrase, self.find(state, phrase, threshold)
 
     def with_masks(self, state: Any, instances: Instances,
                    scope: WorkScope = UNBOUNDED) -> Instances:
@@ -162,18 +178,23 @@ class ConceptEngine(ABC):
         """One :class:`Instances` per entry of ``phrases``: score above ``threshold``,
         ``selection`` applied. An entry is a phrase, or the phrases of one label: their
         instances are pooled, so duplicate suppression and ``max_instances`` hold per label,
-        across its phrases. ``scope`` is checked before each phrase (and each mask decode)."""
+        across its phrases. Every distinct query (:meth:`phrase_key`) is asked once
+        (:meth:`find_all`), however many labels ask it. ``scope`` is checked before each model
+        call (and each mask decode)."""
         state, (height, width) = self.image_state(image_key, load_image)
-        found: List[Instances] = []
-        for entry in phrases:
-            pool = Instances.empty(height, width)
-            for phrase in ((entry,) if isinstance(entry, str) else entry):
-                scope.check(f"the concept pass ({shown(phrase, 40)})")
-                # kept as it goes: at most max_instances (+ one phrase's) instances held
-                pool = pool.concat(self.find(state, phrase, threshold))
-                pool = pool.take(selection.keep(pool.boxes, pool.scores))
-            found.append(self.with_masks(state, pool, scope))
-        return found
+        entries = [(entry,) if isinstance(entry, str) else tuple(entry) for entry in phrases]
+        asked: Dict[Hashable, str] = {}  # one phrase per query the model sees
+        askers: Dict[str, List[int]] = {}  # that phrase -> the entries that ask it
+        for index, entry in enumerate(entries):
+            for phrase in dict.fromkeys(asked.setdefault(self.phrase_key(p), p) for p in entry):
+                askers.setdefault(phrase, []).append(index)
+        pools = [Instances.empty(height, width) for _ in entries]
+        for phrase, instances in self.find_all(state, list(askers), threshold, scope):
+            for index in askers[phrase]:
+                # kept as it goes: at most max_instances (+ one phrase's) instances held per label
+                pool = pools[index].concat(instances)
+                pools[index] = pool.take(selection.keep(pool.boxes, pool.scores))
+        return [self.with_masks(state, pool, scope) for pool in pools]
 
 
 def load_pretrained(directory: Path, classes: Sequence[type], error: Type[Exception],

@@ -186,9 +186,9 @@ def _predict_all(predict: Callable[[ImageSample], Prediction], held_out: Sequenc
 
 def _zero_shot_predictor(settings, images, phrases: Sequence[str], masks: bool
                          ) -> Tuple[Callable[[ImageSample], Prediction], str]:
-    """The zero-shot concept engine as a held-out predictor: each class's phrase asked on the
-    image (score above :data:`EVAL_THRESHOLD`, duplicates suppressed, at most
-    ``max_instances`` per label, as it serves), with the click model's masks when ``masks``
+    """The zero-shot concept engine as a held-out predictor: every class's phrase asked on the
+    image as a concept pass asks them (score above :data:`EVAL_THRESHOLD`, duplicates
+    suppressed, at most ``max_instances`` per label, as it serves), with the click model's masks when ``masks``
     (a segm comparison; a bbox one decodes none)."""
     from sam_backend.concepts.base import Selection
 
@@ -203,8 +203,10 @@ def _zero_shot_predictor(settings, images, phrases: Sequence[str], masks: bool
             key = f"training:{item.path}"
         state, (height, width) = engine.image_state(key, item.load)
         boxes, scores, labels, found_masks = [], [], [], []
+        # asked as the engine serves a pass (Grounding DINO: every phrase in one caption)
+        found = dict(engine.find_all(state, list(dict.fromkeys(phrases)), EVAL_THRESHOLD))
         for index, phrase in enumerate(phrases):
-            instances = engine.find(state, phrase, EVAL_THRESHOLD)
+            instances = found[phrase]
             instances = instances.take(selection.keep(instances.boxes, instances.scores))
             if masks:
                 instances = engine.with_masks(state, instances)

@@ -314,7 +314,9 @@ class TrainedModels:
             from sam_backend.concepts.grounding_dino import GroundingDinoEngine
 
             self.versions.verify(version)
-            engine = GroundingDinoEngine.load(version.model_dir, segmenter)
+            # its own input size (the one it was trained at), the pass mode of the backend
+            engine = GroundingDinoEngine.load(version.model_dir, segmenter,
+                                              passes=self.service.settings.concept_passes)
             engine.name = f"grounding_dino@{version.name}"
             return engine
         detector = self.versions.load_detector(version, device)

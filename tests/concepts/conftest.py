@@ -24,6 +24,15 @@ def dino_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def dino_bert_dir(tmp_path_factory):
+    """The same reduced Grounding DINO with a tokenizer laid out like BERT's, so the model sees
+    a joined caption's periods as delimiters (each phrase attends to itself only), as the real
+    one does."""
+    return make_random_grounding_dino(tmp_path_factory.mktemp("gd-bert") / "grounding-dino",
+                                      "tiny", seed=7, bert_layout=True)
+
+
+@pytest.fixture(scope="module")
 def image_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("img") / "scene.png"
     cv2.imwrite(str(path), cv2.cvtColor(synthetic_image(H, W, seed=5), cv2.COLOR_RGB2BGR))

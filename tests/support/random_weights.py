@@ -76,11 +76,16 @@ _WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "a", "an", "th
 
 
 def make_random_grounding_dino(directory: Union[str, Path], size: str = "tiny",
-                               seed: int = 0) -> Path:
+                               seed: int = 0, bert_layout: bool = False) -> Path:
     """Write a Grounding DINO directory with seeded random weights and a small word-level BERT
     tokenizer (no download): ``size="tiny"`` is a reduced configuration of the same classes (for
     the fast tests), ``size="full"`` the architecture of ``grounding-dino-tiny`` (Swin-T + a
-    BERT-base text encoder). Masks from it are meaningless; the computation is the real one."""
+    BERT-base text encoder). Masks from it are meaningless; the computation is the real one.
+
+    ``bert_layout``: the tokenizer's vocabulary puts ``[CLS]``, ``[SEP]``, ``.`` and ``?`` at
+    BERT's ids (101, 102, 1012, 1029), the ids the model splits a caption into phrases at (each
+    phrase attends to itself only, its positions restart), as with the real tokenizer; without
+    it no token is a delimiter to the model."""
     from transformers import (BertConfig, BertTokenizerFast, GroundingDinoConfig,
                               GroundingDinoForObjectDetection, GroundingDinoImageProcessor,
                               GroundingDinoProcessor, SwinConfig)
@@ -90,12 +95,17 @@ def make_random_grounding_dino(directory: Union[str, Path], size: str = "tiny",
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     vocab = directory / "vocab.txt"
-    vocab.write_text("\n".join(_WORDS) + "\n")
+    words = _WORDS
+    if bert_layout:
+        from sam_backend.training.grounding_dino import reduced_vocabulary
+
+        words = reduced_vocabulary(w for w in _WORDS if not w.startswith("["))
+    vocab.write_text("\n".join(words) + "\n")
     # `vocab=`: transformers 5 ignores `vocab_file=` here and maps every word to [UNK]
     tokenizer = BertTokenizerFast(vocab=str(vocab), do_lower_case=True)
     processor = GroundingDinoProcessor(GroundingDinoImageProcessor(), tokenizer)
     if size == "tiny":
-        config = reduced_config(len(_WORDS))  # the trainer's reduced recipe
+        config = reduced_config(len(words))  # the trainer's reduced recipe
     elif size == "full":
         config = GroundingDinoConfig(
             backbone_config=SwinConfig(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
