@@ -281,3 +281,86 @@ def test_exemplars_without_sam3s_concept_model_are_a_400_naming_it(checkpoint_fa
         box = dict(exemplar(*CAT, from_name="RectangleLabels"))
         full = (REPO / "xml_templates" / "full.xml").read_text()
         assert ask(plain, [box], full).status_code == 200
+
+
+# -- full size (slow lane) --------------------------------------------------------------------------
+# transformers' exemplar pipeline in a separate process (the two ~3.4 GB models are never in one
+# process): the image encoded once (get_vision_features, as the library documents its reuse),
+# then each case's processor -> model -> post-processing; scores, boxes and masks to an .npz
+REFERENCE = r"""
+import json, sys
+import numpy as np, torch, cv2
+from transformers import Sam3Model, Sam3Processor
+directory, image_path, out, threshold, cases = sys.argv[1:6]
+model = Sam3Model.from_pretrained(directory).eval()
+processor = Sam3Processor.from_pretrained(directory)
+image = cv2.cvtColor(cv2.imread(image_path), cv2.COLOR_BGR2RGB)
+pixels = processor(images=image, return_tensors="pt")
+with torch.no_grad():
+    vision = model.get_vision_features(pixel_values=pixels["pixel_values"])
+found = {}
+for i, (text, boxes, labels) in enumerate(json.loads(cases)):
+    inputs = processor(text=text, input_boxes=[boxes], input_boxes_labels=[labels],
+                       original_sizes=pixels["original_sizes"], return_tensors="pt")
+    with torch.no_grad():
+        outputs = model(vision_embeds=vision, input_ids=inputs["input_ids"],
+                        attention_mask=inputs["attention_mask"], input_boxes=inputs["input_boxes"],
+                        input_boxes_labels=inputs["input_boxes_labels"])
+    ref = processor.post_process_instance_segmentation(
+        outputs, threshold=float(threshold), mask_threshold=0.5,
+        target_sizes=pixels["original_sizes"].tolist())[0]
+    found[f"scores{i}"] = ref["scores"].numpy()  # query order
+    found[f"boxes{i}"] = ref["boxes"].numpy()
+    found[f"masks{i}"] = ref["masks"].numpy().astype(bool)
+np.savez_compressed(out, **found)
+"""
+
+
+def library_in_a_process(directory, image_path, out, threshold, cases):
+    """REFERENCE on ``cases`` ([(text, pixel boxes, labels)]) -> {name: array}."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", REFERENCE, str(directory), str(image_path),
+                           str(out), str(threshold), json.dumps(cases)],
+                          capture_output=True, text=True, timeout=3600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return dict(np.load(out))
+
+
+@pytest.mark.slow
+def test_full_size_exemplar_instances_equal_the_libraries_pipeline(tmp_path):
+    """SAM 3 at its published size (random weights, ~3.4 GB directory, built once): the instances
+    of exemplar passes on the click model's cached state equal transformers' pipeline, the
+    reference run first in its own process. Threshold 0: every query is compared, in query
+    order (random full-size weights score few instances above the usual thresholds, and many
+    nearly alike)."""
+    source = cached_random_sam3(reduced=False)
+    directory = tmp_path / "sam3"
+    directory.mkdir()
+    for item in source.iterdir():  # linked, not copied
+        (directory / item.name).symlink_to(item)
+    write_test_tokenizer(directory)
+    image = synthetic_image(360, 480, seed=4)
+    path = tmp_path / "scene.png"
+    cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    h, w = image.shape[:2]
+    boxes = [[0.1 * w, 0.2 * h, 0.4 * w, 0.6 * h], [0.6 * w, 0.1 * h, 0.9 * w, 0.5 * h]]
+    cases = [("red car", boxes[:1], [1]), (None, boxes, [1, 0])]
+    ref = library_in_a_process(directory, path, tmp_path / "ref.npz", 0.0, cases)
+
+    settings = Settings.load({"model_name": "sam3", "sam_checkpoint_file": str(directory),
+                              "device": "cpu", "embedding_dtype": "float32",
+                              "concept_model": "sam3"}, environ={})
+    service = prediction_service(settings)
+    engine = service.exemplar_annotator().engine
+    state, _ = engine.image_state("full-size", lambda: image)
+    for i, (text, pixel_boxes, labels) in enumerate(cases):
+        found = engine.find_exemplars(state, text, np.array(pixel_boxes, np.float32),
+                                      np.array(labels), 0.0)
+        assert len(found) == len(ref[f"scores{i}"]) > 0
+        np.testing.assert_allclose(found.scores, ref[f"scores{i}"], atol=1e-3)
+        np.testing.assert_allclose(found.boxes, ref[f"boxes{i}"], atol=0.5)
+        assert (found.masks == ref[f"masks{i}"]).mean() > 0.999
+    assert service.segmenter.cache.misses == 1  # one encode for both passes
