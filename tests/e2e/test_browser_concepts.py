@@ -12,12 +12,11 @@
   instance: the editor posts the box, the backend answers every instance like it as suggestions.
   Then a box with the ``exemplar="negative"`` control's tool ("Not like this"): the editor posts both
   boxes (the positive one again, the negative one last; they differ only in ``from_name`` — an
-  Alt-drag marks nothing on a rectangle, see /work/findings/alt_rectangle.md), and the new answer
-  replaces the suggestions; accepted, the instances are drawn and listed, the exemplar boxes go,
-  Submit stores the instances.
+  Alt-drag marks nothing on a rectangle in 1.23.2), and the new answer replaces the suggestions;
+  accepted, the instances are drawn and listed, the exemplar boxes go, Submit stores the instances.
 
-For the typed phrase the backend is the one test_concepts_with_label_studio.py runs: random-weight MobileSAM for the
-masks and the reduced random-weight Grounding DINO (seed 7) for the phrase, with
+For the typed phrase the backend is the one test_concepts_with_label_studio.py runs: random-weight
+MobileSAM for the masks and the reduced random-weight Grounding DINO (seed 7) for the phrase, with
 ``concept_threshold=0.3`` (random weights score every box near 0.5, below the 0.5 default) and
 ``max_instances=3``. For the exemplar box it is ``model_name=sam3 concept_model=sam3`` on the
 reduced random-weight SAM 3 (with the small test tokenizer), ``concept_threshold=0.25``.
@@ -58,7 +57,7 @@ pytestmark = [
 _JS_STATE = """() => {
   const a = window.Htx.annotationStore.selected;
   return {regions: a.regions.map(r => ({type: r.type, label: r.labelName || null,
-                                         dynamic: !!r.dynamic, control: r.from_name ? r.from_name.name : null})),
+                                         dynamic: !!r.dynamic})),
           suggestions: Array.from(a.suggestions.values()).map(r => [r.type, r.labelName || null]),
           result: a.serializeAnnotation().map(r => ({type: r.type, from_name: r.from_name,
                    value: r.value}))};
