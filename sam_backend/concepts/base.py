@@ -17,7 +17,10 @@ Three ways to ask, all answered here:
 * a task opened / "Retrieve predictions" with ``auto_annotate=true``
   (:meth:`ConceptAnnotator.auto_annotate`, bounded by ``concept_timeout``);
 * ``sam-backend annotate`` (:mod:`sam_backend.commands.annotate`), a whole project through
-  Label Studio's API.
+  Label Studio's API;
+* box exemplars (:class:`Exemplars`, :meth:`ConceptAnnotator.annotate_exemplars`): boxes drawn
+  with a smart ``RectangleLabels`` marked ``exemplar="positive"`` / ``"negative"``, answered by
+  engines that take them (:attr:`ConceptEngine.supports_exemplars`: SAM 3's concept model).
 """
 from __future__ import annotations
 
@@ -83,6 +86,39 @@ class Instances:
 
 
 @dataclass(frozen=True)
+class Exemplars:
+    """Box exemplars of one label on one image, as the annotator drew them (all boxes of that
+    label Label Studio sent, the newest last).
+
+    ``boxes``: (N, 4) float64 (x0, y0, x1, y1) in percent (0-100) of the image's natural size
+    (EXIF orientation applied), as Label Studio sends them; ``positive``: (N,) bool, True for
+    "find all like this", False for a negative exemplar ("not like this"); ``phrase``: text sent
+    with the boxes (the label's hint), or None; ``item_index``: which image of a multi-image
+    task (None: the only one)."""
+
+    label: str
+    to_name: str
+    boxes: np.ndarray
+    positive: np.ndarray
+    phrase: Optional[str] = None
+    item_index: Optional[int] = None
+
+    def pixel_boxes(self, height: int, width: int) -> np.ndarray:
+        """(N, 4) float32 (x0, y0, x1, y1) pixels of an image ``height`` x ``width``."""
+        scale = np.array([width, height, width, height], np.float64) / 100.0
+        return (np.asarray(self.boxes, np.float64).reshape(-1, 4) * scale).astype(np.float32)
+
+    @property
+    def box_labels(self) -> np.ndarray:
+        """(N,) int64: 1 for a positive exemplar, 0 for a negative one (SAM 3's box labels)."""
+        return np.asarray(self.positive, bool).astype(np.int64)
+
+
+EXEMPLARS_NEED_SAM3 = ("box exemplars need SAM 3's concept model: start the backend with "
+                       "model_name=sam3 concept_model=sam3")
+
+
+@dataclass(frozen=True)
 class Selection:
     """Which instances of one label are kept: overlapping duplicates suppressed (greedy NMS on
     boxes, IoU above ``nms_iou``, the higher score wins), at most ``max_instances``."""
@@ -114,6 +150,8 @@ class ConceptEngine(ABC):
     with a 400 before any work on the image."""
 
     name: str
+    # whether :meth:`find_exemplars` is implemented (box exemplars)
+    supports_exemplars: bool = False
 
     def __init__(self, processor, segmenter):
         """``processor``: the engine's transformers processor (text and image in, instances
@@ -145,6 +183,35 @@ class ConceptEngine(ABC):
         for phrase in phrases:
             scope.check(f"the concept pass ({shown(phrase, 40)})")
             yield phrase, self.find(state, phrase, threshold)
+
+    def find_exemplars(self, state: Any, phrase: Optional[str], boxes: np.ndarray,
+                       labels: np.ndarray, threshold: float) -> Instances:
+        """Every instance like the positive exemplars and unlike the negative ones, scoring
+        above ``threshold``. ``boxes``: (N, 4) float32 (x0, y0, x1, y1) pixels of the image
+        frame; ``labels``: (N,) int64, 1 positive, 0 negative; ``phrase``: text sent with them,
+        or None. Engines without box exemplars answer a RequestError (400)."""
+        self.check_exemplars()
+        raise NotImplementedError(f"{type(self).__name__}.find_exemplars")
+
+    def check_exemplars(self) -> None:
+        """A RequestError (400) naming ``concept_model=sam3`` when this engine takes no box
+        exemplars."""
+        if not self.supports_exemplars:
+            raise RequestError(f"{EXEMPLARS_NEED_SAM3} (this backend runs "
+                               f"concept_model={self.name}, which takes phrases only)")
+
+    def detect_exemplars(self, image_key: str, load_image: ImageLoaderFn, exemplars: Exemplars,
+                         threshold: float, selection: Selection,
+                         scope: WorkScope = UNBOUNDED) -> Instances:
+        """The instances :meth:`find_exemplars` gives for ``exemplars`` on the image (cached
+        image state reused), ``selection`` applied, with their masks."""
+        state, (height, width) = self.image_state(image_key, load_image)
+        scope.check(f"the exemplar pass ({shown(exemplars.label, 40)})")
+        found = self.find_exemplars(state, exemplars.phrase,
+                                    exemplars.pixel_boxes(height, width), exemplars.box_labels,
+                                    threshold)
+        found = found.take(selection.keep(found.boxes, found.scores))
+        return self.with_masks(state, found, scope)
 
     def with_masks(self, state: Any, instances: Instances,
                    scope: WorkScope = UNBOUNDED) -> Instances:
@@ -334,25 +401,76 @@ class ConceptAnnotator:
             image = self.service.images.locate(url, task_id)  # resolved once
             found = engine.detect(image.key, image.load, [list(p) for p in labels.values()],
                                   self.threshold, self.selection, scope)
-            masks_bytes = sum(int(m.nbytes) for instances in found for m in instances.masks)
-            held.grow(masks_bytes, f"the masks of {sum(len(i) for i in found)} instance(s) of "
-                      f"task {shown(task_id)}", wait=self.settings.memory_wait,
-                      advice="ask for fewer labels or instances (max_instances), downscale it")
             for (label, phrases), instances in zip(labels.items(), found):
                 log.info("task %s: %d instance(s) of %r (%s)", task_id, len(instances), label,
                          ", ".join(repr(p) for p in phrases))
-                for mask, box, score in zip(instances.masks, instances.boxes, instances.scores):
-                    scope.check("the concept pass's regions")
-                    made = self.service.mask_regions(
-                        mask, float(score), config, label, to_name,
-                        bbox=tuple(float(v) for v in box))
-                    held.grow(self.service.result_bytes(made), f"the regions of task "
-                              f"{shown(task_id)}", wait=self.settings.memory_wait,
-                              advice="ask for fewer tasks, labels or instances at once")
-                    regions += made
-                    scores.append(float(score))
+            masks_bytes = self._add_regions(list(zip(labels, found)), config, to_name, task_id,
+                                            scope, held, regions, scores)
             del found
             held.shrink(masks_bytes)  # the masks are gone; their regions stay counted
+        return {"result": regions, "score": float(np.mean(scores)) if scores else 0.0,
+                "model_version": self.model_version}
+
+    def _add_regions(self, found: List[Tuple[str, Instances]], config: LabelConfig,
+                     to_name: str, task_id: Any, scope: WorkScope, held: "Reservation",
+                     regions: List[Dict[str, Any]], scores: List[float]) -> int:
+        """Regions of ``found`` ((label, its instances with masks) on the image ``to_name``)
+        appended to ``regions`` (their scores to ``scores``), through the click path's region
+        code; ``scope`` is checked before each instance. The masks' bytes are counted in
+        ``held`` (returned: the caller shrinks ``held`` by them once it drops the masks), the
+        regions for as long as ``held`` lives."""
+        masks_bytes = sum(int(m.nbytes) for _, instances in found for m in instances.masks)
+        held.grow(masks_bytes, f"the masks of {sum(len(i) for _, i in found)} instance(s) of "
+                  f"task {shown(task_id)}", wait=self.settings.memory_wait,
+                  advice="ask for fewer labels or instances (max_instances), downscale it")
+        for label, instances in found:
+            for mask, box, score in zip(instances.masks, instances.boxes, instances.scores):
+                scope.check("the concept pass's regions")
+                made = self.service.mask_regions(
+                    mask, float(score), config, label, to_name,
+                    bbox=tuple(float(v) for v in box))
+                held.grow(self.service.result_bytes(made), f"the regions of task "
+                          f"{shown(task_id)}", wait=self.settings.memory_wait,
+                          advice="ask for fewer tasks, labels or instances at once")
+                regions += made
+                scores.append(float(score))
+        return masks_bytes
+
+    # -- box exemplars -------------------------------------------------------------------------
+    def annotate_exemplars(self, task: Dict[str, Any], config: LabelConfig,
+                           exemplars: Exemplars, scope: WorkScope = UNBOUNDED,
+                           held: Optional["Reservation"] = None) -> Dict[str, Any]:
+        """Every instance like ``exemplars``' positive boxes (and unlike their negative ones)
+        on the task's image, under ``exemplars.label`` in the output controls -> one prediction
+        ``{"result": [regions], "score": mean instance score, "model_version": ...}``.
+
+        The engine runs on the image state the click model cached (nothing is encoded again
+        when the image was clicked or seen before); ``concept_threshold``, ``concept_nms_iou``,
+        ``max_instances``, ``scope`` and ``held`` (the request's memory reservation) apply as in
+        :meth:`annotate_task`. The instance inside a positive box is one of those found, so it
+        comes back as a region too."""
+        if held is None:
+            with self.service.memory.reservation(self.settings.memory_wait) as own:
+                return self.annotate_exemplars(task, config, exemplars, scope, own)
+        engine = self.engine
+        engine.check_exemplars()
+        if exemplars.phrase:
+            engine.check_phrases([exemplars.phrase])
+        scope.check("the exemplar pass")
+        task_id = task.get("id")
+        url = config.image_url(task, exemplars.to_name, exemplars.item_index)
+        image = self.service.images.locate(url, task_id)
+        found = engine.detect_exemplars(image.key, image.load, exemplars, self.threshold,
+                                        self.selection, scope)
+        log.info("task %s: %d instance(s) like %d exemplar(s) (%d negative) of %r%s", task_id,
+                 len(found), len(exemplars.boxes), int((~exemplars.positive).sum()),
+                 exemplars.label, f" ({exemplars.phrase!r})" if exemplars.phrase else "")
+        regions: List[Dict[str, Any]] = []
+        scores: List[float] = []
+        masks_bytes = self._add_regions([(exemplars.label, found)], config, exemplars.to_name,
+                                        task_id, scope, held, regions, scores)
+        del found
+        held.shrink(masks_bytes)  # the masks are gone; their regions stay counted
         return {"result": regions, "score": float(np.mean(scores)) if scores else 0.0,
                 "model_version": self.model_version}
 

@@ -14,13 +14,15 @@ the directory's tokenizer files.
 
 The steps are transformers' own pipeline (``Sam3Processor`` -> ``Sam3Model`` ->
 ``post_process_instance_segmentation``) with ``vision_embeds`` computed from the cached backbone
-output instead of ``pixel_values``.
+output instead of ``pixel_values``. Box exemplars (:meth:`Sam3ConceptEngine.find_exemplars`) go
+the same way, as the processor's ``input_boxes`` / ``input_boxes_labels`` (pixels, xyxy; 1
+positive, 0 negative) with the label's phrase, or the processor's "visual" prompt without one.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -52,6 +54,7 @@ def concept_model_state(directory: Path) -> Dict[str, "object"]:
 
 class Sam3ConceptEngine(ConceptEngine):
     name = "sam3"
+    supports_exemplars = True
 
     def __init__(self, detector, processor, segmenter):
         super().__init__(processor, segmenter)
@@ -143,6 +146,34 @@ class Sam3ConceptEngine(ConceptEngine):
             outputs = self.detector(vision_embeds=vision,
                                     input_ids=text["input_ids"].to(self.detector.device),
                                     attention_mask=text["attention_mask"].to(self.detector.device))
+        return self._instances(outputs, threshold, height, width)
+
+    def find_exemplars(self, state, phrase: Optional[str], boxes: np.ndarray, labels: np.ndarray,
+                       threshold: float) -> Instances:
+        """Instances like the positive boxes and unlike the negative ones (``boxes``: (N, 4)
+        float (x0, y0, x1, y1) pixels of the image frame; ``labels``: (N,) 1 / 0), with
+        ``phrase`` as text when given (else the processor's "visual" prompt), on the cached
+        image state."""
+        import torch
+
+        vision, (height, width) = state
+        inputs = self.processor(
+            text=" ".join(phrase.split()) if phrase else None,
+            input_boxes=[np.asarray(boxes, np.float32).reshape(-1, 4).tolist()],
+            input_boxes_labels=[np.asarray(labels, np.int64).reshape(-1).tolist()],
+            original_sizes=[[height, width]], return_tensors="pt")
+        device = self.detector.device
+        with torch.inference_mode():
+            outputs = self.detector(vision_embeds=vision,
+                                    input_ids=inputs["input_ids"].to(device),
+                                    attention_mask=inputs["attention_mask"].to(device),
+                                    input_boxes=inputs["input_boxes"].to(device),
+                                    input_boxes_labels=inputs["input_boxes_labels"].to(device))
+        return self._instances(outputs, threshold, height, width)
+
+    def _instances(self, outputs, threshold: float, height: int, width: int) -> Instances:
+        """The detector's ``outputs`` through transformers' own post-processing: masks (N, H, W)
+        bool, boxes (N, 4) xyxy pixels and scores above ``threshold``."""
         result = self.processor.post_process_instance_segmentation(
             outputs, threshold=threshold, mask_threshold=0.5, target_sizes=[(height, width)])[0]
         return Instances(result["masks"].cpu().numpy().astype(bool).reshape(-1, height, width),

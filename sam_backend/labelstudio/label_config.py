@@ -3,6 +3,10 @@ and where a task's image URL is (:meth:`LabelConfig.image_url`).
 
 Controls are always found by their tag type (``KeyPointLabels``, ``RectangleLabels``,
 ``BrushLabels``, ``PolygonLabels``), never by their ``name``: every project names them freely.
+A smart ``RectangleLabels`` with ``exemplar="positive"`` (or ``"negative"``) is a box-exemplar tool
+(:attr:`Control.exemplar`): its boxes ask SAM 3 for every instance like (or unlike) the boxed one,
+and it never receives the model's regions. Label Studio 1.23.2 keeps the attribute (its config
+schema allows any attribute on a control) and sends it back in the ``label_config`` of /predict.
 Parsed configs are memoised by their text (:class:`LabelConfigCache`, bounded in bytes), so a
 config arriving with every click costs nothing after the first. DTDs and entities are refused
 (Label Studio configs have none; entity expansion would let a small config grow large).
@@ -25,6 +29,9 @@ from sam_backend.errors import ImageError, RequestError
 PROMPT_TYPES = ("keypointlabels", "rectanglelabels")
 OUTPUT_TYPES = ("brushlabels", "polygonlabels", "rectanglelabels")
 CONTROL_TYPES = frozenset(PROMPT_TYPES + OUTPUT_TYPES)
+# exemplar="..." on a smart RectangleLabels: which kind of box exemplar its boxes are
+EXEMPLAR_KINDS = {"positive": "positive", "true": "positive", "yes": "positive", "1": "positive",
+                  "negative": "negative"}
 
 
 @dataclass(frozen=True)
@@ -38,14 +45,16 @@ class Control:
     labels: Tuple[str, ...]
     smart: bool
     hints: Tuple[Tuple[str, str], ...] = ()  # (label, its ``hint`` attribute), where given
+    exemplar: Optional[str] = None  # "positive" / "negative": a box-exemplar tool; None otherwise
 
     def has_label(self, label: str) -> bool:
         return label in self.labels
 
     @property
     def is_output(self) -> bool:
-        """Whether the model's regions may go under it (brush, polygon, rectangle)."""
-        return self.type in OUTPUT_TYPES
+        """Whether the model's regions may go under it (brush, polygon, rectangle; never an
+        exemplar tool, whose boxes are prompts)."""
+        return self.type in OUTPUT_TYPES and self.exemplar is None
 
     def hint(self, label: str) -> Optional[str]:
         """The label's ``hint`` attribute (``<Label value="Car" hint="red car"/>``), if any."""
@@ -73,8 +82,21 @@ class LabelConfig:
         return None
 
     def outputs_for(self, kind: str, to_name: str) -> List[Control]:
-        """Controls of type ``kind`` that label the object ``to_name``."""
-        return [c for c in self.controls if c.type == kind and c.to_name == to_name]
+        """Controls of type ``kind`` that label the object ``to_name`` and may receive the
+        model's regions (exemplar tools never do)."""
+        return [c for c in self.controls if c.type == kind and c.to_name == to_name
+                and c.exemplar is None]
+
+    def hint_for(self, to_name: str, label: str, prefer: Optional[str] = None) -> Optional[str]:
+        """The ``hint`` of ``label`` on ``to_name``: the one on the control named ``prefer``
+        when it gives one, else the first control (config order) that does; None without."""
+        controls = sorted((c for c in self.controls if c.to_name == to_name),
+                          key=lambda c: c.name != prefer)  # stable: config order otherwise
+        for control in controls:
+            hint = control.hint(label)
+            if hint:
+                return hint
+        return None
 
     def output_for(self, kind: str, to_name: str, label: str) -> Optional[Control]:
         """The control of type ``kind`` on ``to_name`` that has ``label`` (the first, if
@@ -106,6 +128,27 @@ class LabelConfig:
             raise ImageError(f"task {shown(task.get('id'))} has no image in data.{shown(key)}: "
                              f"the labeling config's Image tag reads ${shown(key)}")
         return url
+
+
+def _exemplar(element, tag: str, smart: bool) -> Optional[str]:
+    """The control's ``exemplar`` attribute as "positive" / "negative" (None when absent or
+    false). A value it cannot mean, or one on a control whose boxes Label Studio would never send
+    (not a smart RectangleLabels), is a RequestError naming the control: silently ignoring it
+    would turn a typo into boxes that find nothing, or negatives into positives."""
+    value = element.get("exemplar")
+    if value is None or value.strip().lower() in ("", "false", "no", "0"):
+        return None
+    name = shown(element.get("name", ""))
+    kind = EXEMPLAR_KINDS.get(value.strip().lower())
+    if kind is None:
+        raise RequestError(f"the labeling config's control {name} has exemplar={shown(value)}: "
+                           f"use exemplar=\"positive\" (find all like this box) or "
+                           f"exemplar=\"negative\" (not like this box)")
+    if tag != "rectanglelabels" or not smart:
+        raise RequestError(f"the labeling config's control {name} has exemplar={shown(value)}, "
+                           f"which only a <RectangleLabels smart=\"true\"> can have (Label Studio "
+                           f"sends the boxes of smart tools only)")
+    return kind
 
 
 def parse_label_config(text: str) -> LabelConfig:
@@ -143,9 +186,9 @@ def parse_label_config(text: str) -> LabelConfig:
             labels = tuple(child.get("value") for child in label_tags)
             hints = tuple((child.get("value"), child.get("hint").strip()) for child in label_tags
                           if (child.get("hint") or "").strip())
+            smart = is_true(element.get("smart")) or is_true(element.get("smartOnly"))
             controls.append(Control(tag, element.get("name", ""), element.get("toName", ""),
-                                    labels, is_true(element.get("smart"))
-                                    or is_true(element.get("smartOnly")), hints))
+                                    labels, smart, hints, _exemplar(element, tag, smart)))
         elif tag == "textarea":
             text_inputs.append(TextInput(element.get("name", ""), element.get("toName", "")))
     return LabelConfig(tuple(controls), images, tuple(text_inputs))

@@ -7,15 +7,21 @@ A region without ``from_name``/``to_name`` (as HumanSignal's SAM example tests s
 answered when the config has exactly one candidate control (see :func:`_only_candidate`).
 Coordinates arrive in percent (0-100) of the image's natural size (EXIF orientation applied);
 ``image_rotation`` is only the viewer's rotation and does not change them.
+
+A rectangle drawn with a box-exemplar control (``exemplar="positive"`` / ``"negative"``, see
+:mod:`~sam_backend.labelstudio.label_config`) is not a click: :func:`parse_context` answers
+:class:`~sam_backend.concepts.base.Exemplars`, every exemplar box of that label on that image
+(Label Studio re-sends them all with each new one, so they accumulate like clicks).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Union
 
 import numpy as np
 
+from sam_backend.concepts.base import Exemplars
 from sam_backend.errors import RequestError
 from sam_backend.labelstudio.label_config import PROMPT_TYPES, Control, LabelConfig
 from sam_backend.common.limits import check_count, shown
@@ -151,11 +157,58 @@ def _size(item: dict, name: str, index: int) -> Optional[int]:
     return number or None
 
 
+def _box(item: dict, index: int) -> np.ndarray:
+    """A rectangle region's (x0, y0, x1, y1) float64 in percent, checked: inside the image
+    (0-100, a hair of rounding allowed), with an area."""
+    value = item["value"]
+    x = _percent(value.get("x"), "value.x", index)
+    y = _percent(value.get("y"), "value.y", index)
+    w = _number(value.get("width"), "value.width", index)
+    h = _number(value.get("height"), "value.height", index)
+    if w <= 0 or h <= 0:
+        raise RequestError(f"context.result[{index}]: the rectangle has no area "
+                           f"(width={w}, height={h})")
+    x1 = _percent(x + w, "value.x + value.width", index)
+    y1 = _percent(y + h, "value.y + value.height", index)
+    return np.array([x, y, x1, y1], dtype=np.float64)
+
+
+def _exemplars(group: List[tuple], config: LabelConfig, label: str, to_name: str,
+               from_name: str, item_index: Optional[int]) -> Exemplars:
+    """The exemplar boxes of ``label`` in ``group`` (the rectangles of the request on that
+    image): a box of an ``exemplar="negative"`` control, or one sent with ``is_positive: false``,
+    is negative; the label's hint (on ``from_name`` first) is the phrase."""
+    if not any(config.output_for(kind, to_name, label)
+               for kind in ("brushlabels", "polygonlabels", "rectanglelabels")):
+        raise RequestError(
+            f"no BrushLabels, PolygonLabels or RectangleLabels control on {shown(to_name)} has "
+            f"the exemplar's label {shown(label)}: nowhere to put the instances (give the output "
+            f"controls the exemplar controls' labels)")
+    boxes: List[np.ndarray] = []
+    positive: List[bool] = []
+    for i, item in group:
+        control = config.control(item.get("from_name") or from_name)
+        if control is None or control.exemplar is None or _label(item, item["type"], i) != label:
+            continue  # a box of another tool, or of another label
+        boxes.append(_box(item, i))
+        positive.append(control.exemplar == "positive" and _is_positive(item.get("is_positive")))
+    phrase = config.hint_for(to_name, label, prefer=from_name)
+    if not any(positive) and not phrase:
+        raise RequestError(
+            f"only negative exemplars of {shown(label)}, and the label has no hint to say what to "
+            f"find: draw a box around one instance with the exemplar=\"positive\" tool first "
+            f"(a negative exemplar only removes look-alikes)")
+    return Exemplars(label=label, to_name=to_name,
+                     boxes=np.array(boxes, np.float64).reshape(-1, 4),
+                     positive=np.array(positive, bool), phrase=phrase, item_index=item_index)
+
+
 def parse_context(context: Any, config: LabelConfig,
-                  max_points: int = 512) -> Optional[PromptRequest]:
+                  max_points: int = 512) -> Optional[Union[PromptRequest, Exemplars]]:
     """The prompt in ``context`` (``params.context`` of /predict), or None when there is none
-    (a task was opened, not clicked). Raises RequestError on anything malformed, and on more
-    than ``max_points`` regions."""
+    (a task was opened, not clicked): a :class:`PromptRequest` for a click or a box, the
+    :class:`Exemplars` of a label when the newest region was drawn with an exemplar control.
+    Raises RequestError on anything malformed, and on more than ``max_points`` regions."""
     if context is None:
         return None
     if not isinstance(context, dict):
@@ -200,6 +253,13 @@ def parse_context(context: Any, config: LabelConfig,
     to_name = last.get("to_name") or control.to_name
     item_index = _index(last, last_index)
 
+    if control.exemplar is not None:
+        # every exemplar control's boxes on this image (a negative tool is another control)
+        group = [(i, item) for i, item in enumerate(items)
+                 if item["type"] == kind and (item.get("to_name") or to_name) == to_name
+                 and _optional_int(item.get("item_index")) == item_index]
+        return _exemplars(group, config, label, to_name, from_name, item_index)
+
     group = [
         (i, item) for i, item in enumerate(items)
         if item["type"] == kind and (item.get("from_name") or from_name) == from_name
@@ -218,17 +278,7 @@ def parse_context(context: Any, config: LabelConfig,
                            _percent(value.get("y"), "value.y", i)])
             point_labels.append(1 if _is_positive(item.get("is_positive")) else 0)
     else:
-        value = last["value"]
-        x = _percent(value.get("x"), "value.x", last_index)
-        y = _percent(value.get("y"), "value.y", last_index)
-        w = _number(value.get("width"), "value.width", last_index)
-        h = _number(value.get("height"), "value.height", last_index)
-        if w <= 0 or h <= 0:
-            raise RequestError(f"context.result[{last_index}]: the rectangle has no area "
-                               f"(width={w}, height={h})")
-        x1 = _percent(x + w, "value.x + value.width", last_index)
-        y1 = _percent(y + h, "value.y + value.height", last_index)
-        box = np.array([x, y, x1, y1], dtype=np.float64)
+        box = _box(last, last_index)
 
     width = _size(last, "original_width", last_index)
     height = _size(last, "original_height", last_index)

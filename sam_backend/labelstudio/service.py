@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol,
 import numpy as np
 
 from sam_backend import __version__
-from sam_backend.concepts.base import NO_CONCEPT_MODEL, ConceptAnnotator, ConceptEngine
+from sam_backend.concepts.base import (EXEMPLARS_NEED_SAM3, NO_CONCEPT_MODEL, ConceptAnnotator,
+                                       ConceptEngine, Exemplars)
 from sam_backend.concepts.phrases import text_prompt_region
 from sam_backend.errors import ConfigError, RequestError
 from sam_backend.labelstudio.label_config import LabelConfig, LabelConfigCache
@@ -194,6 +195,10 @@ class PredictionService:
         if typed is not None:
             return concepts.annotate_typed(tasks, config, typed, scope, held)
         prompt = parse_context(context, config, self.settings.max_points)
+        if isinstance(prompt, Exemplars):
+            exemplars = self.exemplar_annotator()
+            return [exemplars.annotate_exemplars(task, config, prompt, scope, held)
+                    for task in tasks]
         if prompt is None:
             trained = self.trained_annotator(project)
             if trained is not None:
@@ -235,6 +240,19 @@ class PredictionService:
         """The concept side; a clear error when the backend runs without one."""
         if self.concepts is None:
             raise ConfigError(NO_CONCEPT_MODEL)
+        return self.concepts
+
+    def exemplar_annotator(self) -> ConceptAnnotator:
+        """The concept side for box exemplars: a 400 naming ``concept_model=sam3`` when the
+        backend runs without a concept model, or with one that takes phrases only (told from
+        the option, so that such an engine is not loaded only to refuse)."""
+        if self.concepts is None:
+            raise RequestError(f"{EXEMPLARS_NEED_SAM3} (this backend runs without a concept "
+                               f"model)")
+        if self.settings.concept_model != "sam3":
+            raise RequestError(f"{EXEMPLARS_NEED_SAM3} (this backend runs "
+                               f"concept_model={self.settings.concept_model}, which takes "
+                               f"phrases only)")
         return self.concepts
 
     def predict_task(self, task: Dict[str, Any], config: LabelConfig,

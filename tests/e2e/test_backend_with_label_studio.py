@@ -147,6 +147,7 @@ EXPECTED = {  # template -> (prompt kind, region types a keypoint / rectangle pr
     "box_to_brush": {"rectangle": {"brushlabels"}},
     "point_to_polygon": {"keypoint": {"polygonlabels"}},
     "concepts": {"keypoint": {"brushlabels", "rectanglelabels"}},
+    "exemplars": {},  # box exemplars need SAM 3's concept model: see the test below
 }
 
 
@@ -165,6 +166,22 @@ def test_every_template_gets_its_regions_back_for_each_kind_of_click(label_studi
         if "rectangle" in EXPECTED[name]:
             data = click(label_studio, made, task, [rectangle_region(config, 15, 15, 45, 70)])
             check_answer(data, config, EXPECTED[name]["rectangle"])
+
+
+def test_an_exemplar_box_on_a_backend_without_sam3_comes_back_as_a_clear_error(label_studio,
+                                                                              projects):
+    """xml_templates/exemplars.xml through Label Studio to a MobileSAM backend: the exemplar
+    marking reaches /predict (the backend tells the box from a click) and the answer names the
+    option to start with; the backend keeps answering clicks."""
+    made = projects["exemplars"]
+    region = dict(rectangle_region(made["config"], 15, 15, 45, 70), from_name="Exemplar")
+    answer = label_studio.api.interactive_annotating(made["ml"]["id"], made["tasks"][0]["id"],
+                                                     {"result": [region]})
+    assert "box exemplars need SAM 3's concept model" in str(answer.get("errors")), answer
+    assert "concept_model=sam3" in str(answer["errors"])
+    box_made = projects["box_to_brush"]
+    click(label_studio, box_made, box_made["tasks"][0],
+          [rectangle_region(box_made["config"], 15, 15, 45, 70)])
 
 
 def test_phone_photo_mask_is_in_the_upright_frame(label_studio, projects):

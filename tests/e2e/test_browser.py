@@ -115,21 +115,65 @@ def _predict_lines(backend, pattern: str = r"predict: 1 result\(s\)") -> list[st
     return [line for line in text.splitlines() if re.search(pattern, line)]
 
 
-def test_click_in_browser_shows_brush_region(label_studio, backend_process, checkpoint_factory,
-                                             tmp_path):
+def backend_env(label_studio, tmp_path: Path) -> dict:
+    """The environment the backend runs in: told where Label Studio is (the legacy token) for the
+    uploaded image, a fresh image cache, this venv's ``label-studio-ml`` first on PATH."""
+    return {**os.environ,
+            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+            "LABEL_STUDIO_URL": label_studio.url,
+            "LABEL_STUDIO_API_KEY": label_studio.token,
+            "SAM_BACKEND_IMAGE_CACHE_DIR": str(tmp_path / "image-cache")}
+
+
+def in_browser(tmp_path: Path, steps: Steps, exchange: dict, work) -> None:
+    """Launch headless Chromium (a fresh profile in ``tmp_path``) and run ``work(page)``; on any
+    failure print the step that was running, a screenshot's path, the ``exchange`` (what the page
+    sent and got back) and the browser console, then re-raise."""
     _require_browser()
     from playwright.sync_api import sync_playwright
 
+    console: list[str] = []
+    shot = tmp_path / "browser-failure.png"
+    with sync_playwright() as pw:
+        steps("launch chromium")
+        ctx = pw.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True,
+            args=CHROMIUM_ARGS, viewport=VIEWPORT, timeout=60_000)
+        page = ctx.new_page()
+        page.set_default_timeout(PAGE_TIMEOUT)
+        page.on("console", lambda m: console.append(f"console.{m.type}: {m.text[:300]}")
+                if m.type in ("error", "warning", "log") else None)
+        page.on("pageerror", lambda e: console.append(f"pageerror: {str(e)[:500]}"))
+        try:
+            work(page)
+        except BaseException:
+            try:
+                page.screenshot(path=str(shot))
+                where = f"screenshot: {shot}"
+            except Exception as exc:  # the page may be gone
+                where = f"no screenshot ({exc})"
+            sys.stderr.write(
+                f"\n===== browser test failed during step '{steps.current}' =====\n{where}\n"
+                f"steps: {steps.summary()}\nurl: {page.url}\n"
+                f"interactive-annotating: {_describe(exchange)}\n"
+                "browser console (errors/warnings/logs, last 30):\n  "
+                + "\n  ".join(console[-30:]) + "\n")
+            raise
+        finally:
+            ctx.close()
+    if not os.environ.get("SAM_BACKEND_E2E_KEEP"):
+        shutil.rmtree(tmp_path / "chromium-profile", ignore_errors=True)
+
+
+def test_click_in_browser_shows_brush_region(label_studio, backend_process, checkpoint_factory,
+                                             tmp_path):
+    _require_browser()
     steps = Steps()
 
     # --- the backend, told how to reach Label Studio for the uploaded image -------------------
     steps("start backend")
     port = free_port()
-    env = {**os.environ,
-           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
-           "LABEL_STUDIO_URL": label_studio.url,
-           "LABEL_STUDIO_API_KEY": label_studio.token,
-           "SAM_BACKEND_IMAGE_CACHE_DIR": str(tmp_path / "image-cache")}
+    env = backend_env(label_studio, tmp_path)
     backend = backend_process(
         ["label-studio-ml", "start", "sam", "--with", "model_name=mobile_sam",
          f"sam_checkpoint_file={checkpoint_factory('mobile_sam')}", "device=cpu",
@@ -148,36 +192,9 @@ def test_click_in_browser_shows_brush_region(label_studio, backend_process, chec
     predicts_before = len(_predict_lines(backend))
 
     # --- the browser ----------------------------------------------------------------------------
-    console: list[str] = []
     exchange: dict = {}
-    shot = tmp_path / "browser-failure.png"
-    with sync_playwright() as pw:
-        steps("launch chromium")
-        ctx = pw.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True,
-            args=CHROMIUM_ARGS, viewport=VIEWPORT, timeout=60_000)
-        page = ctx.new_page()
-        page.set_default_timeout(PAGE_TIMEOUT)
-        page.on("console", lambda m: console.append(f"console.{m.type}: {m.text[:300]}")
-                if m.type in ("error", "warning", "log") else None)
-        page.on("pageerror", lambda e: console.append(f"pageerror: {str(e)[:500]}"))
-        try:
-            _annotate(page, label_studio, pid, tid, steps, exchange)
-        except BaseException:
-            try:
-                page.screenshot(path=str(shot))
-                where = f"screenshot: {shot}"
-            except Exception as exc:  # the page may be gone
-                where = f"no screenshot ({exc})"
-            sys.stderr.write(
-                f"\n===== browser test failed during step '{steps.current}' =====\n{where}\n"
-                f"steps: {steps.summary()}\nurl: {page.url}\n"
-                f"interactive-annotating: {_describe(exchange)}\n"
-                "browser console (errors/warnings/logs, last 30):\n  "
-                + "\n  ".join(console[-30:]) + "\n")
-            raise
-        finally:
-            ctx.close()
+    in_browser(tmp_path, steps, exchange,
+               lambda page: _annotate(page, label_studio, pid, tid, steps, exchange))
 
     # --- what the backend and Label Studio saw --------------------------------------------------
     steps("check backend log")
@@ -200,8 +217,6 @@ def test_click_in_browser_shows_brush_region(label_studio, backend_process, chec
         "the keypoint prompt should be gone once the suggestion is accepted"
     steps("done")
     sys.stderr.write(f"[browser] timings: {steps.summary()}\n")
-    if not os.environ.get("SAM_BACKEND_E2E_KEEP"):
-        shutil.rmtree(tmp_path / "chromium-profile", ignore_errors=True)
 
 
 def _describe(exchange: dict) -> str:
@@ -234,7 +249,8 @@ _JS_REGIONS = """() => {
 }"""
 
 
-def _annotate(page, ls, pid: int, tid: int, steps: Steps, exchange: dict) -> None:
+def open_task_with_auto_annotation(page, ls, pid: int, tid: int, steps: Steps) -> None:
+    """Log in through the form, open the task in the labeling page, switch Auto-Annotation on."""
     from playwright.sync_api import TimeoutError as PWTimeout
 
     # log in through the form, as a person would
@@ -265,6 +281,11 @@ def _annotate(page, ls, pid: int, tid: int, steps: Steps, exchange: dict) -> Non
         except PWTimeout:
             if attempt == 4:
                 raise
+
+
+def _annotate(page, ls, pid: int, tid: int, steps: Steps, exchange: dict) -> None:
+    open_task_with_auto_annotation(page, ls, pid, tid, steps)
+    smart_group = page.locator(".lsf-toolbar__group > button.lsf-tool_smart")
 
     # the smart KeyPoint tool sits in the "Auto-Detect" group, which opens on hover; then the
     # label of the KeyPointLabels control (the first labels row; its hotkey is 1)

@@ -34,6 +34,17 @@ def rectangle(x, y, w, h, label="cat"):
             "type": "rectanglelabels", "origin": "manual"}
 
 
+def exemplar(x, y, w, h, label="cat", from_name="Exemplar", region_id=None):
+    """A box drawn with an exemplar tool of ``xml_templates/exemplars.xml`` (``Exemplar``: find
+    all like this; ``NotExemplar``: not like this), as Label Studio 1.23.2 serialises a smart
+    rectangle: no ``is_positive``."""
+    return {"original_width": W, "original_height": H, "image_rotation": 0,
+            "value": {"x": x, "y": y, "width": w, "height": h, "rotation": 0,
+                      "rectanglelabels": [label]},
+            "id": region_id or f"{from_name}{x}{y}", "from_name": from_name, "to_name": "image",
+            "type": "rectanglelabels", "origin": "manual"}
+
+
 def payload(regions, config=FULL_CONFIG, data=None, project="1.1700000000", task_id=1):
     return {"tasks": [{"id": task_id, "data": data or {"image": "/data/local-files/?d=pics/scene.png"},
                        "annotations": [], "drafts": [], "predictions": [], "project": 1}],
