@@ -26,6 +26,8 @@ from sam_backend.images.config import (DEFAULT_CACHE_MAX_BYTES, DEFAULT_MAX_CONC
 from sam_backend.images.decode import DEFAULT_MAX_PIXELS
 from sam_backend.images.netpolicy import parse_image_hosts
 from sam_backend.models import families
+from sam_backend.video.clip import (DEFAULT_MAX_VIDEO_BYTES, DEFAULT_MAX_VIDEO_FRAME_PIXELS,
+                                    DEFAULT_MAX_VIDEO_FRAMES, DEFAULT_MAX_VIDEO_SECONDS)
 
 
 def check_basic_auth(user: Optional[str], password: Optional[str]) -> None:
@@ -132,6 +134,18 @@ class Settings:
     image_timeout: float = option(
         DEFAULT_TIMEOUT, "seconds for a whole image download, redirects and body included",
         env=("SAM_BACKEND_IMAGE_TIMEOUT",))
+    max_video_bytes: int = option(
+        DEFAULT_MAX_VIDEO_BYTES, "bytes of a video download or local video file",
+        env=("SAM_BACKEND_MAX_VIDEO_BYTES",))
+    max_video_seconds: float = option(
+        DEFAULT_MAX_VIDEO_SECONDS, "seconds of a video (frames that decode / frame rate)",
+        env=("SAM_BACKEND_MAX_VIDEO_SECONDS",))
+    max_video_frame_pixels: int = option(
+        DEFAULT_MAX_VIDEO_FRAME_PIXELS, "pixels of one video frame (width x height), checked "
+        "from the header before decoding", env=("SAM_BACKEND_MAX_VIDEO_FRAME_PIXELS",))
+    max_video_frames: int = option(
+        DEFAULT_MAX_VIDEO_FRAMES, "frames of a video (counted as they decode, not as the header "
+        "claims)", env=("SAM_BACKEND_MAX_VIDEO_FRAMES",))
     local_files_document_root: Optional[str] = option(
         None, "the only directory local paths, file:// URLs and /data/local-files/?d= are read "
         "from (regular files only); unset: local files are off")
@@ -302,7 +316,8 @@ class Settings:
                      "label_config_cache_mb", "max_projects", "image_memory_mb",
                      "max_concurrent_loads", "max_concurrent_downloads", "memory_wait",
                      "request_timeout", "max_connections", "predict_timeout", "max_image_pixels",
-                     "max_image_bytes", "image_timeout"):
+                     "max_image_bytes", "image_timeout", "max_video_bytes", "max_video_seconds",
+                     "max_video_frame_pixels", "max_video_frames"):
             value = getattr(self, name)
             if not (value > 0 and value < float("inf")):
                 raise ConfigError(f"{name}={value!r} must be a positive number")

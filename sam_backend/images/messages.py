@@ -43,10 +43,12 @@ def where(url: str, display: Optional[str]) -> str:
     return f"{display} (request to {shown})"
 
 
-def too_big(display: str, limit: int, download: bool = True) -> ImageError:
+def too_big(display: str, limit: int, download: bool = True, media=None) -> ImageError:
+    """``media``: a :class:`~sam_backend.images.sources.Media` (default: an image)."""
     what = ": the download is" if download else " is"
-    return ImageError(f"image {display}{what} larger than {limit:,} bytes "
-                      "(SAM_BACKEND_MAX_IMAGE_BYTES)")
+    noun, option = (media.noun, media.limit) if media is not None else \
+        ("image", "SAM_BACKEND_MAX_IMAGE_BYTES")
+    return ImageError(f"{noun} {display}{what} larger than {limit:,} bytes ({option})")
 
 
 def unavailable(display: str) -> ImageError:
