@@ -216,19 +216,23 @@ ClipOpener = Callable[[str, Optional[int]], Any]
 
 
 def open_task_clip(image_loader, upload_dir: Optional[str] = None, limits=None) -> ClipOpener:
-    """A :data:`ClipOpener` through the backend's video reader: ``upload_dir`` first for Label
-    Studio uploads (read in place), else the loader's video sources (uploads, local files,
-    cloud and http(s) URLs, under the video limits)."""
-    from sam_backend.video.clip import VideoLimits, clip_from_bytes, open_clip
+    """A :data:`ClipOpener` through the backend's video reader
+    (:mod:`sam_backend.video.clip`): ``upload_dir`` first for Label Studio uploads (read in
+    place), else the loader's sources (uploads, local files, cloud and http(s) URLs). ``limits``:
+    a :class:`~sam_backend.video.clip.VideoLimits` (default: the video limits of the backend's
+    options, from the environment)."""
+    from sam_backend.video.clip import VideoLimits, fetch_clip, open_clip
 
-    limits = limits or VideoLimits()
+    if limits is None:
+        from sam_backend.settings import Settings
+
+        limits = VideoLimits.from_settings(Settings.load())
 
     def open_(url: str, task_id: Optional[int]):
         local = _upload_dir_path(url, upload_dir) if upload_dir else None
         if local is not None:
             return open_clip(local, limits=limits, name=f"video {local}")
-        data = image_loader.fetch_video_bytes(url, task_id)
-        return clip_from_bytes(data, limits=limits, name=f"video {url}")
+        return fetch_clip(image_loader, url, task_id, limits=limits)
 
     return open_
 
@@ -553,7 +557,7 @@ def write_mot(source: TaskSource, out_dir: str, classes: Optional[Sequence[str]]
               upload_dir: Optional[str] = None, keep_all_regions: bool = False,
               image_loader=None, open_clip: Optional[ClipOpener] = None) -> VideoReport:
     """``out_dir/<clip name>.txt`` per clip and ``out_dir/tracks.json`` (module docstring)."""
-    out = prepare_output(out_dir, [])
+    out = prepare_output(out_dir, ["."])
     with _source_tasks(source, image_loader, upload_dir, open_clip) as (tasks, opener):
         logger.info("exporting the tracks of %d tasks of %s", len(tasks), source)
         clips, report = mot_tracks(tasks, opener, classes, keep_all_regions)

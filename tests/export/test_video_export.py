@@ -153,3 +153,142 @@ def test_tracks_of_two_labels_are_never_merged():
     a = _track("car", {1: (0, 0, 10, 10)}, [1], "a")
     b = _track("bus", {1: (0, 0, 10, 10)}, [1], "b")
     assert [o.ref for o in group_tracks([a, b])] == ["a", "b"]
+
+
+# -- the commands, on real clips ---------------------------------------------------------------
+
+W, H, N = 64, 48, 12  # the clips: 12 frames of 64x48 at 25 fps
+
+
+def write_clip(path, frames=N, step=4):
+    """A white 10x10 square moving ``step`` px right per frame on black (MPEG-4 part 2)."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 25, (W, H))
+    assert writer.isOpened()
+    for i in range(frames):
+        frame = np.zeros((H, W, 3), np.uint8)
+        frame[10:20, step * i:step * i + 10] = 255
+        writer.write(frame)
+    writer.release()
+    return path
+
+
+def pct(x, y, w, h):
+    """Pixel box -> Label Studio percent (x, y, width, height)."""
+    return 100.0 * x / W, 100.0 * y / H, 100.0 * w / W, 100.0 * h / H
+
+
+@pytest.fixture
+def project(tmp_path):
+    """(export file, upload dir): task 1 a car tracked by keyframes 1 (x=0) and 9 (x=32), gone
+    after the disabled keyframe 11, plus the annotator's prompt box on frame 1 (held by Label
+    Studio: the same object); a bus on frames 2..3 only; task 2 a corrupt video; task 3 not
+    labelled."""
+    upload = tmp_path / "upload"
+    (upload / "1").mkdir(parents=True)
+    write_clip(upload / "1" / "a1b2-street.mp4")
+    (upload / "1" / "c3d4-broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 500)
+    car = track("car1", "car", [kf(1, *pct(0, 10, 10, 10)), kf(9, *pct(32, 10, 10, 10)),
+                                kf(11, *pct(40, 10, 10, 10), enabled=False)], N)
+    prompt = track("prompt", "car", [kf(1, *pct(0, 10, 10, 10))], N)
+    bus = track("bus1", "bus", [kf(2, *pct(20, 30, 20, 10)),
+                                kf(3, *pct(20, 30, 20, 10), enabled=False)], N)
+    tasks = [
+        {"id": 1, "data": {"video": "/data/upload/1/a1b2-street.mp4"},
+         "annotations": [{"id": 10, "result": [prompt, car, bus]}]},
+        {"id": 2, "data": {"video": "/data/upload/1/c3d4-broken.mp4"},
+         "annotations": [{"id": 20, "result": [track("x", "car", [kf(1, 1, 1, 5, 5)], N)]}]},
+        {"id": 3, "data": {"video": "/data/upload/1/a1b2-street.mp4"}, "annotations": []},
+    ]
+    export = tmp_path / "export.json"
+    export.write_text(json.dumps(tasks))
+    return export, upload
+
+
+def test_export_video_coco_writes_frames_tracks_and_interpolated_boxes(project, tmp_path, capsys):
+    export, upload = project
+    out = tmp_path / "coco"
+    assert cli.main(["export-video-coco", "--json_file_path", str(export), "--out_dir", str(out),
+                     "--upload_dir", str(upload)]) == 0
+    assert "1: bus" in capsys.readouterr().out  # categories sorted by name
+    coco = json.loads((out / "annotations" / "ann.json").read_text())
+    assert coco["videos"] == [{"id": 1, "name": "a1b2-street", "width": W, "height": H,
+                               "frames": N, "fps": 25.0, "ls_task_id": 1}]
+    assert [c["name"] for c in coco["categories"]] == ["bus", "car"]
+    # the car on frames 1..11, the bus on 2..3: one image per frame with an object
+    assert [i["ls_frame"] for i in coco["images"]] == list(range(1, 12))
+    image = {i["ls_frame"]: i for i in coco["images"]}
+    assert image[5]["file_name"] == "a1b2-street/000004.jpg" and image[5]["frame_id"] == 4
+    cars = [a for a in coco["annotations"] if a["category_id"] == 2]
+    buses = [a for a in coco["annotations"] if a["category_id"] == 1]
+    assert len({a["track_id"] for a in cars}) == 1  # the prompt box joined its track
+    assert {a["track_id"] for a in cars} != {a["track_id"] for a in buses}
+    assert all(a["instance_id"] == a["track_id"] for a in coco["annotations"])
+    by_frame = {coco["images"][a["image_id"] - 1]["ls_frame"]: a for a in cars}
+    assert sorted(by_frame) == list(range(1, 12))
+    assert by_frame[5]["bbox"] == pytest.approx([16, 10, 10, 10])  # halfway from 0 to 32
+    assert by_frame[5]["keyframe"] is False and by_frame[9]["keyframe"] is True
+    assert by_frame[5]["area"] == pytest.approx(100)
+    assert len(buses) == 2
+    # the frames as JPEGs: frame 4 (0-based) shows the square at x = 16
+    jpeg = cv2.imread(str(out / "images" / "a1b2-street" / "000004.jpg"))
+    assert jpeg.shape == (H, W, 3)
+    assert jpeg[12:18, 18:24].mean() > 200 and jpeg[12:18, 40:50].mean() < 50
+    assert len(list((out / "images" / "a1b2-street").iterdir())) == 11
+
+
+def test_a_corrupt_video_is_reported_and_the_rest_exported(project, tmp_path, caplog):
+    export, upload = project
+    caplog.set_level("WARNING")
+    assert cli.main(["export-video-coco", "--json_file_path", str(export), "--out_dir",
+                     str(tmp_path / "c"), "--upload_dir", str(upload), "--no_images"]) == 0
+    assert "task 2: video cannot be read" in caplog.text
+    assert "c3d4-broken.mp4" in caplog.text
+    assert not (tmp_path / "c" / "images").exists()
+    only_broken = json.loads(export.read_text())[1:2]
+    export.write_text(json.dumps(only_broken))
+    assert cli.main(["export-mot", "--json_file_path", str(export), "--out_dir",
+                     str(tmp_path / "m"), "--upload_dir", str(upload)]) == 1
+
+
+def test_export_mot_writes_one_line_per_object_and_frame(project, tmp_path):
+    export, upload = project
+    out = tmp_path / "mot"
+    assert cli.main(["export-mot", "--json_file_path", str(export), "--out_dir", str(out),
+                     "--upload_dir", str(upload)]) == 0
+    lines = (out / "a1b2-street.txt").read_text().splitlines()
+    assert lines[:3] == ["1,1,0.00,10.00,10.00,10.00,1,-1,-1,-1",
+                         "2,1,4.00,10.00,10.00,10.00,1,-1,-1,-1",
+                         "2,2,20.00,30.00,20.00,10.00,1,-1,-1,-1"]
+    assert lines[-1] == "11,1,40.00,10.00,10.00,10.00,1,-1,-1,-1"
+    assert len(lines) == 11 + 2
+    index = json.loads((out / "tracks.json").read_text())
+    assert index["a1b2-street.txt"]["tracks"] == {"1": "car", "2": "bus"}
+    assert index["a1b2-street.txt"]["task"] == 1
+
+
+def test_keep_all_regions_exports_the_prompt_box_as_a_track_of_its_own(project, tmp_path):
+    export, upload = project
+    clips, report = mot_tracks(json.loads(export.read_text())[:1],
+                               _opener(upload), keep_all_regions=True)
+    assert clips["a1b2-street"]["tracks"] == {1: "car", 2: "car", 3: "bus"}
+    assert report.merged_regions == 0
+
+
+def test_frames_past_the_clip_are_dropped_and_reported(tmp_path):
+    write_clip(tmp_path / "short.mp4", frames=5)
+    task = {"id": 7, "data": {"video": "/data/upload/1/short.mp4"},
+            "annotations": [{"id": 1, "result": [
+                track("r", "car", [kf(3, 10, 10, 10, 10), kf(9, 20, 10, 10, 10)], 12)]}]}
+    upload = tmp_path / "up"
+    (upload / "1").mkdir(parents=True)
+    (tmp_path / "short.mp4").rename(upload / "1" / "short.mp4")
+    coco, report = video_coco([task], _opener(upload))
+    assert [i["ls_frame"] for i in coco["images"]] == [3, 4, 5]
+    assert "7 frames past the clip's 5 frames (from frame 6) dropped" in report.summary()
+
+
+def _opener(upload):
+    from sam_backend.export.video import open_task_clip
+    from sam_backend.video.clip import VideoLimits
+
+    return open_task_clip(None, str(upload), VideoLimits())
