@@ -22,7 +22,9 @@ from sam_backend.errors import ConfigError
 from sam_backend.images.config import ImageAccessSettings
 from sam_backend.images.loader import ImageLoader
 from sam_backend.labelstudio.service import PredictionService
+from sam_backend.labelstudio.video_service import VideoPredictions
 from sam_backend.settings import Settings
+from sam_backend.video.jobs import TrackingJobs, VideoQueue
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +149,50 @@ def concept_engine_factory(settings: Settings, segmenter: Segmenter
     return lambda: create_concept_engine(settings, segmenter)
 
 
+# -- video tracking -------------------------------------------------------------------------------
+
+def tracker_identity(settings: Settings, model=None) -> str:
+    """What a tracking result depends on: ``track:<variant>:<checkpoint sha256[:16]>`` (the
+    tracker runs on torch whatever the click model's runtime), the same in a replica (``model``:
+    its loaded click model) and in a worker that loads no click model."""
+    variant_key, _runtime, _dtype, sha = identity_for(settings, model).split(":vision")[0] \
+        .rsplit(":", 3)
+    return f"track:{variant_key}:{sha}"
+
+
+def clip_opener(settings: Settings, images: ImageLoader):
+    """(url, task id) -> an open clip, through ``images``' sources, under the video limits."""
+    from sam_backend.video.clip import VideoLimits, fetch_clip
+
+    limits = VideoLimits.from_settings(settings)
+    return lambda url, task_id: fetch_clip(images, url, task_id, limits=limits)
+
+
+def tracking_jobs(settings: Settings, images: ImageLoader, segmenter: Optional[Segmenter] = None,
+                  identity: Optional[str] = None) -> TrackingJobs:
+    """Background tracking (:mod:`sam_backend.video.jobs`): the tracker loaded on first use
+    (sharing ``segmenter``'s weights when given), clips through ``images``; with
+    ``video_background=worker``, the team's queue and results in ``embedding_store``'s Redis."""
+    queue = None
+    if settings.video_background == "worker":
+        store = segmenter.cache.tier if segmenter is not None else None
+        if store is None:
+            store = store_for(settings, identity_for(settings))
+        queue = VideoQueue(store, identity or tracker_identity(settings),
+                           settings.video_job_timeout)
+    return TrackingJobs(lambda: create_tracker(settings, segmenter),
+                        clip_opener(settings, images), queue, settings.video_job_timeout,
+                        max_pending=settings.max_tasks)
+
+
+def video_predictions(settings: Settings, segmenter: Segmenter, images: ImageLoader,
+                      model_version: str) -> VideoPredictions:
+    """The service's video side (its tracker is loaded by the first video task)."""
+    identity = tracker_identity(settings, segmenter.model)
+    jobs = tracking_jobs(settings, images, segmenter, identity)
+    return VideoPredictions(settings, images, jobs, identity, model_version)
+
+
 # -- the service ----------------------------------------------------------------------------------
 
 def prediction_service(settings: Settings, segmenter: Optional[Segmenter] = None,
@@ -156,6 +202,9 @@ def prediction_service(settings: Settings, segmenter: Optional[Segmenter] = None
     ``concept_model`` names. ``segmenter`` / ``images``: use these instead (tests)."""
     segmenter = segmenter_for(settings) if segmenter is None else segmenter
     images = image_loader(settings, budget=True) if images is None else images
-    return PredictionService(settings, segmenter, images,
-                             queue=encode_queue(settings, segmenter.cache.tier),
-                             concept_engine=concept_engine_factory(settings, segmenter))
+    service = PredictionService(settings, segmenter, images,
+                                queue=encode_queue(settings, segmenter.cache.tier),
+                                concept_engine=concept_engine_factory(settings, segmenter))
+    service.video = video_predictions(settings, segmenter, images,
+                                      f"{service.click_model_version}+track")
+    return service

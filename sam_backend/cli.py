@@ -23,6 +23,7 @@ COMMAND_MODULES: Dict[str, Tuple[str, ...]] = {
     "sam_backend.export.preview": ("preview",),
     "sam_backend.commands.precompute": ("worker", "precompute"),
     "sam_backend.commands.annotate": ("annotate",),
+    "sam_backend.commands.track": ("track",),
     "sam_backend.commands.train": ("train",),
 }
 

@@ -215,6 +215,23 @@ class Settings:
         100, "labels one concept pass asks for (auto-annotation: the config's labels, or "
         "concept_labels); more is refused with 400")
 
+    # video (README "Video"): tracking the boxes of a video task
+    max_track_frames: int = option(
+        0, "frames tracked from the first box of a video task (never short of its last box); "
+        "0 = to the clip's end")
+    video_answer_frames: int = option(
+        16, "frames a video /predict answers with first (from the first box); the rest of the "
+        "clip is tracked in the background and answers the next ask. 0 = the whole range at once")
+    video_answer_timeout: float = option(
+        20.0, "seconds a video /predict waits for those frames; later it answers [] (Label "
+        "Studio asks again) while the tracking goes on")
+    video_background: str = option(
+        "thread", "where tracking runs: thread (a thread of the serving process) or worker (an "
+        "RQ queue in embedding_store's Redis, served by `sam-backend worker --queue video`)")
+    video_job_timeout: int = option(
+        3600, "seconds one tracking pass (a clip's objects to the end) may take, in a thread or "
+        "a worker")
+
     # learning from the labels (README "Learn from your labels")
     trainer: str = option(
         "rf_detr", "what a training run fine-tunes: rf_detr (a closed-set real-time detector + "
@@ -321,6 +338,17 @@ class Settings:
             value = getattr(self, name)
             if not (value > 0 and value < float("inf")):
                 raise ConfigError(f"{name}={value!r} must be a positive number")
+        if self.max_track_frames < 0 or self.video_answer_frames < 0:
+            raise ConfigError("max_track_frames and video_answer_frames must not be negative "
+                              "(0 = no bound)")
+        if not (0 < self.video_answer_timeout < float("inf")) or self.video_job_timeout <= 0:
+            raise ConfigError("video_answer_timeout and video_job_timeout must be positive")
+        if self.video_background not in ("thread", "worker"):
+            raise ConfigError(f"video_background={self.video_background!r}: use thread or "
+                              f"worker")
+        if self.video_background == "worker" and not self.embedding_store:
+            raise ConfigError("video_background=worker needs embedding_store=redis://... (the "
+                              "queue and the results live in that Redis)")
         if self.concept_model not in ("none", "grounding_dino", "sam3"):
             raise ConfigError(f"concept_model={self.concept_model!r}: use none, grounding_dino "
                               f"or sam3")
