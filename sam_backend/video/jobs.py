@@ -365,8 +365,8 @@ class TrackingJobs:
     def answer(self, request: TrackRequest, wait: float, scope: WorkScope = UNBOUNDED
                ) -> Optional[TrackResult]:
         """Start ``request`` (if needed) and wait up to ``wait`` seconds (and ``scope``'s time)
-        for its result: done, else partial; None when neither came in time (it goes on in the
-        background). A failed pass raises its error; a team's queue that no worker serves
+        for its first result: done, or partial (the first ``answer_frames`` frames) as soon as
+        there is one; None when neither came in time (it goes on in the background). A failed pass raises its error; a team's queue that no worker serves
         raises BusyError."""
         self.submit(request)
         until = time.monotonic() + max(0.0, min(wait, scope.remaining()))
@@ -375,7 +375,7 @@ class TrackingJobs:
             found = self.result(request)
             if found is not None and found.state == "failed":
                 raise SamBackendError(f"tracking failed: {found.error}")
-            if found is not None and (found.done or time.monotonic() >= until):
+            if found is not None:  # the first frames (or all of them) are there
                 return found
             if time.monotonic() >= until:
                 break
