@@ -292,3 +292,35 @@ def _opener(upload):
     from sam_backend.video.clip import VideoLimits
 
     return open_task_clip(None, str(upload), VideoLimits())
+
+
+def test_a_project_read_from_the_api_exports_the_same_tracks_as_its_export_file(
+        project, tmp_path, monkeypatch):
+    """``--project ID``: the tasks through Label Studio's API (a loopback stand-in), the videos
+    through the backend's sources (here local files under the document root)."""
+    from tests.support.team_utils import API_TOKEN, FakeLabelStudioAPI
+
+    export, upload = project
+    tasks = json.loads(export.read_text())
+    for t in tasks:  # the same clips, as local files
+        t["data"]["video"] = t["data"]["video"].replace("/data/upload/", "/data/local-files/?d=")
+    monkeypatch.setenv("LOCAL_FILES_DOCUMENT_ROOT", str(upload))
+    monkeypatch.setenv("SAM_BACKEND_IMAGE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", API_TOKEN)
+    api = FakeLabelStudioAPI(CONFIG_VIDEO, tasks)
+    try:
+        assert cli.main(["export-mot", "--project", "1", "--url", api.url, "--out_dir",
+                         str(tmp_path / "api")]) == 0
+    finally:
+        api.stop()
+    assert cli.main(["export-mot", "--json_file_path", str(export), "--out_dir",
+                     str(tmp_path / "file"), "--upload_dir", str(upload)]) == 0
+    assert (tmp_path / "api" / "a1b2-street.txt").read_text() == \
+        (tmp_path / "file" / "a1b2-street.txt").read_text()
+
+
+CONFIG_VIDEO = """<View>
+  <Labels name="videoLabels" toName="video"><Label value="car"/><Label value="bus"/></Labels>
+  <Video name="video" value="$video"/>
+  <VideoRectangle name="box" toName="video"/>
+</View>"""
