@@ -2,7 +2,7 @@
 stand-in as `annotate` and `precompute` are tested with): every video task with boxes is tracked
 by a random-weight SAM 2.1 hiera_tiny and posted as a prediction; a task without boxes is counted,
 a broken video is reported without stopping the run, and a second run resumes (skips what is
-predicted)."""
+predicted). Slow: SAM 2.1 encodes every frame at 1024 x 1024."""
 from __future__ import annotations
 
 import pytest
@@ -11,7 +11,9 @@ from sam_backend import cli
 from tests.support.team_utils import API_TOKEN, FakeLabelStudioAPI
 from tests.support.videos import MP4_MPEG4, write_shapes_clip
 
-W, H, FRAMES = 96, 64, 8
+pytestmark = pytest.mark.slow
+
+W, H, FRAMES = 96, 64, 5
 CONFIG = """<View>
   <Labels name="videoLabels" toName="video"><Label value="square"/><Label value="disc"/></Labels>
   <Video name="video" value="$video"/>

@@ -14,9 +14,10 @@ from tests.support.redis_utils import RedisServer
 from tests.support.team_utils import WorkerProcess, process_env
 from tests.support.videos import MP4_MPEG4, write_shapes_clip
 
-pytestmark = pytest.mark.process  # redis-server and a worker as processes
+# redis-server and a worker as processes; SAM 2.1 encodes every frame at 1024 x 1024
+pytestmark = [pytest.mark.process, pytest.mark.slow]
 
-W, H, FRAMES = 96, 64, 8
+W, H, FRAMES = 96, 64, 4
 CONFIG = """<View>
   <Labels name="videoLabels" toName="video"><Label value="square"/></Labels>
   <Video name="video" value="$video"/>
