@@ -149,7 +149,30 @@ def concept_engine_factory(settings: Settings, segmenter: Segmenter
     return lambda: create_concept_engine(settings, segmenter)
 
 
-# -- video tracking -------------------------------------------------------------------------------
+# -- video ----------------------------------------------------------------------------------------
+
+def create_tracker(settings: Settings, segmenter: Optional[Segmenter] = None):
+    """The video tracker of ``settings.model_name`` (the tracker table's row; ConfigError for a
+    family without one), from the click model's checkpoint. ``segmenter``: the loaded click
+    model, whose weights the tracker shares instead of loading them a second time (SAM 2.1
+    hiera_tiny: 39M parameters, 155 MB; SAM 3: its ViT, ~1.8 GB); without one (a worker, a
+    command) the tracker loads the checkpoint itself."""
+    from sam_backend.models.checkpoints import ensure_checkpoint, infer_variant
+    from sam_backend.video.trackers import tracker_factory
+
+    variant = infer_variant(settings.model_name, settings.sam_config, settings.sam_checkpoint_file)
+    factory = tracker_factory(variant.model_name)
+    checkpoint = ensure_checkpoint(variant, settings.sam_checkpoint_file, offline=settings.offline)
+    click_model = getattr(segmenter, "model", None) if segmenter is not None else None
+    if click_model is not None and getattr(click_model, "variant", None) != variant:
+        click_model = None  # another model: nothing to share
+    started = time.perf_counter()
+    tracker = factory(variant, checkpoint, settings.device, click_model=click_model,
+                      feature_cache_mb=settings.video_feature_cache_mb,
+                      max_sessions=settings.video_sessions)
+    log.info("video tracker %s ready in %.1f s", variant.key, time.perf_counter() - started)
+    return tracker
+
 
 def tracker_identity(settings: Settings, model=None) -> str:
     """What a tracking result depends on: ``track:<variant>:<checkpoint sha256[:16]>`` (the

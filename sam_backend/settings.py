@@ -83,6 +83,13 @@ class Settings:
     embedding_dtype: str = option(
         "float16", "how cached embeddings are stored: float16 (half the memory; masks within the "
         "tolerance the README gives) or float32 (bit-exact)")
+    video_feature_cache_mb: int = option(
+        2048, "bound of the video trackers' per-frame feature cache, MiB, over all clips (per "
+        "frame: SAM 2.1 16 MiB, SAM 3 21 MiB; a frame still cached is not encoded again when a "
+        "correction re-tracks)")
+    video_sessions: int = option(
+        2, "clips kept open per tracker (their features and tracking state), least recently "
+        "used closed first")
     offline: bool = option(False, "never download checkpoints", env=("SAM_BACKEND_OFFLINE",))
     precompute: bool = option(
         True, "start encoding a task's image when Label Studio asks for predictions without a "
@@ -317,6 +324,8 @@ class Settings:
             raise ConfigError(f"embedding_dtype={self.embedding_dtype!r}: use float16 or float32")
         if self.embedding_cache_mb <= 0:
             raise ConfigError("embedding_cache_mb must be positive")
+        if self.video_feature_cache_mb <= 0 or self.video_sessions <= 0:
+            raise ConfigError("video_feature_cache_mb and video_sessions must be positive")
         if self.poly_tolerance < 0 or self.poly_min_area < 0:
             raise ConfigError("poly_tolerance and poly_min_area must not be negative")
         check_basic_auth(self.basic_auth_user, self.basic_auth_pass)  # both or neither
