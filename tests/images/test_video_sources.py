@@ -98,3 +98,15 @@ def test_what_is_not_a_video_gets_a_clear_error(ls, make_loader, doc_root):
     (doc_root / "corrupt.webm").write_bytes(b"\x1a\x45\xdf\xa3" + bytes(range(256)) * 4)
     with pytest.raises(VideoError, match="video corrupt.webm"):
         fetch_clip(loader, "corrupt.webm")
+
+
+def test_a_video_download_has_its_own_deadline(ls, make_loader, clip_bytes):
+    ls.files["/data/upload/1/slow.webm"] = (clip_bytes, "video/webm")
+    ls.slow["/data/upload/1/slow.webm"] = 1.5
+    loader = make_loader(label_studio_url=ls.url, api_key=LEGACY_TOKEN, timeout=0.5)
+    _check(fetch_clip(loader, "/data/upload/1/slow.webm", limits=VideoLimits(timeout=5.0)),
+           clip_bytes)  # the image timeout (0.5 s) does not apply
+    loader = make_loader(label_studio_url=ls.url, api_key=LEGACY_TOKEN, timeout=5.0)
+    with pytest.raises(ImageError, match=r"did not send the whole video within 0.3 s "
+                                         r"\(video_timeout, SAM_BACKEND_VIDEO_TIMEOUT"):
+        fetch_clip(loader, "/data/upload/1/slow.webm", limits=VideoLimits(timeout=0.3))
