@@ -27,7 +27,8 @@ from sam_backend.images.decode import DEFAULT_MAX_PIXELS
 from sam_backend.images.netpolicy import parse_image_hosts
 from sam_backend.models import families
 from sam_backend.video.clip import (DEFAULT_MAX_VIDEO_BYTES, DEFAULT_MAX_VIDEO_FRAME_PIXELS,
-                                    DEFAULT_MAX_VIDEO_FRAMES, DEFAULT_MAX_VIDEO_SECONDS)
+                                    DEFAULT_MAX_VIDEO_FRAMES, DEFAULT_MAX_VIDEO_SECONDS,
+                                    DEFAULT_VIDEO_TIMEOUT)
 
 
 def check_basic_auth(user: Optional[str], password: Optional[str]) -> None:
@@ -153,6 +154,9 @@ class Settings:
     max_video_frames: int = option(
         DEFAULT_MAX_VIDEO_FRAMES, "frames of a video (counted as they decode, not as the header "
         "claims)", env=("SAM_BACKEND_MAX_VIDEO_FRAMES",))
+    video_timeout: float = option(
+        DEFAULT_VIDEO_TIMEOUT, "seconds for a whole video download, redirects and body included",
+        env=("SAM_BACKEND_VIDEO_TIMEOUT",))
     local_files_document_root: Optional[str] = option(
         None, "the only directory local paths, file:// URLs and /data/local-files/?d= are read "
         "from (regular files only); unset: local files are off")
@@ -343,7 +347,7 @@ class Settings:
                      "max_concurrent_loads", "max_concurrent_downloads", "memory_wait",
                      "request_timeout", "max_connections", "predict_timeout", "max_image_pixels",
                      "max_image_bytes", "image_timeout", "max_video_bytes", "max_video_seconds",
-                     "max_video_frame_pixels", "max_video_frames"):
+                     "max_video_frame_pixels", "max_video_frames", "video_timeout"):
             value = getattr(self, name)
             if not (value > 0 and value < float("inf")):
                 raise ConfigError(f"{name}={value!r} must be a positive number")

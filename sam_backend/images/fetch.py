@@ -50,7 +50,7 @@ from sam_backend.images.credentials import LabelStudioAccess
 from sam_backend.images.decode import looks_like_html, sniff_image_format
 from sam_backend.images.messages import kind_label
 from sam_backend.images.netpolicy import DestinationRefused, NetworkPolicy, mount, proxied
-from sam_backend.images.sources import Source
+from sam_backend.images.sources import Media, Source
 
 logger = logging.getLogger(__name__)
 
@@ -253,17 +253,19 @@ class Fetcher:
         self.session = session
 
     def _connection_error(self, exc: Exception, url: str, what: str, to_ls: bool,
-                          during_body: bool = False) -> ImageError:
-        return messages.connection_error(exc, url, what, self.settings.timeout,
+                          during_body: bool = False, media: Optional[Media] = None
+                          ) -> ImageError:
+        timeout = (media.timeout if media is not None else None) or self.settings.timeout
+        return messages.connection_error(exc, url, what, timeout,
                                          self.access.url if to_ls else None,
-                                         self.access.url_source, during_body)
+                                         self.access.url_source, during_body, media)
 
     def download(self, src: Source,
                  reservation: Optional[Reservation] = None) -> Tuple[bytes, Optional[str]]:
         """(body, Content-Type) of ``src``'s download, following redirects by hand; the whole
         download (every hop and retry, the headers and the body) must finish within
-        ``settings.timeout`` seconds."""
-        with deadline_in(self.settings.timeout) as scope:
+        ``settings.timeout`` seconds (``src.media.timeout`` when it has one)."""
+        with deadline_in(src.media.timeout or self.settings.timeout) as scope:
             return self._download(src, reservation, scope)
 
     def _download(self, src: Source, reservation: Optional[Reservation],
@@ -288,7 +290,8 @@ class Fetcher:
             remaining = scope.left()
             if remaining <= 0 or scope.fired:
                 raise self._connection_error(requests.exceptions.ReadTimeout(), url,
-                                             f"{src.media.noun} {src.display}", to_ls)
+                                             f"{src.media.noun} {src.display}", to_ls,
+                                             media=src.media)
             try:
                 self.policy.check_url(url, self.access.trusted_bases(),
                                       resolve=proxied(self.session, url))
@@ -301,7 +304,7 @@ class Fetcher:
                 if scope.fired:  # its sockets were shut down at the deadline
                     exc = requests.exceptions.ReadTimeout()
                 raise self._connection_error(exc, url, f"{src.media.noun} {src.display}",
-                                             to_ls) from None
+                                             to_ls, media=src.media) from None
             except ValueError:  # http.client refuses control characters, bad ports, ...
                 raise ImageError(f"{src.media.noun} URL {messages.where(url, src.display)} is "
                                  "not a valid URL") from None
@@ -371,7 +374,7 @@ class Fetcher:
                 exc = requests.exceptions.ReadTimeout()
             raise self._connection_error(exc, url, f"{src.media.noun} {src.display}",
                                          self.access.is_label_studio(url),
-                                         during_body=True) from None
+                                         during_body=True, media=src.media) from None
         except BaseException:
             del buffer
             raise

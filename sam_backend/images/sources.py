@@ -124,11 +124,14 @@ class UnknownLabelStudio(ImageError):
 class Media:
     """What a source's bytes are for: how messages name it (``noun``), the byte limit of its
     download or local file (``max_bytes``; None: the loader's ``max_download_bytes``) and the
-    option that sets that limit (``limit``, named in the message)."""
+    option that sets that limit (``limit``, named in the message); the seconds a whole download
+    may take (``timeout``; None: the loader's ``timeout``) and its option (``timeout_option``)."""
 
     noun: str = "image"
     max_bytes: Optional[int] = None
     limit: str = "SAM_BACKEND_MAX_IMAGE_BYTES"
+    timeout: Optional[float] = None
+    timeout_option: str = "SAM_BACKEND_IMAGE_TIMEOUT"
 
 
 IMAGE = Media()

@@ -57,6 +57,7 @@ DEFAULT_MAX_VIDEO_BYTES = 1024 ** 3
 DEFAULT_MAX_VIDEO_SECONDS = 1800.0
 DEFAULT_MAX_VIDEO_FRAME_PIXELS = 3840 * 2160
 DEFAULT_MAX_VIDEO_FRAMES = 54000
+DEFAULT_VIDEO_TIMEOUT = 300.0
 
 _MEDIA_TYPE = re.compile(r"[a-z0-9!#$&^_.+-]{1,64}/[a-z0-9!#$&^_.+-]{1,64}")
 SUPPORTED = "MP4/MOV, WebM/MKV, AVI, MPEG-TS/PS, FLV, Ogg or ASF/WMV with a codec FFmpeg decodes"
@@ -70,6 +71,7 @@ class VideoLimits:
     max_seconds: float = DEFAULT_MAX_VIDEO_SECONDS  # max_video_seconds
     max_frame_pixels: int = DEFAULT_MAX_VIDEO_FRAME_PIXELS  # max_video_frame_pixels
     max_frames: int = DEFAULT_MAX_VIDEO_FRAMES  # max_video_frames
+    timeout: float = DEFAULT_VIDEO_TIMEOUT  # video_timeout: seconds for a whole download
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -81,7 +83,7 @@ class VideoLimits:
     def from_settings(cls, settings: "Settings") -> "VideoLimits":
         return cls(max_bytes=settings.max_video_bytes, max_seconds=settings.max_video_seconds,
                    max_frame_pixels=settings.max_video_frame_pixels,
-                   max_frames=settings.max_video_frames)
+                   max_frames=settings.max_video_frames, timeout=settings.video_timeout)
 
 
 # (format, offset, magic): first match wins
@@ -313,14 +315,16 @@ def fetch_clip(loader: "ImageLoader", url: str, task_id: Optional[int] = None, *
                directory: Optional[str] = None) -> VideoFileClip:
     """The clip behind a task's video ``url``: its bytes from the image layer's sources (Label
     Studio uploads with its token, presigned cloud URIs, local files under the document root,
-    http(s), the disk cache), at most ``limits.max_bytes``, then :func:`clip_from_bytes`."""
-    media = Media("video", limits.max_bytes, "max_video_bytes, SAM_BACKEND_MAX_VIDEO_BYTES")
+    http(s), the disk cache), at most ``limits.max_bytes``, downloaded within ``limits.timeout``
+    seconds, then :func:`clip_from_bytes`."""
+    media = Media("video", limits.max_bytes, "max_video_bytes, SAM_BACKEND_MAX_VIDEO_BYTES",
+                  limits.timeout, "video_timeout, SAM_BACKEND_VIDEO_TIMEOUT")
     data = loader.fetch_media(url, task_id, media, lambda b: sniff_video_format(b) is not None,
                               not_a_video_message, reservation)
     shown = loader.sources.resolve(url, task_id).display
     return clip_from_bytes(data, limits=limits, name=f"video {shown}", directory=directory)
 
 
-__all__ = ["DEFAULT_MAX_VIDEO_BYTES", "DEFAULT_MAX_VIDEO_FRAMES", "DEFAULT_MAX_VIDEO_FRAME_PIXELS",
+__all__ = ["DEFAULT_VIDEO_TIMEOUT", "DEFAULT_MAX_VIDEO_BYTES", "DEFAULT_MAX_VIDEO_FRAMES", "DEFAULT_MAX_VIDEO_FRAME_PIXELS",
            "DEFAULT_MAX_VIDEO_SECONDS", "VideoFileClip", "VideoLimits", "clip_from_bytes",
            "fetch_clip", "not_a_video_message", "open_clip", "sniff_video_format"]
