@@ -27,7 +27,8 @@ from sam_backend import __version__, assembly
 from sam_backend.common.deadline import WorkScope
 from sam_backend.errors import ConfigError, SamBackendError
 from sam_backend.labelstudio.api import LabelStudioAPI
-from sam_backend.labelstudio.video_service import VideoPredictions, task_regions
+from sam_backend.labelstudio.label_config import parse_label_config
+from sam_backend.labelstudio.video_service import VideoPredictions
 from sam_backend.settings import add_option_arguments, settings_from_args
 
 log = logging.getLogger(__name__)
@@ -62,11 +63,10 @@ def track_project(videos: VideoPredictions, api: LabelStudioAPI, project_id: int
 
     started = time.perf_counter()
     project = api.project(project_id)
-    text = project.get("label_config") or ""
-    if not videos.handles(text):
+    config = parse_label_config(project.get("label_config") or "")
+    if not videos.handles(config):
         raise ConfigError(f"project {project_id}'s labeling config has no VideoRectangle on a "
                           f"Video: nothing to track")
-    controls = videos.controls(text)
     tasks = api.tasks(project_id, annotations=True)
     if task_ids is not None:
         wanted = set(task_ids)
@@ -74,27 +74,31 @@ def track_project(videos: VideoPredictions, api: LabelStudioAPI, project_id: int
     done_before = api.predicted_tasks(project_id, videos.model_version)
     report = Report(skipped=[t["id"] for t in tasks if t["id"] in done_before],
                     model_version=videos.model_version)
-    todo = [t for t in tasks if t["id"] not in done_before]
-    report.no_boxes = [t["id"] for t in todo if not task_regions(t, None)]
-    todo = [t for t in todo if t["id"] not in set(report.no_boxes)][:limit]
+    todo = []
+    for task in tasks:
+        if task["id"] in done_before:
+            continue
+        try:
+            ask = videos.ask(task, config)
+        except SamBackendError as exc:
+            report.failed.append((task["id"], str(exc)))
+            continue
+        if ask is None:
+            report.no_boxes.append(task["id"])
+        else:
+            todo.append((task, ask))
+    todo = todo[:limit]
     log.info("project %s: %d video task(s) to track, %d already have %s, %d without boxes",
              project_id, len(todo), len(report.skipped), videos.model_version,
              len(report.no_boxes))
-    for task in tqdm(todo, desc=f"project {project_id}", unit="video", disable=not progress):
+    for task, ask in tqdm(todo, desc=f"project {project_id}", unit="video",
+                          disable=not progress):
         try:
-            regions = task_regions(task, None)
-            to_name = regions[0].get("to_name") or next(iter(controls.videos), "")
-            if to_name not in controls.videos:
-                raise SamBackendError(f"to_name {to_name!r} is no <Video> of the labeling config")
-            url = videos.video_url(task, controls, to_name)
-            objects = videos.objects(task, controls, None)
-            request = dataclasses.replace(
-                videos.request(task, url, [p for o in objects for p in o.prompts]),
-                answer_frames=0)  # nobody waits: track the whole range at once
+            # nobody waits: the whole range at once
+            request = videos.request(task, ask, answer_frames=0)
             result = videos.jobs.track_now(
                 request, WorkScope(videos.settings.video_job_timeout, None, "video_job_timeout"))
-            framerate = controls.videos[to_name][1] or result.fps
-            prediction = videos.prediction(result, objects, framerate)
+            prediction = videos.prediction(result, ask)
             api.add_prediction(task["id"], prediction)
         except Exception as exc:  # reported at the end; the run goes on
             log.debug("task %s failed", task["id"], exc_info=True)

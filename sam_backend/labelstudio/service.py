@@ -196,10 +196,9 @@ class PredictionService:
                     or isinstance(task_id, int) and abs(task_id) < 2 ** 63)):
                 raise RequestError(f"tasks[{index}].id must be an integer, got {shown(task_id)}")
         if self.video is not None:
-            text = self.config_text_for(project, label_config)
-            self.parse_config(text)  # a broken or oversized config is refused as for images
-            if self.video.handles(text):
-                return self.video.predict(tasks, text, context, scope)
+            config = self.label_config_for(project, label_config)
+            if self.video.handles(config):  # a VideoRectangle on a Video: tracks
+                return self.video.predict(tasks, config, context, scope)
         typed = text_prompt_region(context, self.settings.max_points)
         # without a concept model a typed prompt is refused before the prompt or the config is read
         concepts = self.concept_annotator() if typed is not None else None

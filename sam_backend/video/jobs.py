@@ -29,6 +29,7 @@ import concurrent.futures
 import hashlib
 import json
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -62,7 +63,9 @@ class TrackRequest:
 
     The prompts' boxes are **relative**: ``(x0, y0, x1, y1)`` as fractions (0..1) of the frame's
     width and height, so that a request is made without opening the clip (:func:`run_tracking`
-    turns them into pixels); frames are 0-based."""
+    turns them into pixels); frames are 0-based, counted at ``framerate`` frames per second
+    (Label Studio's ``<Video framerate>``; 0: the clip's own rate), turned into clip frames by
+    :func:`clip_frame`."""
 
     url: str
     task_id: Optional[int]
@@ -72,11 +75,13 @@ class TrackRequest:
     max_frames: int = 0
     answer_frames: int = 0
     label_studio_url: Optional[str] = None
+    framerate: float = 0.0
 
     @property
     def key(self) -> str:
         """The request's identity (what is tracked, not where the video is fetched from)."""
         text = json.dumps([self.clip_key, self.tracker, self.max_frames, self.answer_frames,
+                           round(self.framerate, 6),
                            [[p.object_id, p.frame, [round(v, 3) for v in p.box]]
                             for p in sorted(self.prompts, key=lambda p: (p.object_id, p.frame))]])
         return hashlib.sha256(text.encode()).hexdigest()[:32]
@@ -85,7 +90,8 @@ class TrackRequest:
         return {"url": self.url, "task_id": self.task_id, "clip_key": self.clip_key,
                 "prompts": [[p.object_id, p.frame, list(p.box)] for p in self.prompts],
                 "tracker": self.tracker, "max_frames": self.max_frames,
-                "answer_frames": self.answer_frames, "label_studio_url": self.label_studio_url}
+                "answer_frames": self.answer_frames, "label_studio_url": self.label_studio_url,
+                "framerate": self.framerate}
 
     @classmethod
     def from_json(cls, data: Dict[str, Any]) -> "TrackRequest":
@@ -93,7 +99,8 @@ class TrackRequest:
                         for o, f, box in data["prompts"])
         return cls(data["url"], data.get("task_id"), data["clip_key"], prompts,
                    data["tracker"], int(data.get("max_frames") or 0),
-                   int(data.get("answer_frames") or 0), data.get("label_studio_url"))
+                   int(data.get("answer_frames") or 0), data.get("label_studio_url"),
+                   float(data.get("framerate") or 0.0))
 
 
 @dataclass
@@ -160,11 +167,26 @@ def tracking_range(prompts: Sequence[BoxPrompt], frames: int, max_frames: int = 
     return first, min(stop, frames)
 
 
-def pixel_prompts(prompts: Sequence[BoxPrompt], width: int, height: int) -> List[BoxPrompt]:
-    """Relative prompts (fractions of the frame) -> pixels of a ``width x height`` frame."""
-    return [BoxPrompt(p.object_id, p.frame, (p.box[0] * width, p.box[1] * height,
-                                             p.box[2] * width, p.box[3] * height))
-            for p in prompts]
+def clip_frame(frame: int, fps: float, framerate: float) -> int:
+    """The clip frame (0-based) shown at frame ``frame`` (0-based) of a count at ``framerate``
+    frames per second (0: the clip's own ``fps``): ``floor(frame * fps / framerate)``, as Label
+    Studio's player shows its frame ``frame + 1`` at ``frame / framerate`` seconds."""
+    if framerate <= 0 or abs(framerate - fps) < 1e-9:
+        return frame
+    return int(math.floor(frame * fps / framerate + 1e-6))
+
+
+def pixel_prompts(prompts: Sequence[BoxPrompt], width: int, height: int, fps: float = 0.0,
+                  framerate: float = 0.0) -> List[BoxPrompt]:
+    """Relative prompts (fractions of the frame, frames counted at ``framerate``) -> pixels of a
+    ``width x height`` frame on clip frames (a clip at ``fps``); of two on one clip frame, the
+    later wins."""
+    out: Dict[Tuple[int, int], BoxPrompt] = {}
+    for p in sorted(prompts, key=lambda p: p.frame):
+        frame = clip_frame(p.frame, fps, framerate)
+        out[(p.object_id, frame)] = BoxPrompt(p.object_id, frame, (
+            p.box[0] * width, p.box[1] * height, p.box[2] * width, p.box[3] * height))
+    return list(out.values())
 
 
 def run_tracking(tracker: Tracker, clip: Clip, request: TrackRequest,
@@ -174,11 +196,14 @@ def run_tracking(tracker: Tracker, clip: Clip, request: TrackRequest,
     if not request.prompts:
         raise SamBackendError("nothing to track: the request has no box")
     info = clip.info
-    bad = [p for p in request.prompts if not 0 <= p.frame < info.frames]
+    prompts = pixel_prompts(request.prompts, info.width, info.height, info.fps,
+                            request.framerate)
+    bad = [p for p in prompts if not 0 <= p.frame < info.frames]
     if bad:
-        raise SamBackendError(f"a box is on frame {bad[0].frame + 1}, past the clip's "
-                              f"{info.frames} frames")
-    prompts = pixel_prompts(request.prompts, info.width, info.height)
+        rate = f" (frames counted at {request.framerate:g} fps, the clip's rate is " \
+            f"{info.fps:g}: set the Video tag's framerate to it)" \
+            if request.framerate and abs(request.framerate - info.fps) > 1e-9 else ""
+        raise SamBackendError(f"a box is on a frame past the clip's {info.frames} frames{rate}")
     first, stop = tracking_range(prompts, info.frames, request.max_frames)
     started = time.perf_counter()
     session = tracker.session(clip)
@@ -495,6 +520,7 @@ def track_job(request: Dict[str, Any]) -> Dict[str, Any]:
 
 
 __all__ = ["JOB_FUNCTION", "MemoryResults", "RedisResults", "TrackRequest", "TrackResult",
-           "TrackingJobs", "VideoQueue", "install_worker_context", "pixel_prompts", "queue_name",
+           "TrackingJobs", "VideoQueue", "clip_frame", "install_worker_context", "pixel_prompts",
+           "queue_name",
            "run_tracking",
            "track_job", "tracking_range"]

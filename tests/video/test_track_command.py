@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 W, H, FRAMES = 96, 64, 5
 CONFIG = """<View>
   <Labels name="videoLabels" toName="video"><Label value="square"/><Label value="disc"/></Labels>
-  <Video name="video" value="$video"/>
+  <Video name="video" value="$video" framerate="12"/>
   <VideoRectangle name="box" toName="video"/>
 </View>"""
 

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.process, pytest.mark.slow]
 W, H, FRAMES = 96, 64, 4
 CONFIG = """<View>
   <Labels name="videoLabels" toName="video"><Label value="square"/></Labels>
-  <Video name="video" value="$video"/>
+  <Video name="video" value="$video" framerate="12"/>
   <VideoRectangle name="box" toName="video"/>
 </View>"""
 
