@@ -173,6 +173,13 @@ class Sam2Session(LibrarySession):
         }
 
     def _add_box(self, state: dict, prompt: BoxPrompt) -> None:
+        # A box on a frame already tracked is a correction: it becomes a conditioning frame like
+        # the first box (its output kept by later propagations and in every frame's memory),
+        # not the predictor's default for a tracked frame (a non-conditioning output that the
+        # next propagate_in_video recomputes without the box).
+        obj_idx = self.predictor._obj_id_to_idx(state, int(prompt.object_id))
+        state["frames_tracked_per_obj"][obj_idx].pop(int(prompt.frame), None)
+        state["output_dict_per_obj"][obj_idx]["non_cond_frame_outputs"].pop(int(prompt.frame), None)
         with torch.inference_mode():
             self.predictor.add_new_points_or_box(state, frame_idx=int(prompt.frame),
                                                  obj_id=int(prompt.object_id),

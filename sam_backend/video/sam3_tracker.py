@@ -194,6 +194,13 @@ class Sam3Session(LibrarySession):
         return session
 
     def _add_box(self, state, prompt: BoxPrompt) -> None:
+        # A box on a frame already tracked is a correction: it becomes a conditioning frame like
+        # the first box (kept by later propagations and in every frame's memory), not the
+        # library's default for a tracked frame (a non-conditioning output that the next
+        # propagation recomputes without the box).
+        obj_idx = state.obj_id_to_idx(int(prompt.object_id))
+        state.frames_tracked_per_obj[obj_idx].pop(int(prompt.frame), None)
+        state.output_dict_per_obj[obj_idx]["non_cond_frame_outputs"].pop(int(prompt.frame), None)
         self.processor.add_inputs_to_inference_session(
             inference_session=state, frame_idx=int(prompt.frame), obj_ids=int(prompt.object_id),
             input_boxes=[[list(map(float, prompt.box))]])

@@ -174,9 +174,10 @@ def group_prompts(prompts: Sequence[BoxPrompt]) -> "OrderedDict[int, List[BoxPro
 
 class LibrarySession(TrackingSession):
     """The shared part of both trackers' sessions: per-object states kept between calls, new
-    prompts added to an object's existing state (a correction goes into the tracker's memory, as
-    the library's interactive flow does: add the box on its frame, propagate again), objects
-    stepped through the frames together so each frame is encoded once for all of them.
+    prompts added to an object's existing state (a correction goes into the tracker's memory as a
+    conditioning frame, like the first box; then the object is propagated again from its first
+    box: the same track as the library given all the boxes at once), objects stepped through the
+    frames together so each frame is encoded once for all of them.
 
     Each object has its own library state: an object's track does not depend on which other
     objects are asked for in the same call (two objects at once = two separate runs).
@@ -249,32 +250,38 @@ class LibrarySession(TrackingSession):
                     runs[object_id] = (first, self._propagate(state.state, first, stop - 1))
             if not runs:
                 return tracks
-            start = min(first for first, _ in runs.values())
-            total = stop - start
-            started = time.perf_counter()
-            for done, frame in enumerate(range(start, stop), 1):
-                scope.check(f"tracking frame {frame}")
-                for object_id, (first, steps) in runs.items():
-                    if frame < first:
-                        continue
-                    got, mask, score = next(steps)
-                    if got != frame:
-                        raise RuntimeError(f"the tracker gave frame {got} for frame {frame}")
-                    tracks[object_id].boxes[frame] = mask_box(mask)
-                    if self.on_mask is not None:
-                        self.on_mask(object_id, frame, mask)
-                    if score is not None:
-                        tracks[object_id].scores[frame] = score
-                if progress is not None:
-                    progress(done, total)
-                if done % 10 == 0 or done == total:
-                    elapsed = time.perf_counter() - started
-                    log.info("%s: %d/%d frames of %s tracked (%d objects), %.2f frames/s",
-                             self.tracker_name, done, total, self.clip.key, len(runs),
-                             done / elapsed if elapsed > 0 else float("inf"))
-            for _, steps in runs.values():
-                steps.close()
+            try:
+                self._step(runs, tracks, stop, progress, scope)
+            finally:  # a stopped request leaves no half-run generator behind
+                for _, steps in runs.values():
+                    steps.close()
         return tracks
+
+    def _step(self, runs, tracks, stop: int, progress: Optional[ProgressFn], scope) -> None:
+        """Every object's propagation, frame by frame together, up to ``stop`` (exclusive)."""
+        start = min(first for first, _ in runs.values())
+        total = stop - start
+        started = time.perf_counter()
+        for done, frame in enumerate(range(start, stop), 1):
+            scope.check(f"tracking frame {frame}")
+            for object_id, (first, steps) in runs.items():
+                if frame < first:
+                    continue
+                got, mask, score = next(steps)
+                if got != frame:
+                    raise RuntimeError(f"the tracker gave frame {got} for frame {frame}")
+                tracks[object_id].boxes[frame] = mask_box(mask)
+                if self.on_mask is not None:
+                    self.on_mask(object_id, frame, mask)
+                if score is not None:
+                    tracks[object_id].scores[frame] = score
+            if progress is not None:
+                progress(done, total)
+            if done % 10 == 0 or done == total:
+                elapsed = time.perf_counter() - started
+                log.info("%s: %d/%d frames of %s tracked (%d objects), %.2f frames/s",
+                         self.tracker_name, done, total, self.clip.key, len(runs),
+                         done / elapsed if elapsed > 0 else float("inf"))
 
     def close(self) -> None:
         self.objects.clear()

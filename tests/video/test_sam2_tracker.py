@@ -93,7 +93,7 @@ def test_two_objects_at_once_equal_the_library_run_separately(tracker, library, 
     assert set(tracks[1].scores) == set(range(FRAMES))
 
 
-def test_a_correction_goes_into_the_memory_as_the_library_does_and_encodes_nothing(
+def test_a_correction_is_kept_as_a_conditioning_frame_like_the_library_given_both_boxes(
         tracker, library, clip_and_boxes):
     clip, boxes = clip_and_boxes
     session = tracker.session(clip)
@@ -106,7 +106,7 @@ def test_a_correction_goes_into_the_memory_as_the_library_does_and_encodes_nothi
     finally:
         hook.remove()
     assert calls == []
-    expected = library_run(library, clip, [[(1, 0, boxes[1][0])], [(1, 2, boxes[1][2])]])
+    expected = library_run(library, clip, [[(1, 0, boxes[1][0]), (1, 2, boxes[1][2])]])
     assert_same_tracks(masks, tracks, expected, "corrected")
     assert before.boxes != tracks[1].boxes or before.scores != tracks[1].scores, \
         "the correction changed nothing: the test would not see it ignored"

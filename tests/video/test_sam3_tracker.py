@@ -107,7 +107,7 @@ def test_one_object_then_two_at_once_equal_the_library_run_separately(tracker, l
     assert tracker.features.encoded == FRAMES  # the second object reused every frame's features
 
 
-def test_a_correction_goes_into_the_memory_as_the_library_does_and_encodes_nothing(
+def test_a_correction_is_kept_as_a_conditioning_frame_like_the_library_given_both_boxes(
         tracker, library, clip_and_boxes):
     clip, boxes = clip_and_boxes
     session = tracker.session(clip)
@@ -121,7 +121,7 @@ def test_a_correction_goes_into_the_memory_as_the_library_does_and_encodes_nothi
     finally:
         hook.remove()
     assert calls == []  # every frame's features were cached
-    expected = library_run(library, clip, [[(3, 0, boxes[1][0])], [(3, 2, boxes[1][2])]])
+    expected = library_run(library, clip, [[(3, 0, boxes[1][0]), (3, 2, boxes[1][2])]])
     assert_same_tracks(masks, tracks, expected, "corrected")
     assert before.scores != tracks[3].scores, \
         "the correction changed nothing: the test would not see it ignored"
@@ -136,6 +136,23 @@ def test_stop_and_the_tracker_table(tracker, clip_and_boxes):
     assert sorted(tracks[1].boxes) == [1, 2]
     with pytest.raises(ConfigError, match="model_name=sam2/sam3"):
         tracker_factory("mobile_sam")
+    with pytest.raises(ValueError, match="frame 9, outside the clip's 3 frames"):
+        tracker.session(clip).track([BoxPrompt(1, 9, boxes[1][0])])
+
+
+def test_a_request_out_of_time_stops_between_frames(tracker, clip_and_boxes):
+    from sam_backend.common.deadline import WorkScope
+    from sam_backend.errors import BusyError
+
+    clip, boxes = clip_and_boxes
+    done = []
+    with pytest.raises(BusyError, match="tracking frame 1"):
+        # a deadline that expires after the first frame: frame 0 is done, frame 1 is not started
+        scope = WorkScope(3600)
+        tracker.session(clip).track([BoxPrompt(5, 0, boxes[1][0])], scope=scope,
+                                    progress=lambda d, t: (done.append(d),
+                                                           setattr(scope, "deadline", 0)))
+    assert done == [1]
 
 
 def test_the_tracker_shares_the_click_models_weights(settings):
