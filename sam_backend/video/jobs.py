@@ -459,6 +459,7 @@ class VideoQueue:
         return self.store._call(lambda: self._enqueue(request))
 
     def _enqueue(self, request: TrackRequest) -> str:
+        from rq import Retry
         from rq.job import JobStatus
 
         job_id = f"sam_backend-track-{request.key}"
@@ -466,8 +467,9 @@ class VideoQueue:
         if job is not None and job.get_status(refresh=False) in (
                 JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED):
             return "queued"
+        # a killed worker's job is re-queued by RQ's maintenance once its heartbeat lapses
         self.queue.enqueue(JOB_FUNCTION, kwargs={"request": request.to_json()}, job_id=job_id,
-                           job_timeout=self.job_timeout, result_ttl=600,
+                           retry=Retry(max=2), job_timeout=self.job_timeout, result_ttl=600,
                            failure_ttl=24 * 3600, description=f"track {request.url}")
         return "enqueued"
 
