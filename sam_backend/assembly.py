@@ -228,6 +228,7 @@ def prediction_service(settings: Settings, segmenter: Optional[Segmenter] = None
     service = PredictionService(settings, segmenter, images,
                                 queue=encode_queue(settings, segmenter.cache.tier),
                                 concept_engine=concept_engine_factory(settings, segmenter))
-    service.video = video_predictions(settings, segmenter, images,
-                                      f"{service.click_model_version}+track")
+    # tracks carry the model_version /setup gives Label Studio, which then asks no more for a
+    # task holding one (a partial track carries another: the task is asked for again)
+    service.video = video_predictions(settings, segmenter, images, service.model_version)
     return service

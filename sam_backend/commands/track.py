@@ -47,11 +47,13 @@ class Report:
 
 
 def video_model_version(settings) -> str:
-    """The model_version of tracks (the server's: its click model's name + ``+track``)."""
+    """The model_version of tracks: the server's (what its /setup gives Label Studio, so that
+    Label Studio does not ask the server again for a task this command tracked)."""
     from sam_backend.models.checkpoints import infer_variant
 
     variant = infer_variant(settings.model_name, settings.sam_config, settings.sam_checkpoint_file)
-    return f"sam_backend-{__version__}:{variant.key}+track"
+    version = f"sam_backend-{__version__}:{variant.key}"
+    return version if settings.concept_model == "none" else f"{version}+{settings.concept_model}"
 
 
 def track_project(videos: VideoPredictions, api: LabelStudioAPI, project_id: int,

@@ -180,13 +180,18 @@ class VideoPredictions:
         return self.prediction(result, ask)
 
     def prediction(self, result: TrackResult, ask: VideoAsk) -> Dict[str, Any]:
-        """The prediction of a tracking result: one region per object (module docstring)."""
+        """The prediction of a tracking result: one region per object (module docstring).
+        Finished tracks carry :attr:`model_version` (the one /setup gives Label Studio: a task
+        holding such a prediction is not asked for again); a partial one carries
+        ``<model_version>:partial``, so the task is asked for again on its next open and then
+        gets the whole track."""
         info = ClipInfo(result.frames, result.fps, *result.size)
         regions = track_regions(result.tracks, ask.objects, ask.controls, info, ask.framerate)
         scores = [r["score"] for r in regions if "score" in r]
         log.info("%d track(s) over %d frames (%s)", len(regions), result.total, result.state)
         return {"result": regions, "score": float(sum(scores) / len(scores)) if scores else 0.0,
-                "model_version": self.model_version}
+                "model_version": self.model_version if result.done
+                else f"{self.model_version}:partial"}
 
 
 __all__ = ["VideoAsk", "VideoPredictions", "region_prompts"]
