@@ -22,7 +22,9 @@ from sam_backend.errors import ConfigError
 from sam_backend.images.config import ImageAccessSettings
 from sam_backend.images.loader import ImageLoader
 from sam_backend.labelstudio.service import PredictionService
+from sam_backend.labelstudio.video_service import VideoPredictions
 from sam_backend.settings import Settings
+from sam_backend.video.jobs import TrackingJobs, VideoQueue
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +151,73 @@ def concept_engine_factory(settings: Settings, segmenter: Segmenter
     return lambda: create_concept_engine(settings, segmenter)
 
 
+# -- video ----------------------------------------------------------------------------------------
+
+def create_tracker(settings: Settings, segmenter: Optional[Segmenter] = None):
+    """The video tracker of ``settings.model_name`` (the tracker table's row; ConfigError for a
+    family without one), from the click model's checkpoint. ``segmenter``: the loaded click
+    model, whose weights the tracker shares instead of loading them a second time (SAM 2.1
+    hiera_tiny: 39M parameters, 155 MB; SAM 3: its ViT, ~1.8 GB); without one (a worker, a
+    command) the tracker loads the checkpoint itself."""
+    from sam_backend.models.checkpoints import ensure_checkpoint, infer_variant
+    from sam_backend.video.trackers import tracker_factory
+
+    variant = infer_variant(settings.model_name, settings.sam_config, settings.sam_checkpoint_file)
+    factory = tracker_factory(variant.model_name)
+    checkpoint = ensure_checkpoint(variant, settings.sam_checkpoint_file, offline=settings.offline)
+    click_model = getattr(segmenter, "model", None) if segmenter is not None else None
+    if click_model is not None and getattr(click_model, "variant", None) != variant:
+        click_model = None  # another model: nothing to share
+    started = time.perf_counter()
+    tracker = factory(variant, checkpoint, settings.device, click_model=click_model,
+                      feature_cache_mb=settings.video_feature_cache_mb,
+                      max_sessions=settings.video_sessions)
+    log.info("video tracker %s ready in %.1f s", variant.key, time.perf_counter() - started)
+    return tracker
+
+
+def tracker_identity(settings: Settings, model=None) -> str:
+    """What a tracking result depends on: ``track:<variant>:<checkpoint sha256[:16]>`` (the
+    tracker runs on torch whatever the click model's runtime), the same in a replica (``model``:
+    its loaded click model) and in a worker that loads no click model."""
+    variant_key, _runtime, _dtype, sha = identity_for(settings, model).split(":vision")[0] \
+        .rsplit(":", 3)
+    return f"track:{variant_key}:{sha}"
+
+
+def clip_opener(settings: Settings, images: ImageLoader):
+    """(url, task id) -> an open clip, through ``images``' sources, under the video limits."""
+    from sam_backend.video.clip import VideoLimits, fetch_clip
+
+    limits = VideoLimits.from_settings(settings)
+    return lambda url, task_id: fetch_clip(images, url, task_id, limits=limits)
+
+
+def tracking_jobs(settings: Settings, images: ImageLoader, segmenter: Optional[Segmenter] = None,
+                  identity: Optional[str] = None) -> TrackingJobs:
+    """Background tracking (:mod:`sam_backend.video.jobs`): the tracker loaded on first use
+    (sharing ``segmenter``'s weights when given), clips through ``images``; with
+    ``video_background=worker``, the team's queue and results in ``embedding_store``'s Redis."""
+    queue = None
+    if settings.video_background == "worker":
+        store = segmenter.cache.tier if segmenter is not None else None
+        if store is None:
+            store = store_for(settings, identity_for(settings))
+        queue = VideoQueue(store, identity or tracker_identity(settings),
+                           settings.video_job_timeout)
+    return TrackingJobs(lambda: create_tracker(settings, segmenter),
+                        clip_opener(settings, images), queue, settings.video_job_timeout,
+                        max_pending=settings.max_tasks)
+
+
+def video_predictions(settings: Settings, segmenter: Segmenter, images: ImageLoader,
+                      model_version: str) -> VideoPredictions:
+    """The service's video side (its tracker is loaded by the first video task)."""
+    identity = tracker_identity(settings, segmenter.model)
+    jobs = tracking_jobs(settings, images, segmenter, identity)
+    return VideoPredictions(settings, images, jobs, identity, model_version)
+
+
 # -- the service ----------------------------------------------------------------------------------
 
 def prediction_service(settings: Settings, segmenter: Optional[Segmenter] = None,
@@ -158,6 +227,10 @@ def prediction_service(settings: Settings, segmenter: Optional[Segmenter] = None
     ``concept_model`` names. ``segmenter`` / ``images``: use these instead (tests)."""
     segmenter = segmenter_for(settings) if segmenter is None else segmenter
     images = image_loader(settings, budget=True) if images is None else images
-    return PredictionService(settings, segmenter, images,
-                             queue=encode_queue(settings, segmenter.cache.tier),
-                             concept_engine=concept_engine_factory(settings, segmenter))
+    service = PredictionService(settings, segmenter, images,
+                                queue=encode_queue(settings, segmenter.cache.tier),
+                                concept_engine=concept_engine_factory(settings, segmenter))
+    # tracks carry the model_version /setup gives Label Studio, which then asks no more for a
+    # task holding one (a partial track carries another: the task is asked for again)
+    service.video = video_predictions(settings, segmenter, images, service.model_version)
+    return service

@@ -18,10 +18,12 @@ from sam_backend.errors import SamBackendError
 COMMAND_MODULES: Dict[str, Tuple[str, ...]] = {
     "sam_backend.server.app": ("serve",),
     "sam_backend.commands.weights": ("weights",),
-    "sam_backend.export.cli": ("export-coco", "export-yolo"),
+    "sam_backend.export.cli": ("export-coco", "export-yolo", "export-video-coco",
+                               "export-mot"),
     "sam_backend.export.preview": ("preview",),
     "sam_backend.commands.precompute": ("worker", "precompute"),
     "sam_backend.commands.annotate": ("annotate",),
+    "sam_backend.commands.track": ("track",),
     "sam_backend.commands.train": ("train",),
 }
 

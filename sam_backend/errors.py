@@ -21,5 +21,10 @@ class ImageError(SamBackendError):
     """The task's image cannot be fetched or decoded."""
 
 
+class VideoError(ImageError):
+    """The task's video cannot be fetched or decoded, or is past a video limit (400, as an
+    image)."""
+
+
 class BusyError(SamBackendError):
     """The backend is at one of its concurrency or memory limits right now: retry shortly (503)."""

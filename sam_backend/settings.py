@@ -26,6 +26,9 @@ from sam_backend.images.config import (DEFAULT_CACHE_MAX_BYTES, DEFAULT_MAX_CONC
 from sam_backend.images.decode import DEFAULT_MAX_PIXELS
 from sam_backend.images.netpolicy import parse_image_hosts
 from sam_backend.models import families
+from sam_backend.video.clip import (DEFAULT_MAX_VIDEO_BYTES, DEFAULT_MAX_VIDEO_FRAME_PIXELS,
+                                    DEFAULT_MAX_VIDEO_FRAMES, DEFAULT_MAX_VIDEO_SECONDS,
+                                    DEFAULT_VIDEO_TIMEOUT)
 
 
 def check_basic_auth(user: Optional[str], password: Optional[str]) -> None:
@@ -81,6 +84,13 @@ class Settings:
     embedding_dtype: str = option(
         "float16", "how cached embeddings are stored: float16 (half the memory; masks within the "
         "tolerance the README gives) or float32 (bit-exact)")
+    video_feature_cache_mb: int = option(
+        2048, "bound of the video trackers' per-frame feature cache, MiB, over all clips (per "
+        "frame: SAM 2.1 16 MiB, SAM 3 21 MiB; a frame still cached is not encoded again when a "
+        "correction re-tracks)")
+    video_sessions: int = option(
+        2, "clips kept open per tracker (their features and tracking state), least recently "
+        "used closed first")
     offline: bool = option(False, "never download checkpoints", env=("SAM_BACKEND_OFFLINE",))
     precompute: bool = option(
         True, "start encoding a task's image when Label Studio asks for predictions without a "
@@ -132,6 +142,21 @@ class Settings:
     image_timeout: float = option(
         DEFAULT_TIMEOUT, "seconds for a whole image download, redirects and body included",
         env=("SAM_BACKEND_IMAGE_TIMEOUT",))
+    max_video_bytes: int = option(
+        DEFAULT_MAX_VIDEO_BYTES, "bytes of a video download or local video file",
+        env=("SAM_BACKEND_MAX_VIDEO_BYTES",))
+    max_video_seconds: float = option(
+        DEFAULT_MAX_VIDEO_SECONDS, "seconds of a video (frames that decode / frame rate)",
+        env=("SAM_BACKEND_MAX_VIDEO_SECONDS",))
+    max_video_frame_pixels: int = option(
+        DEFAULT_MAX_VIDEO_FRAME_PIXELS, "pixels of one video frame (width x height), checked "
+        "from the header before decoding", env=("SAM_BACKEND_MAX_VIDEO_FRAME_PIXELS",))
+    max_video_frames: int = option(
+        DEFAULT_MAX_VIDEO_FRAMES, "frames of a video (counted as they decode, not as the header "
+        "claims)", env=("SAM_BACKEND_MAX_VIDEO_FRAMES",))
+    video_timeout: float = option(
+        DEFAULT_VIDEO_TIMEOUT, "seconds for a whole video download, redirects and body included",
+        env=("SAM_BACKEND_VIDEO_TIMEOUT",))
     local_files_document_root: Optional[str] = option(
         None, "the only directory local paths, file:// URLs and /data/local-files/?d= are read "
         "from (regular files only); unset: local files are off")
@@ -207,6 +232,23 @@ class Settings:
     max_concept_labels: int = option(
         100, "labels one concept pass asks for (auto-annotation: the config's labels, or "
         "concept_labels); more is refused with 400")
+
+    # video (README "Video"): tracking the boxes of a video task
+    max_track_frames: int = option(
+        0, "frames tracked from the first box of a video task (never short of its last box); "
+        "0 = to the clip's end")
+    video_answer_frames: int = option(
+        16, "frames a video /predict answers with first (from the first box); the rest of the "
+        "clip is tracked in the background and answers the next ask. 0 = the whole range at once")
+    video_answer_timeout: float = option(
+        20.0, "seconds a video /predict waits for those frames; later it answers [] (Label "
+        "Studio asks again) while the tracking goes on")
+    video_background: str = option(
+        "thread", "where tracking runs: thread (a thread of the serving process) or worker (an "
+        "RQ queue in embedding_store's Redis, served by `sam-backend worker --queue video`)")
+    video_job_timeout: int = option(
+        3600, "seconds one tracking pass (a clip's objects to the end) may take, in a thread or "
+        "a worker")
 
     # learning from the labels (README "Learn from your labels")
     trainer: str = option(
@@ -293,6 +335,8 @@ class Settings:
             raise ConfigError(f"embedding_dtype={self.embedding_dtype!r}: use float16 or float32")
         if self.embedding_cache_mb <= 0:
             raise ConfigError("embedding_cache_mb must be positive")
+        if self.video_feature_cache_mb <= 0 or self.video_sessions <= 0:
+            raise ConfigError("video_feature_cache_mb and video_sessions must be positive")
         if self.poly_tolerance < 0 or self.poly_min_area < 0:
             raise ConfigError("poly_tolerance and poly_min_area must not be negative")
         check_basic_auth(self.basic_auth_user, self.basic_auth_pass)  # both or neither
@@ -309,10 +353,22 @@ class Settings:
                      "label_config_cache_mb", "max_projects", "image_memory_mb",
                      "max_concurrent_loads", "max_concurrent_downloads", "memory_wait",
                      "request_timeout", "max_connections", "predict_timeout", "max_image_pixels",
-                     "max_image_bytes", "image_timeout"):
+                     "max_image_bytes", "image_timeout", "max_video_bytes", "max_video_seconds",
+                     "max_video_frame_pixels", "max_video_frames", "video_timeout"):
             value = getattr(self, name)
             if not (value > 0 and value < float("inf")):
                 raise ConfigError(f"{name}={value!r} must be a positive number")
+        if self.max_track_frames < 0 or self.video_answer_frames < 0:
+            raise ConfigError("max_track_frames and video_answer_frames must not be negative "
+                              "(0 = no bound)")
+        if not (0 < self.video_answer_timeout < float("inf")) or self.video_job_timeout <= 0:
+            raise ConfigError("video_answer_timeout and video_job_timeout must be positive")
+        if self.video_background not in ("thread", "worker"):
+            raise ConfigError(f"video_background={self.video_background!r}: use thread or "
+                              f"worker")
+        if self.video_background == "worker" and not self.embedding_store:
+            raise ConfigError("video_background=worker needs embedding_store=redis://... (the "
+                              "queue and the results live in that Redis)")
         if self.concept_model not in ("none", "grounding_dino", "sam3"):
             raise ConfigError(f"concept_model={self.concept_model!r}: use none, grounding_dino "
                               f"or sam3")

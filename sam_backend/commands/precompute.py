@@ -34,6 +34,8 @@ def run_worker(args) -> int:
     from rq.serializers import JSONSerializer
 
     settings = settings_from_args(args)
+    if getattr(args, "queue", "encode") == "video":
+        return run_video_worker(settings, args)
     if getattr(args, "queue", "encode") == "train":
         from sam_backend.training.jobs import run_train_worker
 
@@ -63,6 +65,38 @@ def run_worker(args) -> int:
     return 0
 
 
+
+
+def run_video_worker(settings: Settings, args) -> int:
+    """``sam-backend worker --queue video``: load the tracker once, then track queued video
+    requests (:mod:`sam_backend.video.jobs`), writing their results into the team's Redis."""
+    from rq import SimpleWorker
+    from rq.serializers import JSONSerializer
+
+    from sam_backend.video.jobs import install_worker_context
+
+    if not settings.embedding_store:
+        raise ConfigError("the video worker needs embedding_store=redis://host:port/db (the "
+                          "Redis the backend replicas queue tracking requests in)")
+    settings = replace(settings, video_background="worker",
+                       embedding_cache_mb=min(settings.embedding_cache_mb, 256))
+    images = assembly.image_loader(settings)
+    # the replicas' identity: the same model (and runtime) as theirs, without loading the
+    # click model here
+    jobs = assembly.tracking_jobs(settings, images)
+    queue = jobs.queue
+    jobs.queue = None  # a worker tracks what it takes, in its own thread
+    install_worker_context(jobs, queue.results, images)
+    jobs.tracker  # loaded before the first job is taken
+    interval = max(1, int(args.maintenance_interval))
+    worker = SimpleWorker([queue.queue], connection=queue.connection, serializer=JSONSerializer,
+                          name=args.name, maintenance_interval=interval,
+                          worker_ttl=interval + 15)
+    log.info("video worker %s: tracker %s, queue %s, store %s", worker.name, queue.identity,
+             queue.queue.name, queue.store.display_url)
+    worker.work(burst=args.burst, logging_level=args.log_level.upper()
+                if hasattr(args, "log_level") else "INFO", with_scheduler=False)
+    return 0
 
 
 # -- `sam-backend precompute --project ID` --------------------------------------------------------
@@ -131,9 +165,10 @@ def register_cli(subparsers) -> None:
     worker = subparsers.add_parser(
         "worker", help="encode queued images into the shared embedding store, or train "
                        "queued training runs (--queue train) (RQ worker)")
-    worker.add_argument("--queue", choices=("encode", "train"), default="encode",
+    worker.add_argument("--queue", choices=("encode", "train", "video"), default="encode",
                         help="encode: images into the shared embedding store (default); train: "
-                             "training runs (sam-backend train's work, queued by the replicas)")
+                             "training runs (sam-backend train's work, queued by the replicas); "
+                             "video: tracking requests (video_background=worker)")
     worker.add_argument("--burst", action="store_true", help="quit when the queue is empty")
     worker.add_argument("--name", default=None, help="worker name (default: RQ's)")
     worker.add_argument("--maintenance-interval", type=int, default=30,

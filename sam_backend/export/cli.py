@@ -8,6 +8,11 @@ export-yolo`` (:mod:`.yolo`), with the options they share::
     sam-backend export-yolo --json_file_path project.json --out_dir yolo [same options]
                             [--boxes-as-polygons]
     sam-backend export-coco --project 3 [--url http://localhost:8080] --out_dir dataset
+    sam-backend export-video-coco --json_file_path project.json --out_dir dataset [--no_images]
+    sam-backend export-mot --json_file_path project.json --out_dir mot
+
+The video commands (:mod:`.video`) read ``videorectangle`` tracks with the same sources and
+options.
 
 ``--project ID`` reads the project from Label Studio's API instead of an export file (address and
 token as ``sam-backend annotate`` takes them); the objects are the same as from its JSON export.
@@ -144,6 +149,60 @@ def _run_yolo(args: argparse.Namespace) -> int:
     return _exit_code(report.coco)
 
 
+def _video_command(subparsers, name: str, summary: str, description: str, outputs: str,
+                   run: Callable[[argparse.Namespace], int], images: bool) -> None:
+    """A video export command: the source, the output directory, the classes, Label Studio's
+    upload directory and ``--keep-all-regions`` (:mod:`.video`)."""
+    parser = subparsers.add_parser(name, help=summary, description=description)
+    add_source_arguments(parser, required=True)
+    parser.add_argument("--out_dir", "--out-dir", dest="out_dir", required=True, metavar="DIR",
+                        help=f"output directory ({outputs})")
+    parser.add_argument("--classes", default=None, metavar="a,b,c",
+                        help="the categories in order (ids 1..N); labels not listed are skipped. "
+                             "Default: every label in the export, sorted by name")
+    parser.add_argument("--upload_dir", "--upload-dir", dest="upload_dir", default=None,
+                        metavar="DIR",
+                        help="Label Studio's media upload directory: /data/upload/<project>/<file> "
+                             "is read from DIR/<project>/<file> when present, before downloading")
+    if images:
+        parser.add_argument("--no_images", "--no-images", dest="copy_images",
+                            action="store_false",
+                            help="write only annotations/ann.json, not the frames as JPEGs")
+    parser.add_argument("--keep-all-regions", "--keep_all_regions", dest="keep_all_regions",
+                        action="store_true",
+                        help="one track per videorectangle region: a region whose keyframes lie "
+                             "on another track of its label is not merged into it")
+    parser.set_defaults(func=run)
+
+
+def _video_exit_code(report) -> int:
+    if report.tasks and report.videos == 0:
+        logger.error("no video was exported (see the problems above)")
+        return 1
+    return 0
+
+
+def _run_video_coco(args: argparse.Namespace) -> int:
+    from sam_backend.export.coco import format_categories
+    from sam_backend.export.video import write_video_coco
+
+    report = write_video_coco(task_source(args), args.out_dir, classes=args.classes,
+                              upload_dir=args.upload_dir, copy_images=args.copy_images,
+                              keep_all_regions=args.keep_all_regions)
+    print(format_categories(report.categories))
+    return _video_exit_code(report)
+
+
+def _run_mot(args: argparse.Namespace) -> int:
+    from sam_backend.export.video import write_mot
+
+    report = write_mot(task_source(args), args.out_dir, classes=args.classes,
+                       upload_dir=args.upload_dir, keep_all_regions=args.keep_all_regions)
+    print(f"# MOT files (frame,id,x,y,w,h,conf,-1,-1,-1): {len(report.files) - 1}; the label "
+          f"of every id: {report.files[-1]}")
+    return _video_exit_code(report)
+
+
 def register_cli(subparsers) -> None:
     _add_command(
         subparsers, "export-coco",
@@ -162,6 +221,25 @@ def register_cli(subparsers) -> None:
                     "polygon per object). Same one-object rule as export-coco.",
         outputs="data.yaml, images/, labels/", classes_help="the classes in order (indices 0..N-1)",
         run=_run_yolo, own_options=_yolo_options)
+    _video_command(
+        subparsers, "export-video-coco",
+        summary="convert a Label Studio video export (videorectangle tracks) into COCO, frames "
+                "as images",
+        description="Convert the videorectangle tracks of a Label Studio JSON export into a COCO "
+                    "detection dataset with a track id per object: OUT_DIR/annotations/ann.json "
+                    "(videos, one image per frame with an object, one annotation per object and "
+                    "frame, track_id / instance_id) and the frames in OUT_DIR/images/<video>/. "
+                    "Boxes between keyframes are interpolated as Label Studio draws them.",
+        outputs="annotations/ann.json, images/<video>/<frame>.jpg", run=_run_video_coco,
+        images=True)
+    _video_command(
+        subparsers, "export-mot",
+        summary="convert a Label Studio video export (videorectangle tracks) into MOT text files",
+        description="Convert the videorectangle tracks of a Label Studio JSON export into "
+                    "MOT-style text: OUT_DIR/<video>.txt with one line per object and frame, "
+                    "frame,id,x,y,w,h,conf,-1,-1,-1 (1-based frames, pixels), and "
+                    "OUT_DIR/tracks.json with each id's label.",
+        outputs="<video>.txt, tracks.json", run=_run_mot, images=False)
 
 
 __all__ = ["add_source_arguments", "register_cli", "task_source"]

@@ -11,5 +11,10 @@
 * :mod:`.config` -- :class:`~.config.ImageAccessSettings`;
 * :mod:`.loader` -- :class:`~.loader.ImageLoader`, which joins them.
 
+A task's video comes from the same sources through the same code:
+:meth:`~.loader.ImageLoader.fetch_media` with a :class:`~.sources.Media` (its noun for messages,
+its byte limit and download deadline) returns the file's bytes (``sam_backend.video.clip``
+decodes them).
+
 Nothing above this folder knows where bytes came from.
 """

@@ -50,7 +50,7 @@ from sam_backend.images.credentials import LabelStudioAccess
 from sam_backend.images.decode import looks_like_html, sniff_image_format
 from sam_backend.images.messages import kind_label
 from sam_backend.images.netpolicy import DestinationRefused, NetworkPolicy, mount, proxied
-from sam_backend.images.sources import Source
+from sam_backend.images.sources import Media, Source
 
 logger = logging.getLogger(__name__)
 
@@ -253,17 +253,19 @@ class Fetcher:
         self.session = session
 
     def _connection_error(self, exc: Exception, url: str, what: str, to_ls: bool,
-                          during_body: bool = False) -> ImageError:
-        return messages.connection_error(exc, url, what, self.settings.timeout,
+                          during_body: bool = False, media: Optional[Media] = None
+                          ) -> ImageError:
+        timeout = (media.timeout if media is not None else None) or self.settings.timeout
+        return messages.connection_error(exc, url, what, timeout,
                                          self.access.url if to_ls else None,
-                                         self.access.url_source, during_body)
+                                         self.access.url_source, during_body, media)
 
     def download(self, src: Source,
                  reservation: Optional[Reservation] = None) -> Tuple[bytes, Optional[str]]:
         """(body, Content-Type) of ``src``'s download, following redirects by hand; the whole
         download (every hop and retry, the headers and the body) must finish within
-        ``settings.timeout`` seconds."""
-        with deadline_in(self.settings.timeout) as scope:
+        ``settings.timeout`` seconds (``src.media.timeout`` when it has one)."""
+        with deadline_in(src.media.timeout or self.settings.timeout) as scope:
             return self._download(src, reservation, scope)
 
     def _download(self, src: Source, reservation: Optional[Reservation],
@@ -275,7 +277,7 @@ class Fetcher:
         retried_auth = False
         while True:
             to_ls = self.access.is_label_studio(url)
-            headers = {"Accept": "image/*,*/*;q=0.8"}
+            headers = {"Accept": f"{src.media.noun}/*,*/*;q=0.8"}
             kind, source = "none", "not sent"
             if to_ls:
                 header, kind, source = self.access.auth_header(force_refresh)
@@ -288,22 +290,24 @@ class Fetcher:
             remaining = scope.left()
             if remaining <= 0 or scope.fired:
                 raise self._connection_error(requests.exceptions.ReadTimeout(), url,
-                                             f"image {src.display}", to_ls)
+                                             f"{src.media.noun} {src.display}", to_ls,
+                                             media=src.media)
             try:
                 self.policy.check_url(url, self.access.trusted_bases(),
                                       resolve=proxied(self.session, url))
                 resp = self.session.get(url, headers=headers, timeout=remaining,
                                         allow_redirects=False, stream=True)
             except DestinationRefused as exc:
-                raise DestinationRefused(f"image {messages.where(url, src.display)}: {exc}") \
-                    from None
+                where = messages.where(url, src.display)
+                raise DestinationRefused(f"{src.media.noun} {where}: {exc}") from None
             except requests.RequestException as exc:
                 if scope.fired:  # its sockets were shut down at the deadline
                     exc = requests.exceptions.ReadTimeout()
-                raise self._connection_error(exc, url, f"image {src.display}", to_ls) from None
+                raise self._connection_error(exc, url, f"{src.media.noun} {src.display}",
+                                             to_ls, media=src.media) from None
             except ValueError:  # http.client refuses control characters, bad ports, ...
-                raise ImageError(f"image URL {messages.where(url, src.display)} is not a valid "
-                                 "URL") from None
+                raise ImageError(f"{src.media.noun} URL {messages.where(url, src.display)} is "
+                                 "not a valid URL") from None
             with resp:
                 if resp.is_redirect:
                     hops += 1
@@ -312,7 +316,7 @@ class Fetcher:
                         raise messages.auth_error(401, self.access.url,
                                                   messages.where(url, src.display), kind, source)
                     if hops > MAX_REDIRECTS:
-                        raise ImageError(f"image {src.display}: too many redirects (last: "
+                        raise ImageError(f"{src.media.noun} {src.display}: too many redirects (last: "
                                          f"{redact_url(target)})")
                     logger.debug("Image %s: HTTP %d redirect to %s", src.display,
                                  resp.status_code, redact_url(target))
@@ -347,19 +351,19 @@ class Fetcher:
         as soon as they are dropped; thousands of small chunks would fragment the heap), which
         is dropped at once on any failure (no reference cycle keeps it: the errors are created
         where they are raised)."""
-        limit = self.settings.max_download_bytes
+        limit = src.media.max_bytes or self.settings.max_download_bytes
         length = resp.headers.get("Content-Length")
         if length and length.isdigit() and int(length) > limit:
-            raise messages.too_big(src.display, limit)
+            raise messages.too_big(src.display, limit, media=src.media)
         buffer = bytearray()
         reserved = 0
         step = 4 << 20
         try:
             for chunk in resp.iter_content(chunk_size=1 << 16):
                 if len(buffer) + len(chunk) > limit:
-                    raise messages.too_big(src.display, limit)
+                    raise messages.too_big(src.display, limit, media=src.media)
                 if reservation is not None and len(buffer) + len(chunk) > reserved:
-                    reservation.grow(step, f"image {src.display}")
+                    reservation.grow(step, f"{src.media.noun} {src.display}")
                     reserved += step
                 buffer += chunk
             if scope.fired:  # a connection shut down at the deadline can look like a short body
@@ -368,9 +372,9 @@ class Fetcher:
             del buffer
             if scope.fired:
                 exc = requests.exceptions.ReadTimeout()
-            raise self._connection_error(exc, url, f"image {src.display}",
+            raise self._connection_error(exc, url, f"{src.media.noun} {src.display}",
                                          self.access.is_label_studio(url),
-                                         during_body=True) from None
+                                         during_body=True, media=src.media) from None
         except BaseException:
             del buffer
             raise

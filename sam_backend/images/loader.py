@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Optional, Tuple, TypeVar
 
 import numpy as np
@@ -34,7 +34,7 @@ from sam_backend.images.decode import (NotAnImage, not_an_image_message, open_im
 from sam_backend.images.disk_cache import DiskCache, default_cache_dir
 from sam_backend.images.fetch import Fetcher, image_session
 from sam_backend.images.netpolicy import NetworkPolicy
-from sam_backend.images.sources import Source, Sources
+from sam_backend.images.sources import Media, Source, Sources
 
 logger = logging.getLogger(__name__)
 
@@ -170,8 +170,30 @@ class ImageLoader:
 
         return self._obtain(src, reservation, accept)
 
+    def fetch_media(self, url: str, task_id: Optional[int], media: Media,
+                    recognise: Callable[[bytes], bool],
+                    refused: Callable[[bytes, str, Optional[str]], str],
+                    reservation: Optional[Reservation] = None) -> bytes:
+        """The bytes of a task's file that is not an image (a video), from the same sources as
+        images (uploads, local files under the document root, presigned cloud URIs, http(s);
+        the disk cache) under ``media``'s byte limit and names. ``recognise(bytes)``: whether
+        they are what is wanted (e.g. a video container's signature), checked for every source;
+        ``refused(bytes, name, content_type)``: the message when they are not (a download that
+        is not is neither kept nor cached)."""
+        src = replace(self.sources.resolve(url, task_id), media=media)
+
+        def accept(data: bytes) -> bytes:
+            if not recognise(data):
+                if src.kind in ("local", "data"):
+                    raise ImageError(refused(data, f"{media.noun} {src.display}", None))
+                raise NotAnImage(src.display)
+            return data
+
+        return self._obtain(src, reservation, accept, refused)
+
     def _obtain(self, src: Source, reservation: Optional[Reservation],
-                accept: Callable[[bytes], T]) -> T:
+                accept: Callable[[bytes], T],
+                refused: Callable[[bytes, str, Optional[str]], str] = not_an_image_message) -> T:
         """``accept(bytes)`` of the source's bytes: read from disk, a ``data:`` URL, the disk
         cache or downloaded. ``accept`` raises :class:`NotAnImage` for bytes that are no image:
         a cache entry is then dropped and downloaded again, a download refused with a message
@@ -186,12 +208,13 @@ class ImageLoader:
         data = cache.get(src.cache_key) if cache is not None else None
         if data is not None:
             if reservation is not None:
-                reservation.grow(len(data), f"image {src.display}")
+                reservation.grow(len(data), f"{src.media.noun} {src.display}")
             try:
                 accepted = accept(data)
             except NotAnImage:
-                logger.warning("Image cache entry for %s is not an image; downloading again",
-                               src.display)
+                logger.warning("Image cache entry for %s is not a%s %s; downloading again",
+                               src.display, "n" if src.media.noun[0] in "aeiou" else "",
+                               src.media.noun)
                 cache.discard(src.cache_key)
             else:
                 logger.debug("Image %s: from the disk cache (%d bytes)", src.display, len(data))
@@ -201,7 +224,7 @@ class ImageLoader:
         try:
             accepted = accept(data)
         except NotAnImage:
-            raise ImageError(not_an_image_message(
+            raise ImageError(refused(
                 data, f"the file downloaded for {src.display}", content_type)) from None
         if cache is not None:
             cache.put(src.cache_key, data)

@@ -43,10 +43,12 @@ def where(url: str, display: Optional[str]) -> str:
     return f"{display} (request to {shown})"
 
 
-def too_big(display: str, limit: int, download: bool = True) -> ImageError:
+def too_big(display: str, limit: int, download: bool = True, media=None) -> ImageError:
+    """``media``: a :class:`~sam_backend.images.sources.Media` (default: an image)."""
     what = ": the download is" if download else " is"
-    return ImageError(f"image {display}{what} larger than {limit:,} bytes "
-                      "(SAM_BACKEND_MAX_IMAGE_BYTES)")
+    noun, option = (media.noun, media.limit) if media is not None else \
+        ("image", "SAM_BACKEND_MAX_IMAGE_BYTES")
+    return ImageError(f"{noun} {display}{what} larger than {limit:,} bytes ({option})")
 
 
 def unavailable(display: str) -> ImageError:
@@ -60,8 +62,8 @@ def unavailable(display: str) -> ImageError:
 
 # -- connection errors ---------------------------------------------------------------------------
 
-_BODY_TIMEOUT = ("{host} did not send the whole image within {timeout:g} s "
-                 "(SAM_BACKEND_IMAGE_TIMEOUT, for the whole download)")
+_BODY_TIMEOUT = ("{host} did not send the whole {noun} within {timeout:g} s "
+                 "({timeout_option}, for the whole download)")
 _CONNECT_TIMEOUT = "timed out after {timeout:g} s connecting to {host}"
 # (error types, also for any error during the body?, words of the error text (any), reason)
 _CONNECTION_REASONS = (
@@ -86,9 +88,12 @@ _CONNECTION_REASONS = (
 
 def connection_error(exc: Exception, url: str, what: str, timeout: float,
                      ls: Optional[str] = None, ls_source: str = "",
-                     during_body: bool = False) -> ImageError:
+                     during_body: bool = False, media=None) -> ImageError:
     """``exc`` (a requests error) while fetching ``what`` from ``url``; ``ls`` is Label Studio's
-    address when the request went to Label Studio (``ls_source`` says where it was configured)."""
+    address when the request went to Label Studio (``ls_source`` says where it was configured);
+    ``media``: a :class:`~sam_backend.images.sources.Media` (default: an image)."""
+    noun = media.noun if media is not None else "image"
+    timeout_option = media.timeout_option if media is not None else "SAM_BACKEND_IMAGE_TIMEOUT"
     parts = urlsplit(url)
     host = parts.netloc.rsplit("@", 1)[-1]
     low = str(exc).lower()
@@ -96,7 +101,8 @@ def connection_error(exc: Exception, url: str, what: str, timeout: float,
     for types, in_body, words, text in _CONNECTION_REASONS:
         if (isinstance(exc, types) or (in_body and during_body)) and (
                 not words or any(w in low for w in words)):
-            reason = text.format(host=host, hostname=parts.hostname, timeout=timeout)
+            reason = text.format(host=host, hostname=parts.hostname, timeout=timeout, noun=noun,
+                                 timeout_option=timeout_option)
             break
     if ls is not None:
         hint = (f"Check {ls_source} (now {ls}): the backend must reach Label Studio at that "

@@ -120,9 +120,26 @@ class UnknownLabelStudio(ImageError):
     """A Label-Studio-relative URL, but no Label Studio address is configured yet."""
 
 
+@dataclass(frozen=True)
+class Media:
+    """What a source's bytes are for: how messages name it (``noun``), the byte limit of its
+    download or local file (``max_bytes``; None: the loader's ``max_download_bytes``) and the
+    option that sets that limit (``limit``, named in the message); the seconds a whole download
+    may take (``timeout``; None: the loader's ``timeout``) and its option (``timeout_option``)."""
+
+    noun: str = "image"
+    max_bytes: Optional[int] = None
+    limit: str = "SAM_BACKEND_MAX_IMAGE_BYTES"
+    timeout: Optional[float] = None
+    timeout_option: str = "SAM_BACKEND_IMAGE_TIMEOUT"
+
+
+IMAGE = Media()
+
+
 @dataclass
 class Source:
-    """A task's image URL, resolved."""
+    """A task's image (or video: ``media``) URL, resolved."""
 
     kind: str  # "local" | "data" | "ls" | "cloud" | "http"
     url: str  # the task's URL as given (stripped)
@@ -133,6 +150,7 @@ class Source:
     note: str = ""  # extra context for error messages
     key: str = ""  # the image's identity (:meth:`Sources.locate`)
     problem: Optional[ImageError] = None  # cannot be fetched yet: raised when it is
+    media: Media = IMAGE  # what the bytes are for (names, byte limit)
 
 
 class Sources:
@@ -378,7 +396,7 @@ class Sources:
         through a link, its path being resolved already), then it must be a regular file (never
         a device, FIFO or socket) and still the file its path leads to inside the document
         root."""
-        limit = self.max_bytes
+        limit = src.media.max_bytes or self.max_bytes
         flags = _OPEN_FLAGS | (0 if self._local_anywhere else getattr(os, "O_NOFOLLOW", 0))
         try:
             fd = os.open(src.path, flags)
@@ -389,9 +407,9 @@ class Sources:
             if not stat.S_ISREG(st.st_mode) or not self._opened_inside(src, st):
                 raise self.local_error(src)
             if st.st_size > limit:
-                raise messages.too_big(src.display, limit, download=False)
+                raise messages.too_big(src.display, limit, download=False, media=src.media)
             if reservation is not None:
-                reservation.grow(st.st_size, f"image {src.display}")
+                reservation.grow(st.st_size, f"{src.media.noun} {src.display}")
             with os.fdopen(fd, "rb") as fh:
                 fd = -1
                 data = fh.read(limit + 1)
@@ -401,7 +419,7 @@ class Sources:
             if fd >= 0:
                 os.close(fd)
         if len(data) > limit:
-            raise messages.too_big(src.display, limit, download=False)
+            raise messages.too_big(src.display, limit, download=False, media=src.media)
         logger.debug("Image %s: read %d bytes from %s", src.display, len(data), src.path)
         return data
 
@@ -418,5 +436,5 @@ class Sources:
             raise ImageError(f"{src.display}: malformed base64 in data: URL") from None
 
 
-__all__ = ["CLOUD_SCHEMES", "LS_RELATIVE_PREFIXES", "Source", "Sources", "UnknownLabelStudio",
+__all__ = ["CLOUD_SCHEMES", "IMAGE", "LS_RELATIVE_PREFIXES", "Media", "Source", "Sources", "UnknownLabelStudio",
            "normalise_base_url", "origin"]

@@ -27,6 +27,9 @@ from sam_backend.common.text import is_true
 from sam_backend.errors import ImageError, RequestError
 
 PROMPT_TYPES = ("keypointlabels", "rectanglelabels")
+# controls of a video (``<VideoRectangle>`` draws boxes, ``<Labels>`` names them): kept apart from
+# the image controls above, which every image path iterates
+VIDEO_CONTROL_TYPES = frozenset(("videorectangle", "labels"))
 OUTPUT_TYPES = ("brushlabels", "polygonlabels", "rectanglelabels")
 CONTROL_TYPES = frozenset(PROMPT_TYPES + OUTPUT_TYPES)
 # exemplar="..." on a smart RectangleLabels: which kind of box exemplar its boxes are
@@ -70,10 +73,22 @@ class TextInput:
 
 
 @dataclass(frozen=True)
+class VideoTag:
+    """A ``<Video name=... value="$key" framerate=...>`` object: ``framerate`` is the attribute
+    as written (a number, or ``$key`` read from the task's data; Label Studio's default is 24)."""
+
+    name: str
+    data_key: str
+    framerate: Optional[str]
+
+
+@dataclass(frozen=True)
 class LabelConfig:
     controls: Tuple[Control, ...]
     images: Dict[str, str]  # Image tag name -> task data key ($image -> "image")
     text_inputs: Tuple[TextInput, ...] = ()
+    videos: Tuple[VideoTag, ...] = ()
+    video_controls: Tuple[Control, ...] = ()  # VideoRectangle and Labels controls (any object)
 
     def control(self, name: str) -> Optional[Control]:
         for control in self.controls:
@@ -173,9 +188,20 @@ def parse_label_config(text: str) -> LabelConfig:
     controls: List[Control] = []
     images: Dict[str, str] = {}
     text_inputs: List[TextInput] = []
+    videos: List[VideoTag] = []
+    video_controls: List[Control] = []
     for element in root.iter():
         tag = element.tag.lower() if isinstance(element.tag, str) else ""
-        if tag == "image":
+        if tag == "video" and element.get("name"):
+            videos.append(VideoTag(element.get("name"), (element.get("value") or "").lstrip("$"),
+                                   element.get("framerate") or element.get("frameRate")))
+        elif tag in VIDEO_CONTROL_TYPES:
+            labels = tuple(child.get("value") for child in element
+                           if isinstance(child.tag, str) and child.tag.lower() == "label"
+                           and child.get("value") is not None)
+            video_controls.append(Control(tag, element.get("name", ""),
+                                          element.get("toName", ""), labels, False))
+        elif tag == "image":
             value = element.get("value") or element.get("valueList") or ""
             if element.get("name"):
                 images[element.get("name")] = value.lstrip("$")
@@ -191,7 +217,8 @@ def parse_label_config(text: str) -> LabelConfig:
                                     labels, smart, hints, _exemplar(element, tag, smart)))
         elif tag == "textarea":
             text_inputs.append(TextInput(element.get("name", ""), element.get("toName", "")))
-    return LabelConfig(tuple(controls), images, tuple(text_inputs))
+    return LabelConfig(tuple(controls), images, tuple(text_inputs), tuple(videos),
+                       tuple(video_controls))
 
 
 class LabelConfigCache:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # handed in by sam_backend.assembly, never built here
     from sam_backend.embeddings.engine import Segmenter
     from sam_backend.embeddings.precompute import EncodeQueue
     from sam_backend.images.loader import ImageLoader, ImageRef
+    from sam_backend.labelstudio.video_service import VideoPredictions
     from sam_backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,8 @@ class PredictionService:
 
     def __init__(self, settings: "Settings", segmenter: "Segmenter", images: "ImageLoader",
                  queue: Optional["EncodeQueue"] = None,
-                 concept_engine: Optional[Callable[[], ConceptEngine]] = None):
+                 concept_engine: Optional[Callable[[], ConceptEngine]] = None,
+                 video: Optional["VideoPredictions"] = None):
         self.settings = settings
         self.segmenter = segmenter
         self.images = images
@@ -131,6 +133,8 @@ class PredictionService:
         # a project's promoted trained version (set by the server and `annotate` when
         # serve_trained is on): its task-open / Retrieve predictions answers come from it
         self.trained: Optional[TrainedModels] = None
+        # video tasks (a VideoRectangle on a Video): their tracks (None: video is not served)
+        self.video = video
 
     # -- /setup --------------------------------------------------------------------------------
     def setup(self, project: Optional[str], schema: Optional[str], hostname: Optional[str],
@@ -158,10 +162,14 @@ class PredictionService:
         return self.label_configs.parse(text)
 
     def label_config_for(self, project: Any, label_config: Optional[str]) -> LabelConfig:
+        return self.parse_config(self.config_text_for(project, label_config))
+
+    def config_text_for(self, project: Any, label_config: Optional[str]) -> Any:
+        """The request's labeling config, else the one /setup gave for ``project`` ("")."""
         if not label_config:
             with self._projects_lock:
                 label_config = self._projects.get(str(project))
-        return self.parse_config(label_config or "")
+        return label_config or ""
 
     # -- /predict ------------------------------------------------------------------------------
     def predict(self, tasks: Any, label_config: Optional[str], context: Any,
@@ -188,6 +196,10 @@ class PredictionService:
                     isinstance(task_id, str) and len(task_id) <= 100
                     or isinstance(task_id, int) and abs(task_id) < 2 ** 63)):
                 raise RequestError(f"tasks[{index}].id must be an integer, got {shown(task_id)}")
+        if self.video is not None:
+            config = self.label_config_for(project, label_config)
+            if self.video.handles(config):  # a VideoRectangle on a Video: tracks
+                return self.video.predict(tasks, config, context, scope)
         typed = text_prompt_region(context, self.settings.max_points)
         # without a concept model a typed prompt is refused before the prompt or the config is read
         concepts = self.concept_annotator() if typed is not None else None

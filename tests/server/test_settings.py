@@ -74,6 +74,8 @@ def test_annotate_and_precompute_flags_are_the_label_studio_options():
     ({"out_mask": "maybe"}, "out_mask='maybe' is not a boolean"),
     ({"max_tasks": "many"}, "max_tasks='many' is not a valid int"),
     ({"max_tasks": "0"}, "max_tasks=0 must be a positive number"),
+    ({"video_feature_cache_mb": "0"}, "video_feature_cache_mb and video_sessions must be positive"),
+    ({"video_sessions": "-1"}, "video_feature_cache_mb and video_sessions must be positive"),
 ])
 def test_bad_options_are_a_config_error_naming_them(options, message):
     with pytest.raises(ConfigError) as err:
