@@ -434,6 +434,23 @@ def test_the_backends_track_is_drawn_in_the_editor_and_stored(
     assert [tuple(k[n] for n in keys) for k in result["value"]["sequence"]] == \
         [tuple(k[n] for n in keys) for k in sequence]
     assert [k["frame"] for k in result["value"]["sequence"]][1:]  # later frames are stored
+    # the task holds a prediction of the backend's version: Label Studio asks no more for it,
+    # not even on Retrieve predictions (new boxes need its predictions deleted first)
+    before = asked()
+    api.post(f"/api/dm/actions?id=retrieve_tasks_predictions&project={pid}",
+             {"ordering": [], "selectedItems": {"all": False, "included": [tid]},
+              "filters": {"conjunction": "and", "items": []}, "project": str(pid)})
+    assert asked() == before
+    # ... until they are deleted (the data manager's Delete Predictions): then Retrieve
+    # predictions asks again, with the boxes of the latest annotation (the accepted track)
+    steps("delete predictions, retrieve again")
+    for action in ("delete_tasks_predictions", "retrieve_tasks_predictions"):
+        api.post(f"/api/dm/actions?id={action}&project={pid}",
+                 {"ordering": [], "selectedItems": {"all": False, "included": [tid]},
+                  "filters": {"conjunction": "and", "items": []}, "project": str(pid)})
+    assert asked() == before + 1
+    [again] = api.get(f"/api/predictions?task={tid}")
+    assert again["model_version"] in (version, f"{version}:partial")
     steps("done")
     sys.stderr.write(f"[video tracks] timings: {steps.summary()}\n")
 
