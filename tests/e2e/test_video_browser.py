@@ -12,8 +12,15 @@ keyframe) and submits. Checked (docs/video-protocol.md):
   what the editor loads: the region is shown on the tracked frames and hidden where the object
   is gone and after tracking stopped (the editor's own ``isInLifespan`` / ``getShape``).
 
+The backend of that test is the recording stand-in of tests/support/capture_backend.py. The
+second test, :func:`test_the_backends_track_is_drawn_in_the_editor_and_stored`, runs the whole
+loop with the real sam_backend server (SAM 2.1 on random weights): the box submitted in the
+editor, the backend's track asked for the ways Label Studio asks (the editor's reload after
+Submit, *Retrieve Predictions*), drawn by the editor on later frames, duplicated into an
+annotation and stored.
+
 Needs Chromium and playwright (``bash scripts/setup_browser.sh``); ``SAM_BACKEND_SKIP_BROWSER=1``
-skips it. The backend is the recording stand-in of tests/support/capture_backend.py.
+skips them. Selectors and timings: tests/e2e/README.md.
 """
 from __future__ import annotations
 
@@ -25,13 +32,15 @@ import threading
 import time
 
 import pytest
+import requests
 
 from sam_backend.labelstudio.label_config import parse_label_config
 from sam_backend.labelstudio.video_regions import (VideoObject, prompts_from_regions,
                                                    task_box_regions, track_regions,
                                                    video_controls)
 from sam_backend.video.base import ClipInfo, Track
-from tests.e2e.test_browser import CHROMIUM, CHROMIUM_ARGS, VIEWPORT, _require_browser
+from tests.e2e.test_browser import (CHROMIUM, CHROMIUM_ARGS, VIEWPORT, Steps, _require_browser,
+                                    backend_env, in_browser)
 from tests.support.capture_backend import serve
 from tests.support.ls_harness import free_port
 from tests.support.server_utils import REPO
@@ -273,12 +282,7 @@ def test_the_backends_track_is_drawn_in_the_editor_and_stored(
 
     Random weights do not follow the square: checked is what the code guarantees (a keyframe per
     tracked frame, the answer equal to the backend's, drawn and stored as answered)."""
-    import requests
-
-    from tests.e2e.test_browser import Steps, backend_env, in_browser
-
     steps = Steps()
-    W2, H2 = W, H
     steps("start backend")
     port = free_port()
     backend = backend_process(
@@ -298,7 +302,7 @@ def test_the_backends_track_is_drawn_in_the_editor_and_stored(
     project = api.create_project("e2e video tracks", config)
     pid = project["id"]
     clip = tmp_path / "shapes.webm"
-    truth = write_shapes_clip(clip, frames=TRACK_CLIP_FRAMES, fps=TRACK_FPS, width=W2, height=H2)
+    truth = write_shapes_clip(clip, frames=TRACK_CLIP_FRAMES, fps=TRACK_FPS, width=W, height=H)
     [task] = api.import_image(pid, clip, content_type="video/webm")
     tid = task["id"]
     ml = api.add_ml_backend(pid, backend.url, is_interactive=False)
@@ -322,8 +326,8 @@ def test_the_backends_track_is_drawn_in_the_editor_and_stored(
         steps("draw box on frame 1")
         page.locator(".lsf-label", has_text="square").first.click()
         stage = page.locator(".konvajs-content").first.bounding_box()
-        ox = stage["x"] + (stage["width"] - W2) / 2
-        oy = stage["y"] + (stage["height"] - H2) / 2
+        ox = stage["x"] + (stage["width"] - W) / 2
+        oy = stage["y"] + (stage["height"] - H) / 2
         x0, y0, x1, y1 = truth[0]["square"]
         _drag(page, (ox + x0, oy + y0), (ox + x1, oy + y1))
         page.wait_for_function("() => window.Htx.annotationStore.selected.regionStore"
@@ -350,7 +354,7 @@ def test_the_backends_track_is_drawn_in_the_editor_and_stored(
     [drawn] = boxed["result"]
     assert [k["frame"] for k in drawn["value"]["sequence"]] == [1]
     [key] = drawn["value"]["sequence"]
-    assert (key["x"] / 100 * W2, key["y"] / 100 * H2) == pytest.approx(truth[0]["square"][:2],
+    assert (key["x"] / 100 * W, key["y"] / 100 * H) == pytest.approx(truth[0]["square"][:2],
                                                                        abs=10)
     [partial] = api.get(f"/api/predictions?task={tid}")
     assert partial["model_version"] == f"{version}:partial"
