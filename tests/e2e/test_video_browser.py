@@ -275,10 +275,13 @@ def _shown_by_editor_rule(sequence, frames):
 def test_the_backends_track_is_drawn_in_the_editor_and_stored(
         label_studio, backend_process, sam2_file, tmp_path):
     """The annotator boxes the red square on frame 1 and submits; the real backend (SAM 2.1
-    hiera_tiny, seeded random weights, cpu) tracks it when the task is opened again (its first
-    ANSWER_FRAMES frames, under ``<version>:partial``) and in full on *Retrieve predictions*; the
-    editor draws the backend's keyframes on the later frames; the annotator duplicates the
-    prediction into an annotation and submits it; Label Studio stores those keyframes.
+    hiera_tiny, seeded random weights, cpu) tracks it when the editor reloads the task after the
+    submit (its first ANSWER_FRAMES frames, under ``<version>:partial``) and in full on *Retrieve
+    predictions*; the editor draws the backend's keyframes on the later frames; the annotator
+    duplicates the prediction into an annotation and submits it; Label Studio stores those
+    keyframes. Also checked: when Label Studio asks and when it does not (opening a task that
+    holds a prediction, Retrieve with a prediction of the backend's version, after Delete
+    Predictions), as docs/video-protocol.md says.
 
     Random weights do not follow the square: checked is what the code guarantees (a keyframe per
     tracked frame, the answer equal to the backend's, drawn and stored as answered)."""
