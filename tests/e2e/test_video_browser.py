@@ -253,6 +253,26 @@ def _open_video_task(page, ls, pid, tid):
     page.wait_for_function(_JS_VIDEO_READY, timeout=EDITOR_TIMEOUT)
 
 
+def _retrieve_predictions(page, ls, pid, tid, steps):
+    """The data manager's *Retrieve Predictions* for task ``tid``, as an annotator runs it."""
+    steps("log in")
+    _log_in(page, ls)
+    steps("retrieve predictions")
+    page.goto(f"{ls.url}/projects/{pid}/data")
+    page.get_by_label(f"Select Task {tid}").wait_for(state="attached")
+    # the row's checkbox <input> is styled away: click the box drawn for it
+    page.locator('[data-testid="table-row"] .lsf-select-row').first.locator(
+        "[class*=checkbox__box]").click()
+    # the Actions button is enabled once a task is selected (it then reads "1 Task")
+    page.locator('button[aria-label="Tasks Actions"]:not([disabled])').click()
+    page.get_by_text("Retrieve Predictions", exact=True).click()
+    with page.expect_response(lambda r: "/api/dm/actions" in r.url
+                              and "retrieve_tasks_predictions" in r.url,
+                              timeout=EDITOR_TIMEOUT) as done:
+        page.locator('[data-testid="dialog-ok-button"]').click()  # the dialog's OK
+    assert done.value.status == 200, done.value.text()[:500]
+
+
 def _backend_lines(backend, pattern):
     try:
         text = backend.log_path.read_text(errors="replace")
@@ -383,10 +403,8 @@ def test_the_backends_track_is_drawn_in_the_editor_and_stored(
     before = asked()
     sent = api.get_task(tid)  # what opening the task in the editor does (GET /api/tasks/<id>)
     assert asked() == before, "opening a task that holds a prediction asked the backend"
-    steps("retrieve predictions")
-    api.post(f"/api/dm/actions?id=retrieve_tasks_predictions&project={pid}",
-             {"ordering": [], "selectedItems": {"all": False, "included": [tid]},
-              "filters": {"conjunction": "and", "items": []}, "project": str(pid)})
+    in_browser(tmp_path, steps, seen, lambda page: _retrieve_predictions(
+        page, label_studio, pid, tid, steps))
     assert asked() == before + 1
     predictions = api.get(f"/api/predictions?task={tid}")
     assert sorted(p["model_version"] for p in predictions) == [version, f"{version}:partial"]
