@@ -117,17 +117,28 @@ class GroundingDinoEngine(ConceptEngine):
         """The detector's boxes for ``phrase`` on ``image`` (HxWx3 uint8 RGB): (N, 4) float32
         (x0, y0, x1, y1) pixels, unclipped, and (N,) float32 scores above ``threshold``, exactly
         as the processor's ``post_process_grounded_object_detection`` returns them."""
+        _, boxes, scores = self._detect(image, query_text(phrase), threshold)
+        return boxes, scores
+
+    def _detect(self, image: np.ndarray, text: str, threshold: float,
+                input_ids: Optional[Tuple[int, ...]] = None):
+        """One detector call: processor -> model -> ``post_process_grounded_object_detection``
+        for ``text`` on ``image``. Returns the model's outputs and the (N, 4) float32 boxes and
+        (N,) float32 scores. ``input_ids``: what the processor must tokenize ``text`` to."""
         import torch
 
-        inputs = self.processor(images=image, text=query_text(phrase), return_tensors="pt",
+        inputs = self.processor(images=image, text=text, return_tensors="pt",
                                 **self.image_kwargs)
+        if input_ids is not None and tuple(inputs["input_ids"][0].tolist()) != input_ids:
+            raise RuntimeError(f"the processor tokenized {text!r} differently from its "
+                               f"tokenizer: the phrases' token spans would be wrong")
         inputs = inputs.to(self.device)
         with torch.inference_mode():
             outputs = self.model(**inputs)
         result = self.processor.post_process_grounded_object_detection(
             outputs, inputs["input_ids"], threshold=threshold, text_threshold=threshold,
             target_sizes=[image.shape[:2]])[0]
-        return (result["boxes"].float().cpu().numpy().reshape(-1, 4),
+        return (outputs, result["boxes"].float().cpu().numpy().reshape(-1, 4),
                 result["scores"].float().cpu().numpy())
 
     @property
@@ -202,19 +213,7 @@ class GroundingDinoEngine(ConceptEngine):
         whose span (:attr:`Caption.spans`) holds its most probable word token."""
         import torch
 
-        inputs = self.processor(images=image, text=caption.text, return_tensors="pt",
-                                **self.image_kwargs)
-        if tuple(inputs["input_ids"][0].tolist()) != caption.input_ids:
-            raise RuntimeError(f"the processor tokenized {caption.text!r} differently from its "
-                               f"tokenizer: the phrases' token spans would be wrong")
-        inputs = inputs.to(self.device)
-        with torch.inference_mode():
-            outputs = self.model(**inputs)
-        result = self.processor.post_process_grounded_object_detection(
-            outputs, inputs["input_ids"], threshold=threshold, text_threshold=threshold,
-            target_sizes=[image.shape[:2]])[0]
-        boxes = result["boxes"].float().cpu().numpy().reshape(-1, 4)
-        scores = result["scores"].float().cpu().numpy()
+        outputs, boxes, scores = self._detect(image, caption.text, threshold, caption.input_ids)
         # the queries the post-processing kept, in its order (a query's score is its highest
         # token probability), and their probability of each token of the caption
         probs = torch.sigmoid(outputs.logits[0])  # (queries, max_text_len), as it computes it

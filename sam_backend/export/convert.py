@@ -41,7 +41,7 @@ from sam_backend.errors import ImageError
 from sam_backend.export.geometry import (IGNORED_TYPES, SUPPORTED_TYPES, RegionError,
                                          convert_region, region_labels, task_image_size)
 from sam_backend.export.objects import Shape, group_objects, one_object_per_shape, summarize
-from sam_backend.export.report import ExportError, ExportReport, Problem, id_list, plural
+from sam_backend.export.report import ExportError, ExportReport, TaskProblems, id_list, plural
 from sam_backend.export.source import (ImageFetcher, TaskSource, check_upload_dir, header_size,
                                        make_image_fetcher, open_source, task_image_url,
                                        unique_name, used_annotations)
@@ -141,14 +141,8 @@ def _convert_task(task: Any, position: int, class_set: Optional[set],
                   used_names: set, keep_all_regions: bool = False) -> None:
     task_id = task.get("id") if isinstance(task, dict) else None
 
-    def problem(message: str, annotation_id: Any = None, region_id: Any = None) -> None:
-        p = Problem(task_id, message, position, annotation_id, region_id)
-        report.problems.append(p)
-        logger.warning("%s", p)
-
-    def skip_task(message: str) -> None:
-        problem(message + "; task skipped")
-        report.skipped_tasks.append(task_id if task_id is not None else f"#{position}")
+    problems = TaskProblems(report, task_id, position)
+    problem, skip_task = problems.problem, problems.skip
 
     if not isinstance(task, dict):
         skip_task(f"is not a task object ({type(task).__name__})")

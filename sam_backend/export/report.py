@@ -3,11 +3,14 @@ done), :class:`Problem` (one task, annotation or region that could not be export
 and :class:`ExportReport` (counts, categories and every problem, with a printable summary)."""
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 from sam_backend.errors import SamBackendError
+
+logger = logging.getLogger(__name__)
 
 
 class ExportError(SamBackendError):
@@ -38,6 +41,28 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.where}: {self.message}"
+
+
+@dataclass
+class TaskProblems:
+    """Where the problems of one task (``position`` in the export) go: into ``report``'s
+    ``problems`` (logged as warnings), and its id into ``skipped_tasks`` when the task is
+    dropped."""
+
+    report: Any  # an ExportReport, or a report with the same problems / skipped_tasks lists
+    task_id: Any
+    position: int
+
+    def problem(self, message: str, annotation_id: Any = None, region_id: Any = None) -> None:
+        p = Problem(self.task_id, message, self.position, annotation_id, region_id)
+        self.report.problems.append(p)
+        logger.warning("%s", p)
+
+    def skip(self, message: str) -> None:
+        """A problem that drops the whole task."""
+        self.problem(message + "; task skipped")
+        self.report.skipped_tasks.append(self.task_id if self.task_id is not None
+                                         else f"#{self.position}")
 
 
 @dataclass

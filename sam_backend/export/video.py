@@ -55,7 +55,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 from sam_backend.errors import ImageError
 from sam_backend.export.convert import parse_classes, prepare_output, write_file
 from sam_backend.export.geometry import RegionError, convert_region, region_labels
-from sam_backend.export.report import ExportError, Problem, id_list, plural
+from sam_backend.export.report import ExportError, Problem, TaskProblems, id_list, plural
 from sam_backend.export.source import (TaskSource, _upload_dir_path, check_upload_dir,
                                        open_source, task_image_url, unique_name,
                                        used_annotations)
@@ -311,14 +311,8 @@ def _tasks_tracks(tasks: Sequence[dict], classes: Optional[List[str]], open_clip
     for position, task in enumerate(tasks):
         task_id = task.get("id") if isinstance(task, dict) else None
 
-        def problem(message: str, annotation_id: Any = None, region_id: Any = None) -> None:
-            p = Problem(task_id, message, position, annotation_id, region_id)
-            report.problems.append(p)
-            logger.warning("%s", p)
-
-        def skip(message: str) -> None:
-            problem(message + "; task skipped")
-            report.skipped_tasks.append(task_id if task_id is not None else f"#{position}")
+        problems = TaskProblems(report, task_id, position)
+        problem, skip = problems.problem, problems.skip
 
         if not isinstance(task, dict):
             skip(f"is not a task object ({type(task).__name__})")

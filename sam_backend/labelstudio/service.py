@@ -196,14 +196,12 @@ class PredictionService:
                     isinstance(task_id, str) and len(task_id) <= 100
                     or isinstance(task_id, int) and abs(task_id) < 2 ** 63)):
                 raise RequestError(f"tasks[{index}].id must be an integer, got {shown(task_id)}")
-        if self.video is not None:
-            config = self.label_config_for(project, label_config)
-            if self.video.handles(config):  # a VideoRectangle on a Video: tracks
-                return self.video.predict(tasks, config, context, scope)
         typed = text_prompt_region(context, self.settings.max_points)
         # without a concept model a typed prompt is refused before the prompt or the config is read
         concepts = self.concept_annotator() if typed is not None else None
         config = self.label_config_for(project, label_config)
+        if self.video is not None and self.video.handles(config):
+            return self.video.predict(tasks, config, context, scope)  # tracks
         if typed is not None:
             return concepts.annotate_typed(tasks, config, typed, scope, held)
         prompt = parse_context(context, config, self.settings.max_points)

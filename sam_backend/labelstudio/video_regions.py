@@ -32,7 +32,7 @@ from sam_backend.common.limits import shown
 from sam_backend.errors import RequestError
 from sam_backend.labelstudio.label_config import LabelConfig, VideoTag
 from sam_backend.labelstudio.regions import new_region_id
-from sam_backend.video.base import Box, BoxPrompt, ClipInfo, Track
+from sam_backend.video.base import Box, BoxPrompt, ClipInfo, Track, clip_frame, pixel_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def video_url(task: Mapping[str, Any], controls: VideoControls) -> str:
 def clip_index(ls_frame: int, fps: float, framerate: float) -> int:
     """The 0-based clip frame Label Studio shows as its frame ``ls_frame`` (1-based, counted at
     ``framerate``) of a clip at ``fps``."""
-    return int(math.floor((ls_frame - 1) * fps / framerate + EPSILON))
+    return clip_frame(ls_frame - 1, fps, framerate)
 
 
 def ls_frames_count(info: ClipInfo, framerate: float) -> int:
@@ -124,37 +124,47 @@ class VideoObject:
     label: Optional[str]
 
 
-def keyframe_box(keyframe: Mapping[str, Any], width: int, height: int) -> Optional[Box]:
-    """A keyframe's box in pixels ``(x0, y0, x1, y1)``, clipped to the frame (``width`` x
-    ``height``): the axis-aligned bounds of the rectangle rotated by ``rotation`` degrees about
-    its top-left corner; None when it covers less than a pixel each way (a click without a drag
-    leaves a zero-size box)."""
-    try:
-        x, y = float(keyframe["x"]), float(keyframe["y"])
-        w, h = float(keyframe["width"]), float(keyframe["height"])
-        rotation = float(keyframe.get("rotation") or 0.0)
-    except (KeyError, TypeError, ValueError):
-        raise RequestError(f"a videorectangle keyframe needs numeric x, y, width and height: got "
-                           f"{shown(dict(keyframe))}") from None
-    if not all(math.isfinite(v) for v in (x, y, w, h, rotation)):
-        raise RequestError(f"a videorectangle keyframe has a non-finite number: "
-                           f"{shown(dict(keyframe))}")
-    x0, y0 = x / 100.0 * width, y / 100.0 * height
-    dx, dy = w / 100.0 * width, h / 100.0 * height
-    if rotation % 360:
-        a = math.radians(rotation)
-        cos, sin = math.cos(a), math.sin(a)
-        corners = [(x0 + px * cos - py * sin, y0 + px * sin + py * cos)
-                   for px, py in ((0, 0), (dx, 0), (dx, dy), (0, dy))]
-        xs, ys = [c[0] for c in corners], [c[1] for c in corners]
-        box = (min(xs), min(ys), max(xs), max(ys))
-    else:
-        box = (min(x0, x0 + dx), min(y0, y0 + dy), max(x0, x0 + dx), max(y0, y0 + dy))
-    box = (min(max(box[0], 0.0), width), min(max(box[1], 0.0), height),
-           min(max(box[2], 0.0), width), min(max(box[3], 0.0), height))
-    if box[2] - box[0] < 1.0 or box[3] - box[1] < 1.0:
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"{what} must be a number, got {shown(value)}")
+    if not math.isfinite(value):
+        raise RequestError(f"{what} must be a finite number, got {shown(value)}")
+    return float(value)
+
+
+def keyframe_prompt(keyframe: Any, object_id: int, where: str) -> Optional[BoxPrompt]:
+    """One keyframe as a relative :class:`BoxPrompt`: ``frame`` = Label Studio's frame - 1 (its
+    frames counted at the ``<Video framerate>``: :func:`clip_index` maps them to the clip's),
+    ``box`` = ``(x0, y0, x1, y1)`` as fractions of the frame before ``rotation`` (degrees about
+    the top-left corner; :func:`~sam_backend.video.base.pixel_prompts` rotates and clips it in
+    pixels). None for a box without area (a click without a drag); a RequestError naming
+    ``where`` for a broken keyframe."""
+    if not isinstance(keyframe, Mapping):
+        raise RequestError(f"{where} is not a keyframe object: {shown(keyframe)}")
+    frame = keyframe.get("frame")
+    if isinstance(frame, bool) or not isinstance(frame, (int, float)) \
+            or not math.isfinite(frame) or frame < 1 or frame != int(frame):
+        raise RequestError(f"{where}.frame {shown(frame)} is not a frame number (1, 2, ...)")
+    x, y = _number(keyframe.get("x"), f"{where}.x"), _number(keyframe.get("y"), f"{where}.y")
+    w = _number(keyframe.get("width"), f"{where}.width")
+    h = _number(keyframe.get("height"), f"{where}.height")
+    rotation = _number(keyframe.get("rotation") or 0, f"{where}.rotation")
+    if w == 0 or h == 0:
         return None
-    return box
+    x0, x1 = sorted((x / 100.0, (x + w) / 100.0))
+    y0, y1 = sorted((y / 100.0, (y + h) / 100.0))
+    return BoxPrompt(object_id, int(frame) - 1, (x0, y0, x1, y1), rotation)
+
+
+def keyframe_box(keyframe: Mapping[str, Any], width: int, height: int) -> Optional[Box]:
+    """A keyframe's box in pixels ``(x0, y0, x1, y1)`` of a ``width`` x ``height`` frame: the
+    axis-aligned bounds of the rectangle rotated about its top-left corner, clipped to the
+    frame; None when it covers less than a pixel either way."""
+    prompt = keyframe_prompt(dict(keyframe, frame=1), 0, "a videorectangle keyframe")
+    if prompt is None:
+        return None
+    (pixel,) = pixel_prompts([prompt], width, height) or [None]
+    return pixel.box if pixel is not None else None
 
 
 def box_regions(results: Iterable[Mapping[str, Any]], controls: VideoControls
@@ -164,54 +174,55 @@ def box_regions(results: Iterable[Mapping[str, Any]], controls: VideoControls
             and r.get("from_name") == controls.box and r.get("to_name") == controls.to_name]
 
 
-def prompts_from_regions(regions: Sequence[Mapping[str, Any]], info: ClipInfo,
-                         framerate: float) -> Tuple[List[BoxPrompt], List[VideoObject]]:
-    """Box prompts of the annotator's ``videorectangle`` regions on a clip (``info``), and the
-    object each region became. One object per region (``object_id`` in region order); each
-    keyframe is a prompt on its frame (the first the object's box, later ones corrections);
-    keyframes whose box is under a pixel are left out, and so is a region without any other.
-    A keyframe past the clip's end is a 400."""
+def region_prompts(regions: Sequence[Mapping[str, Any]], where: str = "videorectangle region"
+                   ) -> Tuple[List[BoxPrompt], List[VideoObject]]:
+    """Relative box prompts of the annotator's ``videorectangle`` regions
+    (:func:`keyframe_prompt`: no clip needed), and the object each region became. One object
+    per region (``object_id`` in region order); each keyframe is a prompt on its frame (the first
+    the object's box, later ones corrections); keyframes without area are left out, and so is a
+    region without any other. A RequestError names a broken region (``where`` + its id)."""
     prompts: List[BoxPrompt] = []
     objects: List[VideoObject] = []
     for region in regions:
+        at = f"{where} {shown(region.get('id'))}"
         value = region.get("value")
         sequence = value.get("sequence") if isinstance(value, Mapping) else None
-        if not isinstance(sequence, list):
-            raise RequestError(f"videorectangle region {shown(region.get('id'))} has no "
-                               "value.sequence list")
+        if not isinstance(sequence, list) or not sequence:
+            raise RequestError(f"{at}: a videorectangle needs value.sequence, a list of "
+                               f"keyframes")
         object_id = len(objects)
-        found: Dict[int, Box] = {}
-        for keyframe in sequence:
-            if not isinstance(keyframe, Mapping):
-                raise RequestError(f"videorectangle region {shown(region.get('id'))}: a keyframe "
-                                   f"is not an object: {shown(keyframe)}")
-            frame = keyframe.get("frame")
-            if isinstance(frame, bool) or not isinstance(frame, (int, float)) \
-                    or not math.isfinite(frame) or frame < 1 or frame != int(frame):
-                raise RequestError(f"videorectangle region {shown(region.get('id'))}: keyframe "
-                                   f"frame {shown(frame)} is not a frame number (1, 2, ...)")
-            index = clip_index(int(frame), info.fps, framerate)
-            if index >= info.frames:
-                raise RequestError(
-                    f"videorectangle region {shown(region.get('id'))}: keyframe {int(frame)} is "
-                    f"past the clip's end ({info.frames} frames at {info.fps:g} fps; the Video "
-                    f"tag's framerate is {framerate:g}): set framerate to the video's frame rate")
-            box = keyframe_box(keyframe, info.width, info.height)
-            if box is None:
-                logger.info("videorectangle region %s: keyframe %d has an empty box; left out",
-                            shown(region.get("id")), int(frame))
+        found: Dict[int, BoxPrompt] = {}
+        for i, keyframe in enumerate(sequence):
+            prompt = keyframe_prompt(keyframe, object_id, f"{at}.value.sequence[{i}]")
+            if prompt is None:
+                logger.info("%s: keyframe %d has an empty box; left out", at, i)
                 continue
-            found[index] = box  # a later keyframe on the same clip frame wins
+            found[prompt.frame] = prompt  # a later keyframe on the same frame wins
         if not found:
-            logger.info("videorectangle region %s has no box to track; left out",
-                        shown(region.get("id")))
+            logger.info("%s has no box to track; left out", at)
             continue
-        labels = value.get("labels") if isinstance(value, Mapping) else None
+        labels = value.get("labels")
         label = labels[0] if isinstance(labels, list) and labels and isinstance(labels[0], str) \
             else None
         objects.append(VideoObject(object_id, str(region.get("id") or ""), label))
-        prompts.extend(BoxPrompt(object_id, index, box) for index, box in sorted(found.items()))
+        prompts.extend(found[f] for f in sorted(found))
     return prompts, objects
+
+
+def prompts_from_regions(regions: Sequence[Mapping[str, Any]], info: ClipInfo,
+                         framerate: float) -> Tuple[List[BoxPrompt], List[VideoObject]]:
+    """:func:`region_prompts` on a clip (``info``): pixel prompts on clip frames, as the
+    tracking pass makes them (:func:`~sam_backend.video.base.pixel_prompts`). A keyframe past
+    the clip's end is a 400."""
+    relative, objects = region_prompts(regions)
+    for p in relative:
+        index = clip_index(p.frame + 1, info.fps, framerate)
+        if index >= info.frames:
+            raise RequestError(
+                f"videorectangle object {p.object_id}: keyframe {p.frame + 1} is past the "
+                f"clip's end ({info.frames} frames at {info.fps:g} fps; the Video tag's "
+                f"framerate is {framerate:g}): set framerate to the video's frame rate")
+    return pixel_prompts(relative, info.width, info.height, info.fps, framerate), objects
 
 
 def task_box_regions(task: Mapping[str, Any], controls: VideoControls
@@ -293,5 +304,6 @@ def track_regions(tracks: Mapping[int, Track], objects: Sequence[VideoObject],
 
 
 __all__ = ["DEFAULT_FRAMERATE", "VideoControls", "VideoObject", "box_regions", "clip_index",
-           "keyframe_box", "ls_frame", "ls_frames_count", "prompts_from_regions",
+           "keyframe_box", "keyframe_prompt", "ls_frame", "ls_frames_count", "prompts_from_regions",
+           "region_prompts",
            "task_box_regions", "track_regions", "track_sequence", "video_controls", "video_url"]

@@ -12,7 +12,7 @@ answer *task open* and *Retrieve predictions*. A request's ``context.result`` ho
 ``videorectangle`` regions is used first all the same (a custom frontend may send one).
 
 **No clip on the request path.** The request is made without opening the clip: each keyframe
-becomes a box in fractions of the frame (:func:`region_prompts`) on Label Studio's frame counted
+becomes a box in fractions of the frame (:func:`~.video_regions.region_prompts`) on Label Studio's frame counted
 at the ``<Video framerate>``; the tracking pass (:func:`~sam_backend.video.jobs.run_tracking`),
 which opens the clip anyway, turns them into pixels and clip frames. The answer is built from the
 result's clip size, frame count and rate.
@@ -20,7 +20,6 @@ result's clip size, frame count and rate.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
@@ -29,8 +28,8 @@ from sam_backend.common.limits import shown
 from sam_backend.errors import RequestError
 from sam_backend.labelstudio.label_config import LabelConfig
 from sam_backend.labelstudio.video_regions import (VideoControls, VideoObject, box_regions,
-                                                   task_box_regions, track_regions,
-                                                   video_controls, video_url)
+                                                   region_prompts, task_box_regions,
+                                                   track_regions, video_controls, video_url)
 from sam_backend.video.base import BoxPrompt, ClipInfo
 from sam_backend.video.jobs import TrackRequest, TrackResult
 
@@ -40,49 +39,6 @@ if TYPE_CHECKING:
     from sam_backend.video.jobs import TrackingJobs
 
 log = logging.getLogger(__name__)
-
-
-def _number(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RequestError(f"{what} must be a number, got {shown(value)}")
-    return float(value)
-
-
-def region_prompts(region: dict, object_id: int, where: str) -> List[BoxPrompt]:
-    """The boxes of one ``videorectangle`` region, one :class:`BoxPrompt` per keyframe: ``frame``
-    = Label Studio's frame - 1 (its frames counted at the ``<Video framerate>``), ``box`` =
-    ``(x0, y0, x1, y1)`` as fractions 0..1 of the frame (a rotated box: the bounds of its corners,
-    rotated about its top-left corner as Label Studio does), clipped to the frame. A keyframe
-    with no area inside the frame is left out (a click without a drag); a RequestError names a
-    broken one."""
-    value = region.get("value")
-    sequence = value.get("sequence") if isinstance(value, dict) else None
-    if not isinstance(sequence, list) or not sequence:
-        raise RequestError(f"{where}: a videorectangle needs value.sequence, a list of keyframes")
-    prompts: Dict[int, BoxPrompt] = {}
-    for i, item in enumerate(sequence):
-        at = f"{where}.value.sequence[{i}]"
-        if not isinstance(item, dict):
-            raise RequestError(f"{at} is not a keyframe object")
-        frame = item.get("frame")
-        if isinstance(frame, bool) or not isinstance(frame, (int, float)) \
-                or not math.isfinite(frame) or frame < 1 or frame != int(frame):
-            raise RequestError(f"{at}.frame must be a frame number (1, 2, ...), got "
-                               f"{shown(frame)}")
-        x, y = _number(item.get("x"), f"{at}.x"), _number(item.get("y"), f"{at}.y")
-        w = _number(item.get("width"), f"{at}.width")
-        h = _number(item.get("height"), f"{at}.height")
-        angle = math.radians(_number(item.get("rotation") or 0, f"{at}.rotation"))
-        c, s = math.cos(angle), math.sin(angle)
-        xs = [x, x + w * c, x + w * c - h * s, x - h * s]
-        ys = [y, y + w * s, y + w * s + h * c, y + h * c]
-        x0, x1 = (min(max(v / 100.0, 0.0), 1.0) for v in (min(xs), max(xs)))
-        y0, y1 = (min(max(v / 100.0, 0.0), 1.0) for v in (min(ys), max(ys)))
-        if x1 <= x0 or y1 <= y0:
-            log.info("%s: the box has no area inside the frame; left out", at)
-            continue
-        prompts[int(frame) - 1] = BoxPrompt(object_id, int(frame) - 1, (x0, y0, x1, y1))
-    return [prompts[f] for f in sorted(prompts)]
 
 
 @dataclass(frozen=True)
@@ -126,17 +82,7 @@ class VideoPredictions:
             regions = regions or task_box_regions(task, controls)
             if not regions:
                 continue
-            objects, prompts = [], []
-            for region in regions:
-                where = f"task {shown(task.get('id'))} region {shown(region.get('id'))}"
-                found = region_prompts(dict(region), len(objects), where)
-                if not found:
-                    continue
-                labels = (region.get("value") or {}).get("labels")
-                label = labels[0] if isinstance(labels, list) and labels and \
-                    isinstance(labels[0], str) else None
-                objects.append(VideoObject(len(objects), str(region.get("id") or ""), label))
-                prompts.extend(found)
+            prompts, objects = region_prompts(regions, f"task {shown(task.get('id'))} region")
             if len(prompts) > self.settings.max_points:
                 raise RequestError(
                     f"task {shown(task.get('id'))} holds {len(prompts)} boxes (keyframes) to track "
@@ -194,4 +140,4 @@ class VideoPredictions:
                 else f"{self.model_version}:partial"}
 
 
-__all__ = ["VideoAsk", "VideoPredictions", "region_prompts"]
+__all__ = ["VideoAsk", "VideoPredictions"]

@@ -142,17 +142,25 @@ def safetensors_files(directory: Path) -> List[Path]:
     return files
 
 
+def official_tracker_dict(config: Dict) -> Dict:
+    """The tracker's config of an official ``sam3_video`` ``config.json`` as a dict, with the
+    vision config of the detector: in this layout the tracker (clicks and video alike) runs on the
+    detector's backbone (see the module docstring)."""
+    from transformers import Sam3VideoConfig
+
+    video = Sam3VideoConfig.from_dict(config)
+    tracker = video.tracker_config
+    tracker.vision_config = video.detector_config.vision_config
+    return tracker.to_dict()
+
+
 def tracker_config(config: Dict):
     """The ``Sam3TrackerConfig`` of the click model for a checkpoint's ``config.json``."""
-    from transformers import Sam3TrackerConfig, Sam3VideoConfig
+    from transformers import Sam3TrackerConfig
 
     model_type = config.get("model_type")
     if model_type == "sam3_video":
-        video = Sam3VideoConfig.from_dict(config)
-        tracker = video.tracker_config
-        # In this layout the click model runs on the detector's backbone (see the module docstring).
-        tracker.vision_config = video.detector_config.vision_config
-        return Sam3TrackerConfig.from_dict(tracker.to_dict())
+        return Sam3TrackerConfig.from_dict(official_tracker_dict(config))
     if model_type in ("sam3_tracker", "sam3_tracker_video"):
         return Sam3TrackerConfig.from_dict(config)
     if model_type == "sam3":

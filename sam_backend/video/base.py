@@ -6,9 +6,11 @@ pixels of the frame (not percent).
 """
 from __future__ import annotations
 
+import logging
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -16,6 +18,8 @@ from sam_backend.common.deadline import UNBOUNDED, WorkScope
 
 Box = Tuple[float, float, float, float]
 ProgressFn = Callable[[int, int], None]  # (frames done, frames to do)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,60 @@ class BoxPrompt:
     object_id: int
     frame: int
     box: Box
+    #: degrees clockwise about the box's top-left corner ``(x0, y0)``, as Label Studio rotates a
+    #: rectangle; only a relative prompt (:func:`pixel_prompts`) carries one, a tracker's prompts
+    #: are axis-aligned (0)
+    rotation: float = 0.0
+
+
+def rotated_bounds(x0: float, y0: float, dx: float, dy: float, rotation: float, width: float,
+                   height: float, min_size: float = 1.0) -> Optional[Box]:
+    """The pixel box ``(x0, y0, x1, y1)`` of a ``dx`` x ``dy`` pixel rectangle whose top-left
+    corner is ``(x0, y0)``, rotated by ``rotation`` degrees about that corner: the bounds of its
+    corners, clipped to the ``width`` x ``height`` frame; None when under ``min_size`` pixels
+    either way (a click without a drag leaves a zero-size box)."""
+    if rotation % 360:
+        a = math.radians(rotation)
+        cos, sin = math.cos(a), math.sin(a)
+        corners = [(x0 + px * cos - py * sin, y0 + px * sin + py * cos)
+                   for px, py in ((0, 0), (dx, 0), (dx, dy), (0, dy))]
+        xs, ys = [c[0] for c in corners], [c[1] for c in corners]
+    else:
+        xs, ys = [x0, x0 + dx], [y0, y0 + dy]
+    box = (min(max(min(xs), 0.0), width), min(max(min(ys), 0.0), height),
+           min(max(max(xs), 0.0), width), min(max(max(ys), 0.0), height))
+    if box[2] - box[0] < min_size or box[3] - box[1] < min_size:
+        return None
+    return box
+
+
+def clip_frame(frame: int, fps: float, framerate: float) -> int:
+    """The clip frame (0-based) shown at frame ``frame`` (0-based) of a count at ``framerate``
+    frames per second (0: the clip's own ``fps``): ``floor(frame * fps / framerate)``, as Label
+    Studio's player shows its frame ``frame + 1`` at ``frame / framerate`` seconds."""
+    if framerate <= 0 or abs(framerate - fps) < 1e-9:
+        return frame
+    return int(math.floor(frame * fps / framerate + 1e-6))
+
+
+def pixel_prompts(prompts: Sequence[BoxPrompt], width: int, height: int, fps: float = 0.0,
+                  framerate: float = 0.0) -> List[BoxPrompt]:
+    """Relative prompts (``box`` as fractions 0..1 of the frame before ``rotation``, frames
+    counted at ``framerate``) -> axis-aligned pixel prompts of a ``width`` x ``height`` frame on
+    clip frames (a clip at ``fps``): rotated in pixels, clipped to the frame; a box under a pixel
+    is left out; of two on one clip frame, the later wins. In object, then frame order."""
+    out: Dict[Tuple[int, int], BoxPrompt] = {}
+    for p in sorted(prompts, key=lambda p: (p.object_id, p.frame)):
+        frame = clip_frame(p.frame, fps, framerate)
+        box = rotated_bounds(p.box[0] * width, p.box[1] * height,
+                             (p.box[2] - p.box[0]) * width, (p.box[3] - p.box[1]) * height,
+                             p.rotation, width, height)
+        if box is None:
+            log.info("object %d: the box on frame %d is under a pixel; left out", p.object_id,
+                     frame)
+            continue
+        out[(p.object_id, frame)] = BoxPrompt(p.object_id, frame, box)
+    return list(out.values())
 
 
 @dataclass

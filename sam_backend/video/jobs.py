@@ -29,7 +29,6 @@ import concurrent.futures
 import hashlib
 import json
 import logging
-import math
 import threading
 import time
 from collections import OrderedDict
@@ -38,7 +37,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from sam_backend.common.deadline import UNBOUNDED, WorkScope
 from sam_backend.errors import BusyError, SamBackendError
-from sam_backend.video.base import BoxPrompt, Clip, Track, Tracker
+from sam_backend.video.base import BoxPrompt, Clip, Track, Tracker, pixel_prompts
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +61,10 @@ class TrackRequest:
     ``answer_frames`` first. ``tracker``: the tracker's model identity.
 
     The prompts' boxes are **relative**: ``(x0, y0, x1, y1)`` as fractions (0..1) of the frame's
-    width and height, so that a request is made without opening the clip (:func:`run_tracking`
-    turns them into pixels); frames are 0-based, counted at ``framerate`` frames per second
-    (Label Studio's ``<Video framerate>``; 0: the clip's own rate), turned into clip frames by
-    :func:`clip_frame`."""
+    width and height before their ``rotation``, so that a request is made without opening the
+    clip (:func:`run_tracking` turns them into pixels); frames are 0-based, counted at
+    ``framerate`` frames per second (Label Studio's ``<Video framerate>``; 0: the clip's own
+    rate), turned into clip frames by :func:`~sam_backend.video.base.clip_frame`."""
 
     url: str
     task_id: Optional[int]
@@ -82,21 +81,23 @@ class TrackRequest:
         """The request's identity (what is tracked, not where the video is fetched from)."""
         text = json.dumps([self.clip_key, self.tracker, self.max_frames, self.answer_frames,
                            round(self.framerate, 6),
-                           [[p.object_id, p.frame, [round(v, 3) for v in p.box]]
+                           [[p.object_id, p.frame, [round(v, 3) for v in p.box], round(p.rotation, 3)]
                             for p in sorted(self.prompts, key=lambda p: (p.object_id, p.frame))]])
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     def to_json(self) -> Dict[str, Any]:
         return {"url": self.url, "task_id": self.task_id, "clip_key": self.clip_key,
-                "prompts": [[p.object_id, p.frame, list(p.box)] for p in self.prompts],
+                "prompts": [[p.object_id, p.frame, list(p.box), p.rotation]
+                            for p in self.prompts],
                 "tracker": self.tracker, "max_frames": self.max_frames,
                 "answer_frames": self.answer_frames, "label_studio_url": self.label_studio_url,
                 "framerate": self.framerate}
 
     @classmethod
     def from_json(cls, data: Dict[str, Any]) -> "TrackRequest":
-        prompts = tuple(BoxPrompt(int(o), int(f), tuple(float(v) for v in box))
-                        for o, f, box in data["prompts"])
+        prompts = tuple(BoxPrompt(int(o), int(f), tuple(float(v) for v in box),
+                                  float(rest[0]) if rest else 0.0)
+                        for o, f, box, *rest in data["prompts"])
         return cls(data["url"], data.get("task_id"), data["clip_key"], prompts,
                    data["tracker"], int(data.get("max_frames") or 0),
                    int(data.get("answer_frames") or 0), data.get("label_studio_url"),
@@ -165,28 +166,6 @@ def tracking_range(prompts: Sequence[BoxPrompt], frames: int, max_frames: int = 
     last = max(p.frame for p in prompts)
     stop = frames if max_frames <= 0 else max(first + max_frames, last + 1)
     return first, min(stop, frames)
-
-
-def clip_frame(frame: int, fps: float, framerate: float) -> int:
-    """The clip frame (0-based) shown at frame ``frame`` (0-based) of a count at ``framerate``
-    frames per second (0: the clip's own ``fps``): ``floor(frame * fps / framerate)``, as Label
-    Studio's player shows its frame ``frame + 1`` at ``frame / framerate`` seconds."""
-    if framerate <= 0 or abs(framerate - fps) < 1e-9:
-        return frame
-    return int(math.floor(frame * fps / framerate + 1e-6))
-
-
-def pixel_prompts(prompts: Sequence[BoxPrompt], width: int, height: int, fps: float = 0.0,
-                  framerate: float = 0.0) -> List[BoxPrompt]:
-    """Relative prompts (fractions of the frame, frames counted at ``framerate``) -> pixels of a
-    ``width x height`` frame on clip frames (a clip at ``fps``); of two on one clip frame, the
-    later wins."""
-    out: Dict[Tuple[int, int], BoxPrompt] = {}
-    for p in sorted(prompts, key=lambda p: p.frame):
-        frame = clip_frame(p.frame, fps, framerate)
-        out[(p.object_id, frame)] = BoxPrompt(p.object_id, frame, (
-            p.box[0] * width, p.box[1] * height, p.box[2] * width, p.box[3] * height))
-    return list(out.values())
 
 
 def run_tracking(tracker: Tracker, clip: Clip, request: TrackRequest,
@@ -522,7 +501,5 @@ def track_job(request: Dict[str, Any]) -> Dict[str, Any]:
 
 
 __all__ = ["JOB_FUNCTION", "MemoryResults", "RedisResults", "TrackRequest", "TrackResult",
-           "TrackingJobs", "VideoQueue", "clip_frame", "install_worker_context", "pixel_prompts",
-           "queue_name",
-           "run_tracking",
-           "track_job", "tracking_range"]
+           "TrackingJobs", "VideoQueue", "install_worker_context", "queue_name",
+           "run_tracking", "track_job", "tracking_range"]

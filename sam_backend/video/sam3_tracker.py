@@ -43,16 +43,14 @@ log = logging.getLogger(__name__)
 def tracker_video_config(config: Dict):
     """The ``Sam3TrackerVideoConfig`` for a checkpoint's ``config.json`` (official layout: the
     tracker runs on the detector's backbone, as the click model does)."""
-    from transformers import Sam3TrackerVideoConfig, Sam3VideoConfig
+    from transformers import Sam3TrackerVideoConfig
 
     from sam_backend.errors import CheckpointError
+    from sam_backend.models.sam3_runtime import official_tracker_dict
 
     model_type = config.get("model_type")
     if model_type == "sam3_video":
-        video = Sam3VideoConfig.from_dict(config)
-        tracker = video.tracker_config
-        tracker.vision_config = video.detector_config.vision_config
-        return Sam3TrackerVideoConfig.from_dict(tracker.to_dict())
+        return Sam3TrackerVideoConfig.from_dict(official_tracker_dict(config))
     if model_type == "sam3_tracker_video":
         return Sam3TrackerVideoConfig.from_dict(config)
     raise CheckpointError(f"config.json says model_type={model_type!r}: video tracking with "

@@ -11,12 +11,11 @@ from label_studio_tools.postprocessing.video import extract_key_frames
 
 from sam_backend.errors import ConfigError, RequestError
 from sam_backend.labelstudio.label_config import parse_label_config
-from sam_backend.labelstudio.video_regions import VideoObject, video_controls
-from sam_backend.labelstudio.video_service import VideoAsk, VideoPredictions, region_prompts
+from sam_backend.labelstudio.video_regions import VideoObject, region_prompts, video_controls
+from sam_backend.labelstudio.video_service import VideoAsk, VideoPredictions
 from sam_backend.settings import Settings
-from sam_backend.video.base import BoxPrompt, Track
-from sam_backend.video.jobs import (TrackRequest, TrackResult, clip_frame, pixel_prompts,
-                                    tracking_range)
+from sam_backend.video.base import BoxPrompt, Track, clip_frame, pixel_prompts
+from sam_backend.video.jobs import TrackRequest, TrackResult, tracking_range
 
 CONFIG = """<View>
   <Labels name="videoLabels" toName="video"><Label value="car"/><Label value="bus"/></Labels>
@@ -43,10 +42,14 @@ def test_only_configs_with_a_video_rectangle_are_video_configs():
 
 
 def test_each_keyframe_is_a_relative_box_on_its_0_based_frame():
-    prompts = region_prompts(region("a", [kf(1, 10, 20, 30, 40), kf(7, 50, 50, 60, 10)]), 3, "r")
-    assert prompts == [BoxPrompt(3, 0, (0.1, 0.2, 0.4, 0.6)),
-                       BoxPrompt(3, 6, (0.5, 0.5, 1.0, 0.6))]  # clipped to the frame
-    assert pixel_prompts(prompts[:1], 200, 100) == [BoxPrompt(3, 0, (20.0, 20.0, 80.0, 60.0))]
+    prompts, objects = region_prompts([region("z", [kf(1, 1, 1, 0, 5)]),  # no area: left out
+                                       region("a", [kf(1, 10, 20, 30, 40),
+                                                    kf(7, 50, 50, 60, 10)])])
+    assert objects == [VideoObject(0, "a", "car")]
+    assert prompts == [BoxPrompt(0, 0, (0.1, 0.2, 0.4, 0.6)),
+                       BoxPrompt(0, 6, (0.5, 0.5, 1.1, 0.6))]  # clipped in pixels, later
+    assert pixel_prompts(prompts, 200, 100) == [BoxPrompt(0, 0, (20.0, 20.0, 80.0, 60.0)),
+                                                BoxPrompt(0, 6, (100.0, 50.0, 200.0, 60.0))]
 
 
 def test_frames_counted_at_the_config_s_framerate_map_to_the_clip_s_frames():
@@ -62,9 +65,13 @@ def test_frames_counted_at_the_config_s_framerate_map_to_the_clip_s_frames():
 
 
 def test_a_rotated_keyframe_is_its_corners_bounds():
-    (prompt,) = region_prompts(region("a", [kf(2, 10, 10, 20, 10, rotation=90)]), 0, "r")
-    # rotated 90 degrees clockwise around its top-left corner: it hangs down-left of it
-    assert prompt.box == pytest.approx((0.0, 0.1, 0.1, 0.3))
+    (prompt,), _ = region_prompts([region("a", [kf(2, 10, 10, 20, 10, rotation=90)])])
+    assert prompt.rotation == 90
+    # rotated 90 degrees clockwise around its top-left corner, in pixels (Label Studio rotates
+    # the drawn rectangle, not its percentages): on a 200x100 frame the 40x10 px box hangs
+    # down-left of (20, 10)
+    (pixel,) = pixel_prompts([prompt], 200, 100)
+    assert pixel.box == pytest.approx((10.0, 10.0, 20.0, 50.0)) and pixel.rotation == 0
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -73,8 +80,8 @@ def test_a_rotated_keyframe_is_its_corners_bounds():
     ({"value": {"sequence": [kf(1, "a", 1, 1, 1)]}}, "x must be a number"),
 ])
 def test_a_broken_region_is_a_400_naming_it(bad, message):
-    with pytest.raises(RequestError, match=message):
-        region_prompts(bad, 0, "task 1 region x")
+    with pytest.raises(RequestError, match=f"task 1 region 'x'.*{message}"):
+        region_prompts([dict(bad, id="x")], "task 1 region")
 
 
 def test_the_boxes_come_from_the_latest_annotation_or_draft():

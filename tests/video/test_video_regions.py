@@ -130,14 +130,14 @@ def test_rotated_and_out_of_frame_boxes():
     ({"frame": 49, "x": 1, "y": 1, "width": 5, "height": 5}, "past the clip's end"),
     ({"frame": 0, "x": 1, "y": 1, "width": 5, "height": 5}, "not a frame number"),
     ({"frame": 2.5, "x": 1, "y": 1, "width": 5, "height": 5}, "not a frame number"),
-    ({"frame": 3, "x": "a", "y": 1, "width": 5, "height": 5}, "numeric x, y"),
-    ({"frame": 3, "x": float("nan"), "y": 1, "width": 5, "height": 5}, "non-finite"),
+    ({"frame": 3, "x": "a", "y": 1, "width": 5, "height": 5}, "x must be a number"),
+    ({"frame": 3, "x": float("nan"), "y": 1, "width": 5, "height": 5}, "x must be a finite"),
 ])
 def test_bad_keyframes_are_a_400(keyframe, words):
     region = {"id": "r1", "type": "videorectangle", "value": {"sequence": [keyframe]}}
     with pytest.raises(RequestError, match=words):
         prompts_from_regions([region], INFO, 12.0)
-    with pytest.raises(RequestError, match="no value.sequence"):
+    with pytest.raises(RequestError, match="needs value.sequence"):
         prompts_from_regions([{"id": "r2", "value": {}}], INFO, 12.0)
 
 
