@@ -120,10 +120,12 @@ def load_video_predictor(variant: Variant, checkpoint: Union[str, Path, None] = 
         state = read_state_dict(path)
         check_fits(predictor, state, variant, path)
         source = str(path)
+    # no gradients, before the weights are assigned: a click model loaded under
+    # torch.inference_mode() holds inference tensors, which cannot become parameters that
+    # require grad
+    predictor.requires_grad_(False)
     predictor.load_state_dict(state, strict=True, assign=True)
     predictor.eval()
-    for p in predictor.parameters():
-        p.requires_grad_(False)
     log.info("SAM 2 video predictor %s ready from %s on %s", variant.key, source, dev)
     return predictor.to(dev)
 

@@ -108,11 +108,10 @@ def load_video_model(variant: Variant, directory: Union[str, Path], device: Opti
     state = video_model_state(directory, skip=frozenset(shared))
     state.update(shared)
     check_fits(model, state, variant, directory)
+    model.requires_grad_(False)  # before assigning: a click model's inference tensors can't need grad
     model.load_state_dict(state, strict=True, assign=True)
     del state, shared
     model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
     dev = resolve_device(device)
     log.info("SAM 3 video tracker ready from %s%s on %s", directory,
              " (sharing the click model's weights)" if click_model is not None else "", dev)

@@ -124,6 +124,28 @@ def test_the_tracker_shares_the_click_models_weights(sam2_file):
     assert all(video[k].data_ptr() == click[k].data_ptr() for k in click)
 
 
+def test_a_click_model_loaded_under_inference_mode_is_shared_too(sam2_file, clip_and_boxes):
+    """A server may load the click model inside ``torch.inference_mode()`` (when a request needs
+    it first): its tensors are inference tensors, which the tracker takes as they are."""
+    from sam_backend.models.checkpoints import infer_variant
+    from sam_backend.models.loading import read_state_dict
+    from sam_backend.video.sam2_tracker import build_video_predictor, load_video_predictor
+
+    variant = infer_variant("sam2", "hiera_tiny", str(sam2_file))
+    click = build_video_predictor(variant)  # a SAM2Base, as the click model's module is
+    with torch.inference_mode():
+        click.load_state_dict(read_state_dict(sam2_file), assign=True)
+    assert all(p.is_inference() for p in click.parameters())
+    predictor = load_video_predictor(variant, click_model=click)
+    assert all(p.data_ptr() == q.data_ptr()
+               for p, q in zip(predictor.parameters(), click.parameters()))
+    clip, boxes = clip_and_boxes
+    from sam_backend.video.sam2_tracker import Sam2Tracker
+
+    tracks = Sam2Tracker(predictor).session(clip).track([BoxPrompt(1, 0, boxes[1][0])])
+    assert sorted(tracks[1].boxes) == list(range(FRAMES))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["hiera_small", "hiera_base_plus", "hiera_large"])
 def test_every_hiera_size_builds_and_tracks(config, checkpoint_factory, clip_and_boxes,
