@@ -21,6 +21,8 @@ from sam_backend.embeddings.store import EmbeddingStore, model_identity
 from sam_backend.errors import ConfigError
 from sam_backend.images.config import ImageAccessSettings
 from sam_backend.images.loader import ImageLoader
+from sam_backend.labelstudio.api import LabelStudioAPI
+from sam_backend.labelstudio.deliveries import TrackDeliveries
 from sam_backend.labelstudio.service import PredictionService
 from sam_backend.labelstudio.video_service import VideoPredictions
 from sam_backend.settings import Settings
@@ -215,7 +217,10 @@ def video_predictions(settings: Settings, segmenter: Segmenter, images: ImageLoa
     """The service's video side (its tracker is loaded by the first video task)."""
     identity = tracker_identity(settings, segmenter.model)
     jobs = tracking_jobs(settings, images, segmenter, identity)
-    return VideoPredictions(settings, images, jobs, identity, model_version)
+    deliveries = None
+    if settings.video_deliver:
+        deliveries = TrackDeliveries(jobs, lambda: LabelStudioAPI(images), model_version)
+    return VideoPredictions(settings, images, jobs, identity, model_version, deliveries)
 
 
 # -- the service ----------------------------------------------------------------------------------

@@ -246,6 +246,11 @@ class Settings:
     video_background: str = option(
         "thread", "where tracking runs: thread (a thread of the serving process) or worker (an "
         "RQ queue in embedding_store's Redis, served by `sam-backend worker --queue video`)")
+    video_deliver: bool = option(
+        True, "when a video /predict answered the first frames only (or nothing in time), write "
+        "the whole tracks to the task in Label Studio once they are done (replacing the partial "
+        "prediction); needs Label Studio's address and token (LABEL_STUDIO_URL / "
+        "LABEL_STUDIO_API_KEY, or what /setup sends). false: Retrieve Predictions fetches them")
     video_job_timeout: int = option(
         3600, "seconds one tracking pass (a clip's objects to the end) may take, in a thread or "
         "a worker")

@@ -4,7 +4,8 @@
 
 Reads go through the image loader's :meth:`~sam_backend.images.loader.ImageLoader.api_get` (the
 same address, token, personal-access-token refresh, network policy, deadline and error messages
-as image downloads); writes (``POST /api/predictions``) carry the same ``Authorization``. A
+as image downloads); writes (``POST /api/predictions``, ``DELETE /api/predictions/<id>/``) carry the same
+``Authorization``. A
 project's tasks are paged here, once: Label Studio's data manager answers ``GET /api/tasks?project=
 &page=&page_size=`` with ``{"tasks": [...], "total": n}`` (a bare list on some versions) and 404
 past the last page.
@@ -42,16 +43,27 @@ class LabelStudioAPI:
     def post(self, path: str, body: Dict[str, Any]) -> Any:
         """``POST`` JSON to an ``/api/...`` path (a refused personal access token is refreshed
         once): the parsed JSON answer, or None."""
+        return self.send("POST", path, body)
+
+    def send(self, method: str, path: str, body: Optional[Dict[str, Any]] = None) -> Any:
+        """``method`` (POST, DELETE, ...) on an ``/api/...`` path with the loader's
+        ``Authorization`` (a refused personal access token is refreshed once): the parsed JSON
+        answer, or None."""
         if self._session is None:
             self._session = requests.Session()
         for attempt in (0, 1):
             headers = self.images.label_studio_headers(force_refresh=attempt == 1)
-            response = self._session.post(self.base + path, json=body, headers=headers,
-                                          timeout=self.timeout, allow_redirects=False)
+            try:
+                response = self._session.request(method, self.base + path, json=body,
+                                                 headers=headers, timeout=self.timeout,
+                                                 allow_redirects=False)
+            except requests.RequestException as exc:
+                raise SamBackendError(f"Label Studio at {self.base} did not answer {method} "
+                                      f"{path}: {type(exc).__name__}") from exc
             if response.status_code != 401 or attempt == 1:
                 break
         if response.status_code >= 400 or response.is_redirect:
-            raise SamBackendError(f"Label Studio answered {response.status_code} to POST "
+            raise SamBackendError(f"Label Studio answered {response.status_code} to {method} "
                                   f"{path}: {response.text[:300]}")
         return response.json() if response.content else None
 
@@ -109,3 +121,13 @@ class LabelStudioAPI:
 
     def add_prediction(self, task_id: int, prediction: Dict[str, Any]) -> None:
         self.post("/api/predictions", {"task": task_id, **prediction})
+
+    def task_predictions(self, task_id: int) -> List[Dict[str, Any]]:
+        """The predictions Label Studio holds for task ``task_id``."""
+        predictions = self.get("/api/predictions", {"task": task_id})
+        if isinstance(predictions, dict):  # paginated answers
+            predictions = predictions.get("results", [])
+        return [p for p in predictions or [] if isinstance(p, dict) and p.get("task") == task_id]
+
+    def delete_prediction(self, prediction_id: int) -> None:
+        self.send("DELETE", f"/api/predictions/{int(prediction_id)}/")

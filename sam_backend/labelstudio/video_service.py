@@ -6,6 +6,8 @@ one tracking request -> every object's track as a ``videorectangle`` region (:cl
          ──► TrackingJobs.answer (the first ``video_answer_frames`` frames within
              ``video_answer_timeout`` s, the rest in the background)
          ──► videorectangle regions (:func:`~.video_regions.track_regions`)
+         ──► a partial answer: the whole tracks written to the task when they are done
+             (:class:`~.deliveries.TrackDeliveries`, ``video_deliver``)
 
 Label Studio's video editor sends no interactive request (``docs/video-protocol.md``): tracks
 answer *task open* and *Retrieve predictions*. A request's ``context.result`` holding
@@ -35,6 +37,7 @@ from sam_backend.video.jobs import TrackRequest, TrackResult
 
 if TYPE_CHECKING:
     from sam_backend.images.loader import ImageLoader
+    from sam_backend.labelstudio.deliveries import TrackDeliveries
     from sam_backend.settings import Settings
     from sam_backend.video.jobs import TrackingJobs
 
@@ -58,12 +61,14 @@ class VideoPredictions:
     handed (its tracker is loaded on first use)."""
 
     def __init__(self, settings: "Settings", images: "ImageLoader", jobs: "TrackingJobs",
-                 tracker_identity: str, model_version: str):
+                 tracker_identity: str, model_version: str,
+                 deliveries: Optional["TrackDeliveries"] = None):
         self.settings = settings
         self.images = images
         self.jobs = jobs
         self.tracker_identity = tracker_identity
         self.model_version = model_version
+        self.deliveries = deliveries
 
     @staticmethod
     def handles(config: LabelConfig) -> bool:
@@ -119,6 +124,10 @@ class VideoPredictions:
             return []
         request = self.request(task, ask)
         result = self.jobs.answer(request, self.settings.video_answer_timeout, scope)
+        if self.deliveries is not None and request.task_id is not None and \
+                (result is None or not result.done):
+            self.deliveries.watch(request.task_id, request,
+                                  lambda done: self.prediction(done, ask))
         if result is None:
             log.info("task %s: tracking has not reached its first frames after %.0f s; it goes "
                      "on in the background", task.get("id"), self.settings.video_answer_timeout)
@@ -129,8 +138,8 @@ class VideoPredictions:
         """The prediction of a tracking result: one region per object (module docstring).
         Finished tracks carry :attr:`model_version` (the one /setup gives Label Studio: a task
         holding such a prediction is not asked for again); a partial one carries
-        ``<model_version>:partial``, so the task is asked for again on its next open and then
-        gets the whole track."""
+        ``<model_version>:partial``: the whole track replaces it when the pass is done
+        (``video_deliver``), else *Retrieve Predictions* asks for the task again and gets it."""
         info = ClipInfo(result.frames, result.fps, *result.size)
         regions = track_regions(result.tracks, ask.objects, ask.controls, info, ask.framerate)
         scores = [r["score"] for r in regions if "score" in r]

@@ -385,7 +385,9 @@ def build_app(settings: Settings) -> Flask:
     jobs = TrainingJobs(settings, VersionStore.from_settings(settings))
     app = create_app(service, jobs)
     app.extensions["sam_backend"] = {"jobs": jobs, "trained": trained, "service": service,
-                                     "tracking": service.video.jobs if service.video else None}
+                                     "tracking": service.video.jobs if service.video else None,
+                                     "deliveries": service.video.deliveries if service.video
+                                     else None}
     # After loading, the process tracks a few hundred thousand long-lived objects (torch, timm,
     # segment_anything); a full collection over them is slow (README "Speed") and lands in the
     # middle of a click. Freezing moves them out of the collector's generations for good.
@@ -423,9 +425,9 @@ def serve(args) -> int:
 
 def close_app(app: Flask) -> None:
     """Stop what :func:`build_app` started beside the routes (training jobs, trained models,
-    background tracking)."""
+    background tracking and its deliveries to Label Studio)."""
     parts = app.extensions.get("sam_backend") or {}
-    for name in ("jobs", "trained", "tracking"):
+    for name in ("jobs", "trained", "tracking", "deliveries"):
         if parts.get(name) is not None:
             parts[name].close()
 

@@ -296,8 +296,9 @@ def test_the_backends_track_is_drawn_in_the_editor_and_stored(
         label_studio, backend_process, sam2_file, tmp_path):
     """The annotator boxes the red square on frame 1 and submits; the real backend (SAM 2.1
     hiera_tiny, seeded random weights, cpu) tracks it when the editor reloads the task after the
-    submit (its first ANSWER_FRAMES frames, under ``<version>:partial``) and in full on *Retrieve
-    predictions*; the editor draws the backend's keyframes on the later frames; the annotator
+    submit (its first ANSWER_FRAMES frames, under ``<version>:partial``); when the rest is
+    tracked the backend replaces that prediction with the whole track itself (video_deliver);
+    the editor draws the backend's keyframes on the later frames; the annotator
     duplicates the prediction into an annotation and submits it; Label Studio stores those
     keyframes. Also checked: when Label Studio asks and when it does not (opening a task that
     holds a prediction, Retrieve with a prediction of the backend's version, after Delete
@@ -392,22 +393,27 @@ def test_the_backends_track_is_drawn_in_the_editor_and_stored(
     assert [k["enabled"] for k in sequence] == [True] * (ANSWER_FRAMES - 1) + [False]
     _assert_drawn(seen["partial"], sequence)
 
-    # 2. the rest is tracked in the background. Opening the task again does not ask again (Label
-    #    Studio asks on open only for a task without any prediction); Retrieve predictions does
-    #    (the task has no prediction of the backend's model version yet) and stores the track
-    steps("background pass")
+    # 2. the rest is tracked in the background; when it is done the backend itself replaces the
+    #    partial prediction with the whole track (video_deliver: Label Studio would not ask again
+    #    on open, the task holds a prediction). Opening the task does not ask; neither does
+    #    Retrieve predictions now (the task holds a prediction of the backend's version)
+    steps("background pass, delivered")
     deadline = time.monotonic() + TRACK_TIMEOUT
-    while not _backend_lines(backend, "tracked 1 object(s)") and time.monotonic() < deadline:
+    predictions = []
+    while time.monotonic() < deadline:
+        predictions = api.get(f"/api/predictions?task={tid}")
+        if [p["model_version"] for p in predictions] == [version]:
+            break
         time.sleep(1)
-    assert _backend_lines(backend, "tracked 1 object(s)"), backend.log_tail()
+    assert [p["model_version"] for p in predictions] == [version], backend.log_tail()
+    assert _backend_lines(backend, "finished track written in Label Studio")
     before = asked()
     sent = api.get_task(tid)  # what opening the task in the editor does (GET /api/tasks/<id>)
     assert asked() == before, "opening a task that holds a prediction asked the backend"
     in_browser(tmp_path, steps, seen, lambda page: _retrieve_predictions(
         page, label_studio, pid, tid, steps))
-    assert asked() == before + 1
-    predictions = api.get(f"/api/predictions?task={tid}")
-    assert sorted(p["model_version"] for p in predictions) == [version, f"{version}:partial"]
+    assert asked() == before
+    assert api.get(f"/api/predictions?task={tid}") == predictions
     [done] = [p for p in predictions if p["model_version"] == version]
     [track] = done["result"]
     assert track["value"]["labels"] == ["square"] and track["type"] == "videorectangle"
@@ -427,7 +433,7 @@ def test_the_backends_track_is_drawn_in_the_editor_and_stored(
         steps("open task: the whole track")
         _log_in(page, label_studio)
         _open_video_task(page, label_studio, pid, tid)
-        page.wait_for_function("() => window.Htx.annotationStore.predictions.length === 2")
+        page.wait_for_function("() => window.Htx.annotationStore.predictions.length === 1")
         seen["done"] = page.evaluate(_JS_DRAWN, [str(done["id"]), TRACK_CLIP_FRAMES])
         steps("duplicate the prediction")
         button = page.locator(f'.lsf-annotation-button[data-annotation-id="{done["id"]}"]',

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,96 @@ def test_video_task_boxes_and_a_tracked_prediction(label_studio, recorder, tmp_p
     disc = prediction["result"][1]["value"]
     assert disc["labels"] == ["disc"]
     assert [k["frame"] for k in disc["sequence"] if not k["enabled"]] == [30, 40]
+
+
+# ------------------------------------------------------------------------------------------------
+# video_deliver: the whole track replaces the partial prediction, written by the backend itself
+
+DELIVER_FRAMES, DW, DH = 10, 96, 64
+
+
+def test_the_whole_track_replaces_the_partial_prediction_in_label_studio(
+        label_studio, sam2_file, tmp_path, monkeypatch):
+    """The backend (build_app, SAM 2.1 hiera_tiny on seeded random weights, cpu) answers a video
+    task's /predict with its first frames (``<version>:partial``), which Label Studio stores as
+    it stores any answer; when the background pass is done the backend itself deletes that
+    prediction and writes the whole track under ``<version>`` (Label Studio asks no more for
+    such a task, so nobody has to run Retrieve Predictions). Another model's prediction stays.
+    What is written is what the backend answers for the task once done."""
+    from sam_backend.server.app import build_app, close_app
+    from sam_backend.settings import Settings
+    from tests.support.videos import MP4_MPEG4
+
+    root = tmp_path / "docroot"
+    (root / "clips").mkdir(parents=True)
+    truth = write_shapes_clip(root / "clips" / "shapes.mp4", frames=DELIVER_FRAMES, width=DW,
+                              height=DH, codec=MP4_MPEG4)
+    for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "LABEL_STUDIO_HOST",
+                 "LABEL_STUDIO_ACCESS_TOKEN", "IMAGE_HOSTS", "LOCAL_FILES_DOCUMENT_ROOT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SAM_BACKEND_IMAGE_CACHE_DIR", str(tmp_path / "cache"))
+    settings = Settings.load(dict(
+        model_name="sam2", sam_config="hiera_tiny", sam_checkpoint_file=str(sam2_file),
+        device="cpu", runtime="torch", local_files_document_root=str(root),
+        video_answer_frames="2", video_answer_timeout="300"),
+        environ={"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token})
+
+    api = label_studio.api
+    config = (REPO / "xml_templates" / "video.xml").read_text().replace(
+        'framerate="25.0"', f'framerate="{FPS}"')
+    config = config.replace('"Person"', '"square"').replace('"Car"', '"disc"')
+    pid = api.create_project("e2e video delivery", config)["id"]
+    api.import_tasks(pid, [{"data": {"video": "/data/local-files/?d=clips/shapes.mp4"}}])
+    [task] = api.list_tasks(pid)
+    tid = task["id"]
+    x0, y0, x1, y1 = truth[0]["square"]
+    api.create_annotation(tid, [{
+        "id": "sq", "type": "videorectangle", "from_name": "box", "to_name": "video",
+        "origin": "manual",
+        "value": {"framesCount": DELIVER_FRAMES, "duration": DELIVER_FRAMES / FPS,
+                  "labels": ["square"],
+                  "sequence": [{"frame": 1, "enabled": True, "rotation": 0, "time": 0.0,
+                                "x": 100 * x0 / DW, "y": 100 * y0 / DH,
+                                "width": 100 * (x1 - x0) / DW,
+                                "height": 100 * (y1 - y0) / DH}]}}])
+    api.post("/api/predictions", {"task": tid, "model_version": "someone-else", "score": 0.5,
+                                  "result": []})
+
+    app = build_app(settings)
+    app.testing = True
+    client = app.test_client()
+    try:
+        version = client.post("/setup", json={"project": f"{pid}.1", "schema": config}
+                              ).get_json()["model_version"]
+        sent = api.get_task(tid)  # the task as Label Studio posts it (annotations included)
+        body = {"tasks": [sent], "label_config": config, "project": f"{pid}.1",
+                "params": {"context": None}}
+        first = client.post("/predict", json=body)
+        assert first.status_code == 200, first.get_data(as_text=True)
+        [partial] = first.get_json()["results"]
+        assert partial["model_version"] == f"{version}:partial"
+        assert [k["frame"] for k in partial["result"][0]["value"]["sequence"]] == [1, 2]
+        api.post("/api/predictions", {"task": tid, **partial})  # what Label Studio does with it
+
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            held = api.get(f"/api/predictions?task={tid}")
+            if sorted(p["model_version"] for p in held) == sorted(["someone-else", version]):
+                break
+            time.sleep(1)
+        assert sorted(p["model_version"] for p in held) == sorted(["someone-else", version]), held
+        [written] = [p for p in held if p["model_version"] == version]
+        [track] = written["result"]
+        frames = [k["frame"] for k in track["value"]["sequence"]]
+        assert frames == list(range(1, DELIVER_FRAMES + 1))  # the whole clip, not the first 2
+        # what was written is what the backend answers for the task now that it is done
+        done = client.post("/predict", json=body).get_json()["results"][0]
+        assert done["model_version"] == version
+        assert [r["value"] for r in done["result"]] == [track["value"]]
+        deliveries = app.extensions["sam_backend"]["deliveries"]
+        assert deliveries.delivered == 1 and deliveries.watching == 0
+        # the track is there once: asked again (done), nothing more is written
+        time.sleep(deliveries.poll_s + deliveries.settle_s)
+        assert len(api.get(f"/api/predictions?task={tid}")) == 2
+    finally:
+        close_app(app)
