@@ -3,14 +3,18 @@
 Label Studio asks the backend for a task only when it holds no prediction at all (task open) or
 none of the backend's model version (*Retrieve Predictions*): docs/video-protocol.md. A video
 ``/predict`` answers the first frames of each track as ``<model_version>:partial`` (or ``[]``
-when they were not tracked in time) while the pass goes on, so without help the rest would wait
-for the annotator to run *Retrieve Predictions*. :class:`TrackDeliveries` watches those passes and,
-once one is done, writes it where the annotator looks:
+when they were not tracked in time) while the pass goes on, and an annotation webhook (boxes
+submitted or corrected) starts a pass nobody waits for. :class:`TrackDeliveries` watches those
+passes and, once one is done, writes it where the annotator looks:
 
-    /predict answered partial or [] ──► watch(task, request) ──► (poll the results: this
-        process's, or the team's in Redis) ──► done ──► GET /api/predictions?task=<id>
-        ──► DELETE each ``<version>:partial`` one ──► POST the whole tracks under ``<version>``
-        (unless the task already holds one of that version: Retrieve Predictions came first)
+    /predict answered partial or [],  ──► watch(task, request, build, verify)
+    or ANNOTATION_CREATED / UPDATED          │ (poll the results: this process's, or the team's
+                                             │  in Redis; a newer request for the task replaces
+                                             ▼  an older one)
+    done ──► verify: the task and config read back from Label Studio make the same request?
+         ──► GET /api/predictions?task=<id> ──► DELETE this backend's (``<version>`` and
+             ``:partial``) ──► POST the whole tracks under ``<version>`` (nothing when an equal
+             one is there already; other models' predictions are left alone)
 
 It uses the image loader's Label Studio address and token (``LABEL_STUDIO_URL`` /
 ``LABEL_STUDIO_API_KEY``, else what ``/setup`` sent). Without them, or when Label Studio refuses,
@@ -42,6 +46,8 @@ ATTEMPTS = 3
 MAX_WATCHED = 256
 
 Build = Callable[[TrackResult], Dict[str, Any]]  # a done result -> its prediction
+#: (the Label Studio API) -> why the track must not be written to the task now, or None
+Verify = Callable[[Any], Optional[str]]
 
 
 @dataclass
@@ -49,6 +55,7 @@ class _Watch:
     task_id: int
     request: TrackRequest
     build: Build
+    verify: Optional[Verify]
     since: float
     until: float
     failures: int = 0
@@ -79,20 +86,27 @@ class TrackDeliveries:
         self._thread: Optional[threading.Thread] = None
         self._closed = False
 
-    def watch(self, task_id: int, request: TrackRequest, build: Build) -> None:
+    def watch(self, task_id: int, request: TrackRequest, build: Build,
+              verify: Optional[Verify] = None) -> None:
         """Deliver ``request``'s tracks to task ``task_id`` once they are done (``build`` turns
-        the result into the prediction)."""
+        the result into the prediction; ``verify``, asked just before writing, may refuse: the
+        task's boxes changed since). A newer request for the same task replaces an older one
+        still watched (the latest boxes win)."""
         now = time.monotonic()
         with self._lock:
             key = (int(task_id), request.key)
             if key in self._watched:
                 return
+            for older in [k for k in self._watched if k[0] == key[0]]:
+                log.info("task %s: newer boxes to track; the older pass's track will not be "
+                         "written", task_id)
+                del self._watched[older]
             if len(self._watched) >= self.max_watched:
                 log.warning("task %s: %d finished tracks are already waiting to be written to "
                             "Label Studio; this one is not (Retrieve Predictions fetches it)",
                             task_id, self.max_watched)
                 return
-            self._watched[key] = _Watch(int(task_id), request, build, now,
+            self._watched[key] = _Watch(int(task_id), request, build, verify, now,
                                         now + self.jobs.timeout + 60.0)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="track-deliveries",
@@ -157,7 +171,7 @@ class TrackDeliveries:
             watch.next_try = watch.since + self.settle_s
             return False
         try:
-            outcome = self.deliver(watch.task_id, watch.build(result))
+            outcome = self.deliver(watch.task_id, watch.build(result), watch.verify)
         except ConfigError as exc:  # no address or token: nothing to retry
             log.warning("task %s: the finished track is not written to Label Studio (%s); "
                         "Retrieve Predictions fetches it", watch.task_id, exc)
@@ -170,25 +184,32 @@ class TrackDeliveries:
                 return True
             watch.next_try = now + self.poll_s * 2 ** watch.failures
             return False
-        log.info("task %s: finished track %s in Label Studio (model version %s)",
-                 watch.task_id, outcome, self.model_version)
+        log.info("task %s: finished track %s (model version %s)", watch.task_id, outcome,
+                 self.model_version)
         return True
 
-    def deliver(self, task_id: int, prediction: Dict[str, Any]) -> str:
-        """Write ``prediction`` (the whole tracks) to task ``task_id``: its partial predictions
-        of this version are deleted, and it is posted unless the task already holds one of this
-        version. "written" or "already there"."""
+    def deliver(self, task_id: int, prediction: Dict[str, Any],
+                verify: Optional[Verify] = None) -> str:
+        """Write ``prediction`` (the whole tracks) to task ``task_id`` in place of this
+        backend's predictions there (its version and ``:partial``; other models' stay), unless
+        ``verify`` refuses or an equal one is already there. What happened, for the log."""
         api = self._api_factory()
         try:
-            held = api.task_predictions(task_id)
-            for found in held:
-                if found.get("model_version") == self.partial_version and "id" in found:
+            reason = verify(api) if verify is not None else None
+            if reason:
+                return f"not written to Label Studio: {reason}"
+            ours = [p for p in api.task_predictions(task_id)
+                    if p.get("model_version") in (self.model_version, self.partial_version)]
+            same = [p for p in ours if p.get("model_version") == self.model_version
+                    and p.get("result") == prediction.get("result")]
+            for found in ours:
+                if found not in same[:1] and "id" in found:
                     api.delete_prediction(found["id"])
-            if any(p.get("model_version") == self.model_version for p in held):
-                return "already there"
+            if same:
+                return "already in Label Studio"
             api.add_prediction(task_id, prediction)
             self.delivered += 1
-            return "written"
+            return "written in Label Studio"
         finally:
             api.close()
 

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from sam_backend.common.deadline import UNBOUNDED, WorkScope
 from sam_backend.common.limits import shown
-from sam_backend.errors import RequestError
-from sam_backend.labelstudio.label_config import LabelConfig
+from sam_backend.errors import RequestError, SamBackendError
+from sam_backend.labelstudio.label_config import LabelConfig, parse_label_config
 from sam_backend.labelstudio.video_regions import (VideoControls, VideoObject, box_regions,
                                                    region_prompts, task_box_regions,
                                                    track_regions, video_controls, video_url)
@@ -127,12 +127,83 @@ class VideoPredictions:
         if self.deliveries is not None and request.task_id is not None and \
                 (result is None or not result.done):
             self.deliveries.watch(request.task_id, request,
-                                  lambda done: self.prediction(done, ask))
+                                  lambda done: self.prediction(done, ask),
+                                  self.still_asked(request))
         if result is None:
             log.info("task %s: tracking has not reached its first frames after %.0f s; it goes "
                      "on in the background", task.get("id"), self.settings.video_answer_timeout)
             return []
         return self.prediction(result, ask)
+
+    # -- tracks written to Label Studio by the backend (video_deliver) ---------------------------
+    def still_asked(self, request: TrackRequest) -> Callable[[Any], Optional[str]]:
+        """What :class:`~.deliveries.TrackDeliveries` asks before writing ``request``'s tracks
+        to its task: the task as Label Studio holds it now (its project's config, its latest
+        boxes) must make the very same request. So a track is written only to the task whose
+        video and boxes it was made from (not to a task id someone put in a request), and never
+        over boxes changed since. The reason not to write, or None."""
+        def check(api: Any) -> Optional[str]:
+            task = api.get(f"/api/tasks/{int(request.task_id)}")
+            if not isinstance(task, dict) or not isinstance(task.get("project"), int):
+                return "Label Studio's task answer names no project"
+            config = parse_label_config(api.label_config(task["project"]))
+            try:
+                ask = self.ask(task, config) if self.handles(config) else None
+            except RequestError as exc:
+                return f"the task's boxes are not trackable now ({exc})"
+            if ask is None:
+                return "the task holds no boxes to track now"
+            if self.request(task, ask).key != request.key:
+                return "the task's video or boxes are not the ones tracked (changed since)"
+            return None
+
+        return check
+
+    def track_annotation(self, body: Dict[str, Any]) -> Optional[str]:
+        """An ``ANNOTATION_CREATED`` / ``ANNOTATION_UPDATED`` webhook (Label Studio sends the
+        project with its config, the task and the annotation): a video task's boxes are tracked
+        in the background and the tracks written to the task when done, replacing this backend's
+        earlier ones, so a correction needs no Delete/Retrieve Predictions. What was done (for
+        the webhook's answer and the log), or None when the event is not a video task's or
+        ``video_deliver`` is off. An annotation copied from a prediction (``parent_prediction``,
+        or regions of ``origin`` prediction*) is not tracked: its keyframes are a track, not an
+        annotator's boxes."""
+        project, task, annotation = (body.get(k) for k in ("project", "task", "annotation"))
+        if self.deliveries is None or not all(isinstance(v, dict)
+                                              for v in (project, task, annotation)):
+            return None
+        text = project.get("label_config")
+        if not isinstance(text, str) or not isinstance(task.get("id"), int):
+            return None
+        try:
+            config = parse_label_config(text)
+        except SamBackendError:
+            return None
+        if not self.handles(config):
+            return None
+        if annotation.get("was_cancelled"):
+            return "not tracked: the task was skipped"
+        regions = [r for r in annotation.get("result") or [] if isinstance(r, dict)
+                   and r.get("type") == "videorectangle"]
+        if annotation.get("parent_prediction") is not None or any(
+                str(r.get("origin") or "").startswith("prediction") for r in regions):
+            return "not tracked: the annotation comes from a prediction (its keyframes are a " \
+                   "track, not boxes to track from)"
+        whole = {**task, "annotations": [annotation], "drafts": []}
+        try:
+            ask = self.ask(whole, config)
+            if ask is None:
+                return "not tracked: no videorectangle boxes"
+            request = self.request(whole, ask)
+            state = self.jobs.submit(request)
+        except SamBackendError as exc:
+            log.warning("task %s: annotation not tracked: %s", task["id"], exc)
+            return f"not tracked: {exc}"
+        self.deliveries.watch(task["id"], request, lambda done: self.prediction(done, ask),
+                              self.still_asked(request))
+        log.info("task %s: tracking the annotation's %d box(es) (%s); the tracks are written "
+                 "to the task when done", task["id"], len(ask.prompts), state)
+        return f"tracking ({state})"
 
     def prediction(self, result: TrackResult, ask: VideoAsk) -> Dict[str, Any]:
         """The prediction of a tracking result: one region per object (module docstring).

@@ -17,8 +17,9 @@ Routes (what Label Studio 1.23 calls, and how long it waits):
 - ``POST /webhook``: Label Studio 1.23's *Start Training* (``START_TRAINING``) starts a training
   run of the project (answered at once with the run's ``job``); ``ANNOTATION_CREATED`` /
   ``ANNOTATION_UPDATED`` / ``ANNOTATIONS_CREATED`` count toward ``train_every`` (when it is
-  on; an event without a project is acknowledged uncounted); every other event is
-  acknowledged. ``POST /train``: *Start Training* of older Label Studio.
+  on; an event without a project is acknowledged uncounted); a video task's
+  ``ANNOTATION_CREATED`` / ``ANNOTATION_UPDATED`` also has its boxes tracked and the tracks
+  written to the task when done (``video_deliver``); every other event is acknowledged. ``POST /train``: *Start Training* of older Label Studio.
   ``GET /train/status?project=ID``: the project's run state, progress, last report, versions.
 - ``GET|POST /versions``, ``GET /metrics`` (memory hits/misses, encoder runs, with a shared store
   its hits, misses, writes, corrupt entries, lock waits and the precompute queue's length; the
@@ -140,6 +141,8 @@ def _optional(body: Dict[str, Any], name: str, types, what: str):
 # older: to /train), and the annotation events its auto-created webhook sends
 START_TRAINING = "START_TRAINING"
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
+#: the events whose video boxes are tracked and written back (README "Video")
+VIDEO_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 
 
 def _project_of(body: Dict[str, Any], where: str) -> int:
@@ -323,6 +326,10 @@ def create_app(service: PredictionService, jobs: Optional["TrainingJobs"] = None
         action = printable(action, 100) if isinstance(action, str) else None
         if action == START_TRAINING:
             return start_training(body, "START_TRAINING", "Start Training in Label Studio")
+        tracking = None
+        if action in VIDEO_EVENTS and service.video is not None:
+            # a video task's boxes, submitted or corrected: tracked, written to the task when done
+            tracking = service.video.track_annotation(body)
         if action in ANNOTATION_EVENTS and service.settings.train_every:
             try:
                 project = _project_of(body, action)
@@ -337,10 +344,13 @@ def create_app(service: PredictionService, jobs: Optional["TrainingJobs"] = None
             reply = {"status": "ok", "action": action, "project": project, "annotations": count}
             if answer:  # train_every reached: a run started or queued
                 reply.update(run=answer.get("status"), job=answer.get("job"))
+            if tracking:
+                reply["tracking"] = tracking
             return jsonify(reply)
         # every other event is acknowledged: a webhook answer never fails Label Studio's delivery
         log.debug("webhook %s acknowledged", action)
-        return jsonify({"status": "ok", "action": action})
+        return jsonify({"status": "ok", "action": action,
+                        **({"tracking": tracking} if tracking else {})})
 
     @app.route("/train", methods=["POST"])
     def train():

@@ -402,7 +402,9 @@ def test_the_backends_track_is_drawn_in_the_editor_and_stored(
     predictions = []
     while time.monotonic() < deadline:
         predictions = api.get(f"/api/predictions?task={tid}")
-        if [p["model_version"] for p in predictions] == [version]:
+        # the backend logs the write once Label Studio has answered it
+        if [p["model_version"] for p in predictions] == [version] and \
+                _backend_lines(backend, "finished track written in Label Studio"):
             break
         time.sleep(1)
     assert [p["model_version"] for p in predictions] == [version], backend.log_tail()
@@ -421,6 +423,41 @@ def test_the_backends_track_is_drawn_in_the_editor_and_stored(
     assert [k["frame"] for k in sequence] == list(range(1, TRACK_FRAMES + 1))
     assert [k["enabled"] for k in sequence] == [True] * (TRACK_FRAMES - 1) + [False]
     # what Label Studio stored is what the backend answers for this task
+    answer = requests.post(f"{backend.url}/predict", timeout=60, json={
+        "tasks": [sent], "label_config": config, "project": f"{pid}.1",
+        "params": {"context": None}}).json()["results"][0]
+    assert answer["model_version"] == version
+    assert [r["value"] for r in answer["result"]] == [track["value"]]
+
+    # 2b. a correction: the annotator moves their box on frame 3 and updates the annotation
+    #    (a keyframe more). Label Studio's webhook (ANNOTATION_UPDATED, auto-created with the
+    #    backend) makes the backend track from both boxes and, when done, replace its prediction;
+    #    no Delete/Retrieve Predictions. (The update goes through the API the editor's Update
+    #    button calls: the same webhook.)
+    steps("correction on frame 3")
+    corrected = json.loads(json.dumps(drawn))
+    cx0, cy0, cx1, cy1 = truth[2]["square"]
+    corrected["value"]["sequence"].append(
+        {**corrected["value"]["sequence"][0], "frame": 3, "time": 2 / TRACK_FPS,
+         "x": 100 * cx0 / W, "y": 100 * cy0 / H, "width": 100 * (cx1 - cx0) / W,
+         "height": 100 * (cy1 - cy0) / H})
+    api.request("PATCH", f"/api/annotations/{boxed['id']}/", json={"result": [corrected]})
+    deadline = time.monotonic() + TRACK_TIMEOUT
+    while time.monotonic() < deadline:
+        predictions = api.get(f"/api/predictions?task={tid}")
+        if [p["model_version"] for p in predictions] == [version] and \
+                predictions[0]["id"] != done["id"]:
+            break
+        time.sleep(1)
+    assert [p["model_version"] for p in predictions] == [version], backend.log_tail()
+    assert predictions[0]["id"] != done["id"], backend.log_tail()  # replaced
+    assert _backend_lines(backend, "tracking the annotation's 2 box(es)")
+    [done] = predictions
+    [track] = done["result"]
+    sequence = track["value"]["sequence"]
+    assert [k["frame"] for k in sequence] == list(range(1, TRACK_FRAMES + 1))
+    # what was written is what the backend answers for the task as it is now (both boxes)
+    sent = api.get_task(tid)
     answer = requests.post(f"{backend.url}/predict", timeout=60, json={
         "tasks": [sent], "label_config": config, "project": f"{pid}.1",
         "params": {"context": None}}).json()["results"][0]

@@ -1,7 +1,8 @@
-"""``video_deliver`` when there is nothing to write to: Label Studio down, its address unknown, a
-failed or unfinished pass. The delivery is dropped with a message that says what to do (the
-track is still fetched by Retrieve Predictions), the loop goes on, nothing is raised into the
-server. (Writing to a real Label Studio: tests/e2e/test_video_with_label_studio.py.)"""
+"""``video_deliver`` without a Label Studio to write to (down, its address unknown), and with a
+failed or unfinished pass: the delivery is dropped with a message that says what to do (the track
+is still fetched by Retrieve Predictions), the loop goes on, nothing is raised into the server.
+And which of Label Studio's annotation webhooks are tracked. (Writing to a real Label Studio:
+tests/e2e/test_video_with_label_studio.py and test_video_browser.py.)"""
 from __future__ import annotations
 
 import logging
@@ -87,3 +88,65 @@ def test_an_unfinished_pass_is_waited_for_and_a_failed_one_dropped(tmp_path, cap
     [line] = [r.getMessage() for r in caplog.records if r.name.endswith(".deliveries")]
     assert "tracking failed (the video is corrupt)" in line
     d.close()
+
+
+# -- Label Studio's annotation webhooks: which ones are tracked ------------------------------------
+
+VIDEO_CONFIG = """<View>
+  <Labels name="videoLabels" toName="video"><Label value="car"/></Labels>
+  <Video name="video" value="$video" framerate="25"/>
+  <VideoRectangle name="box" toName="video"/>
+</View>"""
+IMAGE_CONFIG = '<View><Image name="i" value="$image"/><RectangleLabels name="r" toName="i">' \
+               '<Label value="car"/></RectangleLabels></View>'
+
+
+def event(config=VIDEO_CONFIG, origin="manual", **annotation):
+    """An ANNOTATION_UPDATED body as Label Studio 1.23.2 sends it (the keys that matter)."""
+    region = {"id": "a", "type": "videorectangle", "from_name": "box", "to_name": "video",
+              "origin": origin,
+              "value": {"framesCount": 50, "duration": 2.0, "labels": ["car"],
+                        "sequence": [{"frame": 1, "enabled": True, "rotation": 0, "x": 10,
+                                      "y": 10, "width": 20, "height": 20, "time": 0.04}]}}
+    return {"action": "ANNOTATION_UPDATED",
+            "project": {"id": 3, "label_config": config},
+            "task": {"id": 7, "data": {"video": "/data/upload/3/a.mp4"}, "project": 3},
+            "annotation": {"id": 70, "result": [region], "was_cancelled": False,
+                           "parent_prediction": None, **annotation}}
+
+
+def video_side(tmp_path):
+    from sam_backend.errors import VideoError
+    from sam_backend.labelstudio.video_service import VideoPredictions
+    from sam_backend.settings import Settings
+
+    def no_clip(url, task_id):
+        raise VideoError(f"{url}: no clip in this test")
+
+    images = ImageLoader(ImageAccessSettings(label_studio_url=None,
+                                             cache_dir=str(tmp_path / "cache")))
+    jobs = TrackingJobs(lambda: pytest.fail("no tracker is loaded"), no_clip)
+    d = TrackDeliveries(jobs, lambda: LabelStudioAPI(images), "v1", poll_s=0.02, settle_s=0.0)
+    settings = Settings.load({"model_name": "sam2"}, environ={})
+    return VideoPredictions(settings, images, jobs, "sam2:test", "v1", d), d
+
+
+def test_which_annotation_events_are_tracked(tmp_path, caplog):
+    videos, d = video_side(tmp_path)
+    assert videos.track_annotation(event(config=IMAGE_CONFIG)) is None  # not a video task
+    assert videos.track_annotation({"action": "ANNOTATION_UPDATED"}) is None  # no payload
+    assert "comes from a prediction" in videos.track_annotation(event(parent_prediction=12))
+    assert "comes from a prediction" in videos.track_annotation(event(origin="prediction-changed"))
+    assert "skipped" in videos.track_annotation(event(was_cancelled=True))
+    assert "no videorectangle" in videos.track_annotation(event(result=[]))
+    assert d.watching == 0
+    # an annotator's own boxes: tracked (here the clip cannot be opened: the pass fails, the
+    # delivery is dropped with that reason, nothing is raised)
+    with caplog.at_level(logging.WARNING, "sam_backend.labelstudio.deliveries"):
+        assert videos.track_annotation(event()) == "tracking (started)"
+        assert d.watching == 1
+        assert d.wait(10)
+    [line] = [r.getMessage() for r in caplog.records if r.name.endswith(".deliveries")]
+    assert "tracking failed" in line and "no clip in this test" in line
+    d.close()
+    videos.jobs.close()
