@@ -4,11 +4,10 @@
 
 Reads go through the image loader's :meth:`~sam_backend.images.loader.ImageLoader.api_get` (the
 same address, token, personal-access-token refresh, network policy, deadline and error messages
-as image downloads); writes (``POST /api/predictions``, ``DELETE /api/predictions/<id>/``) carry the same
-``Authorization``. A
-project's tasks are paged here, once: Label Studio's data manager answers ``GET /api/tasks?project=
-&page=&page_size=`` with ``{"tasks": [...], "total": n}`` (a bare list on some versions) and 404
-past the last page.
+as image downloads); writes (``POST /api/predictions``, ``DELETE /api/predictions/<id>/``)
+carry the same ``Authorization``. A project's tasks are paged here, once: Label Studio's data
+manager answers ``GET /api/tasks?project=&page=&page_size=`` with ``{"tasks": [...], "total": n}``
+(a bare list on some versions) and 404 past the last page.
 """
 from __future__ import annotations
 
@@ -111,23 +110,25 @@ class LabelStudioAPI:
         tasks.sort(key=lambda t: int(t.get("id") or 0), reverse=True)
         return tasks
 
-    def predicted_tasks(self, project_id: int, model_version: str) -> Set[int]:
-        """Ids of the tasks that already have a prediction of ``model_version``."""
-        predictions = self.get("/api/predictions", {"project": project_id})
+    def predictions(self, **filters: Any) -> List[Dict[str, Any]]:
+        """``GET /api/predictions`` with ``filters`` (``project=``, ``task=``): the predictions,
+        whether Label Studio answers a list or a paginated ``{"results": [...]}``."""
+        predictions = self.get("/api/predictions", filters)
         if isinstance(predictions, dict):  # paginated answers
             predictions = predictions.get("results", [])
-        return {p["task"] for p in predictions or []
-                if isinstance(p, dict) and p.get("model_version") == model_version}
+        return [p for p in predictions or [] if isinstance(p, dict)]
+
+    def predicted_tasks(self, project_id: int, model_version: str) -> Set[int]:
+        """Ids of the tasks that already have a prediction of ``model_version``."""
+        return {p["task"] for p in self.predictions(project=project_id)
+                if p.get("model_version") == model_version}
 
     def add_prediction(self, task_id: int, prediction: Dict[str, Any]) -> None:
         self.post("/api/predictions", {"task": task_id, **prediction})
 
     def task_predictions(self, task_id: int) -> List[Dict[str, Any]]:
         """The predictions Label Studio holds for task ``task_id``."""
-        predictions = self.get("/api/predictions", {"task": task_id})
-        if isinstance(predictions, dict):  # paginated answers
-            predictions = predictions.get("results", [])
-        return [p for p in predictions or [] if isinstance(p, dict) and p.get("task") == task_id]
+        return [p for p in self.predictions(task=task_id) if p.get("task") == task_id]
 
     def delete_prediction(self, prediction_id: int) -> None:
         self.send("DELETE", f"/api/predictions/{int(prediction_id)}/")

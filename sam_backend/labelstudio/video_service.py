@@ -126,9 +126,7 @@ class VideoPredictions:
         result = self.jobs.answer(request, self.settings.video_answer_timeout, scope)
         if self.deliveries is not None and request.task_id is not None and \
                 (result is None or not result.done):
-            self.deliveries.watch(request.task_id, request,
-                                  lambda done: self.prediction(done, ask),
-                                  self.still_asked(request))
+            self.deliver_when_done(request, ask)
         if result is None:
             log.info("task %s: tracking has not reached its first frames after %.0f s; it goes "
                      "on in the background", task.get("id"), self.settings.video_answer_timeout)
@@ -136,6 +134,11 @@ class VideoPredictions:
         return self.prediction(result, ask)
 
     # -- tracks written to Label Studio by the backend (video_deliver) ---------------------------
+    def deliver_when_done(self, request: TrackRequest, ask: VideoAsk) -> None:
+        """Have ``request``'s tracks written to its task once done, if it is still the task's."""
+        self.deliveries.watch(request.task_id, request, lambda done: self.prediction(done, ask),
+                              self.still_asked(request))
+
     def still_asked(self, request: TrackRequest) -> Callable[[Any], Optional[str]]:
         """What :class:`~.deliveries.TrackDeliveries` asks before writing ``request``'s tracks
         to its task: the task as Label Studio holds it now (its project's config, its latest
@@ -199,8 +202,7 @@ class VideoPredictions:
         except SamBackendError as exc:
             log.warning("task %s: annotation not tracked: %s", task["id"], exc)
             return f"not tracked: {exc}"
-        self.deliveries.watch(task["id"], request, lambda done: self.prediction(done, ask),
-                              self.still_asked(request))
+        self.deliver_when_done(request, ask)
         log.info("task %s: tracking the annotation's %d box(es) (%s); the tracks are written "
                  "to the task when done", task["id"], len(ask.prompts), state)
         return f"tracking ({state})"

@@ -19,7 +19,8 @@ Routes (what Label Studio 1.23 calls, and how long it waits):
   ``ANNOTATION_UPDATED`` / ``ANNOTATIONS_CREATED`` count toward ``train_every`` (when it is
   on; an event without a project is acknowledged uncounted); a video task's
   ``ANNOTATION_CREATED`` / ``ANNOTATION_UPDATED`` also has its boxes tracked and the tracks
-  written to the task when done (``video_deliver``); every other event is acknowledged. ``POST /train``: *Start Training* of older Label Studio.
+  written to the task when done (``video_deliver``); every other event is acknowledged.
+  ``POST /train``: *Start Training* of older Label Studio.
   ``GET /train/status?project=ID``: the project's run state, progress, last report, versions.
 - ``GET|POST /versions``, ``GET /metrics`` (memory hits/misses, encoder runs, with a shared store
   its hits, misses, writes, corrupt entries, lock waits and the precompute queue's length; the
